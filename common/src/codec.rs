@@ -1,0 +1,325 @@
+//! The frame codec: the one place where bytes become messages and back.
+//!
+//! Frame layout (all integers big-endian):
+//!
+//! ```text
+//! +------------+-----------+---------------------------+
+//! | len: u32   | crc: u32  | body: MessagePack (len-4) |
+//! +------------+-----------+---------------------------+
+//! ```
+//!
+//! `len` counts the CRC and the body. It is checked against the configured maximum before
+//! anything is buffered, so a hostile length cannot make us allocate. `crc` is CRC-32 of the body.
+//!
+//! Errors come in two kinds. A [`FrameError`] (bad CRC, undecodable body) leaves the framing
+//! intact, so it is returned as an item and the connection may answer it and carry on.
+//! A [`CodecError`] (oversized frame, EOF mid-frame, I/O) means the stream can no longer be
+//! trusted and the connection must close.
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+/// Bytes taken by the length prefix.
+const LEN_PREFIX: usize = 4;
+/// Bytes taken by the CRC inside the length-counted payload.
+const CRC_LEN: usize = 4;
+
+/// A frame that arrived whole but whose content is unusable; the stream itself is fine.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is too short to hold a checksum")]
+    Short(usize),
+    #[error("checksum mismatch: frame says {expected:#010x}, body hashes to {actual:#010x}")]
+    Checksum { expected: u32, actual: u32 },
+    /// The body is not a message we understand; `id` is the request id if it could be read.
+    #[error("undecodable message: {reason}")]
+    Undecodable { id: Option<u64>, reason: String },
+}
+
+/// A failure that leaves the byte stream unusable.
+#[derive(thiserror::Error, Debug)]
+pub enum CodecError {
+    #[error("frame of {size} bytes exceeds the {max}-byte limit")]
+    TooLarge { size: usize, max: usize },
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("message could not be encoded: {0}")]
+    Encode(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Length + CRC + MessagePack codec; encodes `Out` and decodes `In`.
+pub struct FrameCodec<Out, In> {
+    framing: LengthDelimitedCodec,
+    max_frame_len: usize,
+    /// `framing` has consumed the current frame's length prefix and waits for its payload.
+    header_consumed: bool,
+    _types: PhantomData<fn(Out) -> In>,
+}
+
+impl<Out, In> FrameCodec<Out, In> {
+    /// A codec that refuses frames longer than `max_frame_len` bytes (CRC + body).
+    pub fn new(max_frame_len: usize) -> Self {
+        let framing = LengthDelimitedCodec::builder()
+            .length_field_length(LEN_PREFIX)
+            .max_frame_length(max_frame_len)
+            .big_endian()
+            .new_codec();
+        FrameCodec {
+            framing,
+            max_frame_len,
+            header_consumed: false,
+            _types: PhantomData,
+        }
+    }
+}
+
+/// Encode a message body as CRC + MessagePack (no length prefix).
+pub fn encode_payload<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    let body = rmp_serde::to_vec(msg).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let mut payload = Vec::with_capacity(CRC_LEN + body.len());
+    payload.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    payload.extend_from_slice(&body);
+    Ok(payload)
+}
+
+/// Check and decode a payload (CRC + MessagePack, length prefix already removed).
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    let (crc, body) = match payload.split_first_chunk::<CRC_LEN>() {
+        Some((crc, body)) => (u32::from_be_bytes(*crc), body),
+        None => return Err(FrameError::Short(payload.len())),
+    };
+    let actual = crc32fast::hash(body);
+    if actual != crc {
+        return Err(FrameError::Checksum {
+            expected: crc,
+            actual,
+        });
+    }
+    rmp_serde::from_slice(body).map_err(|e| FrameError::Undecodable {
+        id: envelope_id(body),
+        reason: e.to_string(),
+    })
+}
+
+/// Best-effort read of the envelope id of a body whose message did not decode.
+fn envelope_id(body: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: u64,
+        #[allow(dead_code)]
+        msg: serde::de::IgnoredAny,
+    }
+    rmp_serde::from_slice::<IdOnly>(body).ok().map(|e| e.id)
+}
+
+impl<Out, In: DeserializeOwned> Decoder for FrameCodec<Out, In> {
+    type Item = Result<In, FrameError>;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
+        // Check the length ourselves first so the error carries the numbers.
+        if self.header_consumed {
+            // `src` starts inside the payload; there is no prefix to check.
+        } else if let Some(prefix) = src.first_chunk::<LEN_PREFIX>() {
+            let size = u32::from_be_bytes(*prefix) as usize;
+            if size > self.max_frame_len {
+                return Err(CodecError::TooLarge {
+                    size,
+                    max: self.max_frame_len,
+                });
+            }
+        }
+        let has_header = src.len() >= LEN_PREFIX;
+        match self.framing.decode(src)? {
+            Some(payload) => {
+                self.header_consumed = false;
+                Ok(Some(decode_payload(&payload)))
+            }
+            None => {
+                self.header_consumed |= has_header;
+                Ok(None)
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
+        match self.decode(src)? {
+            Some(item) => Ok(Some(item)),
+            None if src.is_empty() && !self.header_consumed => Ok(None),
+            None => {
+                src.advance(src.len());
+                Err(CodecError::Truncated)
+            }
+        }
+    }
+}
+
+impl<Out: Serialize, In> Encoder<Out> for FrameCodec<Out, In> {
+    type Error = CodecError;
+
+    fn encode(&mut self, msg: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let body = rmp_serde::to_vec(&msg).map_err(|e| CodecError::Encode(e.to_string()))?;
+        let size = CRC_LEN + body.len();
+        if size > self.max_frame_len {
+            return Err(CodecError::TooLarge {
+                size,
+                max: self.max_frame_len,
+            });
+        }
+        dst.reserve(LEN_PREFIX + size);
+        // `size` fits in u32: it is at most `max_frame_len`, which the builder caps below 4 GiB.
+        dst.put_u32(size as u32);
+        dst.put_u32(crc32fast::hash(&body));
+        dst.extend_from_slice(&body);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Envelope, Request};
+    use bytes::Bytes;
+
+    type Codec = FrameCodec<Envelope<Request>, Envelope<Request>>;
+
+    fn sample() -> Envelope<Request> {
+        Envelope {
+            id: 7,
+            msg: Request::Put {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from_static(b"hello"),
+            },
+        }
+    }
+
+    fn encoded() -> BytesMut {
+        let mut buf = BytesMut::new();
+        Codec::new(1024).encode(sample(), &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn round_trip_and_pipelined_frames() {
+        let mut buf = encoded();
+        buf.extend_from_slice(&encoded());
+        let mut codec = Codec::new(1024);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().unwrap(), sample());
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().unwrap(), sample());
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn every_truncation_waits_for_more_then_fails_at_eof() {
+        let full = encoded();
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            let mut codec = Codec::new(1024);
+            assert!(codec.decode(&mut part).unwrap().is_none(), "cut at {cut}");
+            let at_eof = codec.decode_eof(&mut part);
+            if cut == 0 {
+                assert!(at_eof.unwrap().is_none());
+            } else {
+                assert!(
+                    matches!(at_eof, Err(CodecError::Truncated)),
+                    "cut at {cut}: {at_eof:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(u32::MAX);
+        buf.extend_from_slice(b"abc");
+        let err = Codec::new(1024).decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, CodecError::TooLarge { size, max: 1024 } if size == u32::MAX as usize)
+        );
+    }
+
+    #[test]
+    fn oversized_message_is_refused_by_encoder() {
+        let mut buf = BytesMut::new();
+        let err = Codec::new(8).encode(sample(), &mut buf).unwrap_err();
+        assert!(matches!(err, CodecError::TooLarge { .. }));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn bit_flip_anywhere_in_payload_is_a_checksum_error() {
+        let full = encoded();
+        for i in LEN_PREFIX..full.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = full.clone();
+                bad[i] ^= bit;
+                let item = Codec::new(1024).decode(&mut bad).unwrap().unwrap();
+                assert!(
+                    matches!(item, Err(FrameError::Checksum { .. })),
+                    "byte {i} bit {bit:#x}: {item:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_with_valid_crc_is_undecodable_not_a_panic() {
+        for garbage in [
+            &b""[..],
+            b"\xc1",
+            b"\x92\x01\xa3foo",
+            b"\xff\xff\xff\xff\xff",
+        ] {
+            let mut buf = BytesMut::new();
+            buf.put_u32((CRC_LEN + garbage.len()) as u32);
+            buf.put_u32(crc32fast::hash(garbage));
+            buf.extend_from_slice(garbage);
+            let item = Codec::new(1024).decode(&mut buf).unwrap().unwrap();
+            assert!(
+                matches!(item, Err(FrameError::Undecodable { .. })),
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_message_keeps_its_id() {
+        #[derive(Serialize)]
+        enum Future {
+            Teleport,
+        }
+        let mut buf = BytesMut::new();
+        FrameCodec::<Envelope<Future>, ()>::new(1024)
+            .encode(
+                Envelope {
+                    id: 42,
+                    msg: Future::Teleport,
+                },
+                &mut buf,
+            )
+            .unwrap();
+        let item = Codec::new(1024).decode(&mut buf).unwrap().unwrap();
+        assert!(
+            matches!(item, Err(FrameError::Undecodable { id: Some(42), .. })),
+            "{item:?}"
+        );
+    }
+
+    #[test]
+    fn short_frame_is_reported() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(2);
+        buf.extend_from_slice(b"ab");
+        let item = Codec::new(1024).decode(&mut buf).unwrap().unwrap();
+        assert_eq!(item, Err(FrameError::Short(2)));
+    }
+}

@@ -1,0 +1,24 @@
+//! Shared pieces of RingKV: everything that crosses a process boundary lives here.
+//!
+//! # Layout
+//! - [`types`]: newtypes for node ids and versions, node states and stats.
+//! - [`protocol`]: the envelope, the handshake and the request/response enums.
+//! - [`codec`]: the frame codec (length, CRC32, MessagePack), the one chokepoint for bytes.
+//! - [`error`]: the typed errors that cross the wire, classified by whether they may have applied.
+//! - [`ring`]: the consistent-hash ring with virtual nodes.
+//! - [`server`]: the per-connection loop shared by the node and the coordinator (handshake, pipelining).
+//! - [`client`]: a pipelining client over one connection.
+
+pub mod client;
+pub mod codec;
+pub mod error;
+pub mod protocol;
+pub mod ring;
+pub mod server;
+pub mod types;
+
+pub use error::WireError;
+pub use types::{NodeId, NodeState, NodeStats, Version};
+
+/// Default address of the coordinator, for clients and `ringkv-coordinator --listen`.
+pub const DEFAULT_COORDINATOR_ADDR: &str = "127.0.0.1:7400";

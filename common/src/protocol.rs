@@ -1,0 +1,266 @@
+//! The messages of RingKV's one TCP protocol.
+//!
+//! Every frame body is an [`Envelope`]: a request id and a message. Requests travel as
+//! `Envelope<Request>`, answers as `Envelope<Reply>` carrying the request's id, so one connection
+//! carries many requests in flight and answers may come back in any order.
+//!
+//! The first request on every connection is [`Request::Hello`]; a peer speaking another
+//! protocol version is answered with [`WireError::ProtocolMismatch`] and the connection closes.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+use crate::types::{NodeId, NodeState, NodeStats, Version};
+
+/// Bumped on any incompatible change to the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest key accepted. Keys are held in memory by the coordinator and every replica,
+/// so they are kept small enough to make per-key overhead predictable.
+pub const MAX_KEY_LEN: usize = 64 * 1024;
+
+/// Largest value accepted; leaves room under the default frame limit for the envelope.
+pub const MAX_VALUE_LEN: usize = 16 * 1024 * 1024;
+
+/// Default largest frame, checked before a byte of the body is buffered.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
+
+/// A frame body: the request id that ties an answer to its request, and the message.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Envelope<M> {
+    pub id: u64,
+    pub msg: M,
+}
+
+/// An answer: what the request produced, or why it did not.
+pub type Reply = Result<Response, WireError>;
+
+/// Who is on the other end of a connection.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Client,
+    Node,
+    Coordinator,
+}
+
+/// What `node kill|pause|resume` does to a spawned node's process.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeSignal {
+    /// SIGKILL: the process dies at once, with no chance to flush.
+    Kill,
+    /// SIGSTOP: the process freezes; its sockets stay open but nothing answers.
+    Pause,
+    /// SIGCONT: a paused process carries on.
+    Resume,
+}
+
+/// Every request any peer can send.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Request {
+    /// First message on every connection: the sender's protocol version and role.
+    Hello { protocol: u32, role: Role },
+
+    // --- client -> coordinator ---
+    /// Store `value` under `key`; answered with [`Response::Written`] once a write quorum has it.
+    Put { key: Bytes, value: Bytes },
+    /// Read the latest acknowledged value of `key`; answered with [`Response::Value`].
+    Get { key: Bytes },
+    /// Delete `key` (a versioned tombstone); answered with [`Response::Written`].
+    Delete { key: Bytes },
+    /// Which nodes hold `key`, and which version each holds.
+    Locate { key: Bytes },
+    /// Cluster membership, per-node stats, key counts and background jobs.
+    Status,
+    /// Verify that every key has its full set of live, agreeing replicas.
+    Check,
+    /// Spawn one more storage node and migrate its share of keys to it.
+    NodeAdd,
+    /// Decommission a node: copy its keys away, then stop it.
+    NodeRemove { node: NodeId },
+    /// Send a signal to a node the coordinator spawned (failure injection).
+    NodeSignal { node: NodeId, signal: NodeSignal },
+
+    // --- node -> coordinator ---
+    /// A node announces itself; `node` is `None` the first time a hand-started node joins.
+    Register {
+        node: Option<NodeId>,
+        addr: String,
+        pid: u32,
+        data_dir: String,
+    },
+    /// Periodic liveness signal with the node's counters.
+    Heartbeat { node: NodeId, stats: NodeStats },
+
+    // --- coordinator -> node ---
+    /// Apply `value` (`None` = tombstone) at `version` if it is newer than what the node holds.
+    Store {
+        key: Bytes,
+        version: Version,
+        value: Option<Bytes>,
+    },
+    /// Read the node's copy of `key`.
+    Fetch { key: Bytes },
+    /// Forget `key` if the node's copy is no newer than `version` (the key moved elsewhere).
+    Forget { key: Bytes, version: Version },
+    /// List up to `limit` entries with keys strictly after `after`, in key order.
+    Scan { after: Option<Bytes>, limit: u32 },
+}
+
+impl Request {
+    /// Short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Put { .. } => "put",
+            Request::Get { .. } => "get",
+            Request::Delete { .. } => "del",
+            Request::Locate { .. } => "locate",
+            Request::Status => "status",
+            Request::Check => "check",
+            Request::NodeAdd => "node add",
+            Request::NodeRemove { .. } => "node remove",
+            Request::NodeSignal { .. } => "node signal",
+            Request::Register { .. } => "register",
+            Request::Heartbeat { .. } => "heartbeat",
+            Request::Store { .. } => "store",
+            Request::Fetch { .. } => "fetch",
+            Request::Forget { .. } => "forget",
+            Request::Scan { .. } => "scan",
+        }
+    }
+}
+
+/// Every successful answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Response {
+    /// Handshake accepted.
+    Hello { protocol: u32, role: Role },
+    /// A put or delete reached a write quorum at `version`.
+    Written { version: Version },
+    /// The value of a key; `value` is `None` when it does not exist or was deleted.
+    Value {
+        version: Version,
+        value: Option<Bytes>,
+    },
+    /// Answer to [`Request::Locate`].
+    Located(Location),
+    /// Answer to [`Request::Status`].
+    Status(ClusterStatus),
+    /// Answer to [`Request::Check`].
+    Checked(CheckReport),
+    /// A node was added (spawned) with this id.
+    NodeAdded { node: NodeId },
+    /// The request was carried out and has nothing to report.
+    Done,
+    /// A node's registration was accepted under this id.
+    Registered { node: NodeId },
+    /// A node's answer to [`Request::Store`]: whether it applied, and the version it now holds.
+    Stored { applied: bool, version: Version },
+    /// A node's copy of a key: `Version::ZERO` when it holds nothing, `value: None` for a tombstone.
+    Fetched {
+        version: Version,
+        value: Option<Bytes>,
+    },
+    /// A page of a node's keys; `next` is where to continue, `None` at the end.
+    Scanned {
+        entries: Vec<ScanEntry>,
+        next: Option<Bytes>,
+    },
+}
+
+/// One key of a node's [`Response::Scanned`] page.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ScanEntry {
+    pub key: Bytes,
+    pub version: Version,
+    pub tombstone: bool,
+    /// Bytes of the value (0 for a tombstone), for transfer accounting.
+    pub value_len: u64,
+}
+
+/// Where a key lives.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Location {
+    /// The version the metadata names (`0` if the key was never written).
+    pub version: Version,
+    pub tombstone: bool,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// One replica of a key, as `locate` shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ReplicaInfo {
+    pub node: NodeId,
+    pub addr: String,
+    pub state: NodeState,
+    /// The version the node reported holding; `None` when it could not be asked.
+    pub version: Option<Version>,
+}
+
+/// One node as `status` shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub addr: String,
+    pub state: NodeState,
+    /// OS process id, for nodes the coordinator spawned or that reported one.
+    pub pid: Option<u32>,
+    /// Whether the coordinator spawned this node (and so can signal it).
+    pub spawned: bool,
+    pub stats: NodeStats,
+    /// Milliseconds since the last heartbeat, `None` if none arrived since the coordinator started.
+    pub last_heartbeat_ms: Option<u64>,
+}
+
+/// Progress of one background job (re-replication, migration, decommission).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct JobProgress {
+    pub kind: String,
+    pub keys_done: u64,
+    pub keys_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Estimated seconds to completion, `None` before there is a rate to go by.
+    pub eta_secs: Option<f64>,
+}
+
+/// Answer to [`Request::Status`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ClusterStatus {
+    pub nodes: Vec<NodeInfo>,
+    /// Live keys (deleted keys excluded).
+    pub keys: u64,
+    /// Live keys with fewer than `rf` replicas on `up` nodes.
+    pub under_replicated: u64,
+    /// Replication factor the cluster aims for.
+    pub rf: u32,
+    /// Write quorum.
+    pub write_quorum: u32,
+    /// Fewer than `rf` nodes are up: writes may fail or land on fewer replicas.
+    pub degraded: bool,
+    pub jobs: Vec<JobProgress>,
+}
+
+/// Answer to [`Request::Check`]; each key counts in exactly one of the last four fields.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CheckReport {
+    pub keys: u64,
+    /// `rf` live replicas, each holding the metadata's version.
+    pub healthy: u64,
+    /// At least one live replica with the right version, but fewer than `rf`.
+    pub under_replicated: u64,
+    /// No live replica holds the metadata's version.
+    pub lost: u64,
+    /// A listed replica is live but holds another version.
+    pub stale: u64,
+}
+
+impl CheckReport {
+    /// True when every key is healthy.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy == self.keys
+    }
+}

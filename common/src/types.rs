@@ -1,0 +1,105 @@
+//! Identifier newtypes and the small value types that several crates share.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A storage node's identity, assigned by the coordinator and stable across restarts.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[serde(transparent)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for NodeId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.trim_start_matches('n').parse().map(NodeId)
+    }
+}
+
+/// A write's version, assigned by the coordinator. Larger is newer; 0 means "nothing".
+#[derive(
+    Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default,
+)]
+#[serde(transparent)]
+pub struct Version(pub u64);
+
+impl Version {
+    /// The version of a key that was never written.
+    pub const ZERO: Version = Version(0);
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A node's membership state as the coordinator sees it.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Heartbeating and eligible for new replicas.
+    Up,
+    /// Missed heartbeats; not given new replicas, but not yet written off.
+    Suspect,
+    /// Declared failed; its replicas are being re-created elsewhere.
+    Down,
+    /// Being decommissioned; its keys are copied away before it stops.
+    Leaving,
+    /// Decommissioned; holds nothing anyone depends on.
+    Removed,
+}
+
+impl NodeState {
+    /// The lower-case name used in `status` and scripts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Up => "up",
+            NodeState::Suspect => "suspect",
+            NodeState::Down => "down",
+            NodeState::Leaving => "leaving",
+            NodeState::Removed => "removed",
+        }
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for NodeState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "up" => Ok(NodeState::Up),
+            "suspect" => Ok(NodeState::Suspect),
+            "down" => Ok(NodeState::Down),
+            "leaving" => Ok(NodeState::Leaving),
+            "removed" => Ok(NodeState::Removed),
+            other => Err(format!(
+                "unknown node state {other:?} (expected up, suspect, down, leaving or removed)"
+            )),
+        }
+    }
+}
+
+/// Counters a node reports with every heartbeat.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct NodeStats {
+    /// Live keys (tombstones excluded).
+    pub keys: u64,
+    /// Bytes of live keys and values.
+    pub bytes: u64,
+    /// Requests served since start.
+    pub ops: u64,
+    /// Bytes in the on-disk log, garbage included.
+    pub log_bytes: u64,
+}

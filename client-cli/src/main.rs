@@ -1,1 +1,116 @@
-fn main() {}
+//! The `ringkv` binary: parse the arguments, run one command, print its result, exit.
+//!
+//! Exit codes are in [`ringkv_cli::commands::exit`] and listed in `ringkv --help`.
+
+use std::io::{self, Read, Write};
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::{CommandFactory, Parser};
+use ringkv_cli::cli::Cli;
+use ringkv_cli::commands::{self, error_exit_code, exit};
+use ringkv_cli::output::{render, ErrorReport};
+use ringkv_common::protocol::MAX_VALUE_LEN;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
+    let json = cli.global.json;
+    let Some(command) = cli.command else {
+        // The interactive shell will live here; until then, say what there is.
+        let help = Cli::command().render_help();
+        let _ = write!(io::stderr(), "{help}");
+        return fail(&ErrorReport::usage("no command given"), json, exit::USAGE);
+    };
+
+    let stdin_value = if command.reads_stdin() {
+        match read_stdin() {
+            Ok(value) => Some(value),
+            Err(e) => {
+                let report = ErrorReport::input(format!("cannot read the value from stdin: {e}"));
+                return fail(&report, json, exit::USAGE);
+            }
+        }
+    } else {
+        None
+    };
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let report = ErrorReport {
+                class: "internal".into(),
+                message: format!("cannot start the async runtime: {e}"),
+            };
+            return fail(&report, json, exit::FAILED);
+        }
+    };
+    let global = &cli.global;
+    let result = runtime.block_on(async {
+        let client = commands::connect(&global.coordinator, global.timeout).await?;
+        commands::execute(&client, &command, global.timeout, stdin_value).await
+    });
+
+    match result {
+        Ok(outcome) => match write_stdout(&render(&outcome, json)) {
+            Ok(()) => ExitCode::from(outcome.exit_code()),
+            Err(e) => {
+                let _ = writeln!(io::stderr(), "error: output: {e}");
+                ExitCode::from(exit::FAILED)
+            }
+        },
+        Err(err) => fail(&ErrorReport::from(&err), json, error_exit_code(&err)),
+    }
+}
+
+/// Print a clap error (or the help or version it stands for) and pick the exit code.
+fn usage_error(err: clap::Error) -> ExitCode {
+    // `--help` and `--version` arrive as "errors" that belong on stdout with status 0.
+    if !err.use_stderr() {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    // Parsing failed, so whether `--json` was given is only known from the raw arguments.
+    if std::env::args_os().any(|arg| arg == "--json") {
+        let rendered = err.render().to_string();
+        let first = rendered.lines().next().unwrap_or_default();
+        let message = first.strip_prefix("error: ").unwrap_or(first);
+        let _ = write_stdout(&ErrorReport::usage(message).json());
+    }
+    let _ = err.print();
+    ExitCode::from(exit::USAGE)
+}
+
+/// Report `report` on stderr (and as JSON on stdout with `--json`) and exit with `code`.
+fn fail(report: &ErrorReport, json: bool, code: u8) -> ExitCode {
+    if json {
+        let _ = write_stdout(&report.json());
+    }
+    let _ = io::stderr().write_all(report.stderr_line().as_bytes());
+    ExitCode::from(code)
+}
+
+/// Read the whole of stdin, stopping one byte past the value limit so a huge input cannot
+/// exhaust memory; `execute` then refuses the oversized value.
+fn read_stdin() -> io::Result<Bytes> {
+    let mut value = Vec::new();
+    io::stdin()
+        .lock()
+        .take(MAX_VALUE_LEN as u64 + 1)
+        .read_to_end(&mut value)?;
+    Ok(Bytes::from(value))
+}
+
+/// Write `bytes` to stdout; a reader that went away (`ringkv get k | head -c1`) is not an error.
+fn write_stdout(bytes: &[u8]) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}

@@ -8,15 +8,20 @@
 //! - [`ring`]: the consistent-hash ring with virtual nodes.
 //! - [`server`]: the per-connection loop shared by the node and the coordinator (handshake, pipelining).
 //! - [`client`]: a pipelining client over one connection.
+//! - [`config`]: parsers shared by the binaries' flags.
+//! - [`signals`]: SIGTERM and ctrl-c as a shutdown token.
 
 pub mod client;
 pub mod codec;
+pub mod config;
 pub mod error;
 pub mod protocol;
 pub mod ring;
 pub mod server;
+pub mod signals;
 pub mod types;
 
+pub use config::parse_duration;
 pub use error::WireError;
 pub use types::{NodeId, NodeState, NodeStats, Version};
 

@@ -1,1 +1,130 @@
-//! placeholder
+//! `ringkv-coordinator`: owns the ring and the metadata, supervises the storage nodes, and
+//! serves clients.
+//!
+//! # Layout
+//! - [`config`]: flags turned into a [`CoordinatorConfig`].
+//! - [`metadata`]: the redb-backed metadata DB (keys, node index, registry, version lease).
+//! - [`ring_state`]: membership (node states, stats, connections) and the ring.
+//! - [`failure_detector`]: heartbeats to `up` / `suspect` / `down`, as pure logic.
+//! - [`supervisor`]: spawning, signalling and stopping node processes.
+//! - [`replication`]: the data path (quorum writes, version-checked reads, key copies).
+//! - [`repair`]: background convergence (re-replication, migration, reconciliation).
+//! - [`throttle`]: the token bucket for background transfers.
+//! - [`membership_ops`]: registration, transitions, node add/remove/signal, start-up.
+//! - [`audit`]: `status` and `check`.
+//! - [`server`]: routing requests to the above.
+//! - [`state`]: the shared [`Coordinator`] value.
+
+pub mod audit;
+pub mod config;
+pub mod failure_detector;
+pub mod membership_ops;
+pub mod metadata;
+pub mod repair;
+pub mod replication;
+pub mod ring_state;
+pub mod server;
+pub mod state;
+pub mod supervisor;
+pub mod throttle;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::CoordinatorConfig;
+pub use state::Coordinator;
+
+use crate::metadata::Metadata;
+use crate::repair::RepairQueue;
+use crate::replication::KeyLocks;
+use crate::ring_state::Membership;
+use crate::supervisor::Supervisor;
+
+/// Run a coordinator on `listener` until `shutdown`. `on_ready` is called once clients are
+/// being served and the spawned nodes have registered (or the start-up timeout passed).
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
+    anyhow::ensure!(config.rf >= 1, "--rf must be at least 1");
+    anyhow::ensure!(
+        (1..=config.rf).contains(&config.write_quorum),
+        "--write-quorum must be between 1 and --rf"
+    );
+    let addr = listener.local_addr()?;
+    let dir = config.data_dir.clone();
+    let (meta, records) = tokio::task::spawn_blocking(move || Metadata::open(&dir))
+        .await?
+        .with_context(|| format!("opening metadata in {}", config.data_dir.display()))?;
+    let members = Membership::new(records, config.vnodes);
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
+    let supervisor = Supervisor::new(config.launch.clone(), addr.to_string(), exit_tx);
+    let coord = Arc::new(Coordinator {
+        config,
+        meta,
+        members,
+        supervisor,
+        locks: KeyLocks::default(),
+        repairs: RepairQueue::default(),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+
+    let loops = TaskTracker::new();
+    let serve_stop = CancellationToken::new();
+    loops.spawn(ringkv_common::server::serve(
+        listener,
+        coord.clone(),
+        coord.config.max_frame_len,
+        serve_stop.clone(),
+    ));
+    {
+        let coord = coord.clone();
+        loops.spawn(async move {
+            while let Some(id) = exit_rx.recv().await {
+                coord.on_child_exit(id);
+            }
+        });
+    }
+    loops.spawn(membership_ops::run_detector(coord.clone()));
+    loops.spawn(repair::run_worker(coord.clone()));
+    loops.spawn(repair::run_sweeper(coord.clone()));
+
+    let expected = coord.start_nodes().await?;
+    let deadline = Instant::now() + coord.config.startup_timeout;
+    while !expected.iter().all(|id| coord.members.is_up(*id)) {
+        if Instant::now() > deadline {
+            warn!("not every node registered in time; serving anyway");
+            break;
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    info!(%addr, nodes = expected.len(), "coordinator ready");
+    on_ready(addr);
+
+    shutdown.cancelled().await;
+    info!("shutting down: stopping nodes");
+    serve_stop.cancel();
+    coord.supervisor.stop_all().await;
+    coord.tasks.close();
+    coord.tasks.wait().await;
+    loops.close();
+    // The exit watcher ends when the supervisor (its sender) is dropped, which happens with
+    // the coordinator; do not wait for it here.
+    let meta_coord = coord.clone();
+    tokio::task::spawn_blocking(move || meta_coord.meta.close()).await?;
+    info!("coordinator stopped");
+    Ok(())
+}

@@ -1,1 +1,110 @@
-fn main() {}
+//! `ringkv-coordinator`: parse flags, bind, run until SIGTERM or ctrl-c.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ringkv_common::parse_duration;
+use ringkv_coordinator::failure_detector::DetectorConfig;
+use ringkv_coordinator::supervisor::NodeLaunch;
+use ringkv_coordinator::CoordinatorConfig;
+use tokio_util::sync::CancellationToken;
+
+/// RingKV coordinator: owns the hash ring and the metadata, spawns and watches the storage
+/// nodes, keeps three replicas of every key, and serves clients.
+///
+/// Start a 5-node cluster on the default address and data directory:
+///
+///   ringkv-coordinator
+///
+/// Once it accepts clients and its nodes have registered, it prints `listening on ADDR`.
+#[derive(Parser, Debug)]
+#[command(version, about, verbatim_doc_comment)]
+struct Args {
+    /// Address for clients and nodes.
+    #[arg(long, default_value = ringkv_common::DEFAULT_COORDINATOR_ADDR)]
+    listen: String,
+    /// Directory for the metadata DB and the spawned nodes' data.
+    #[arg(long, default_value = "./ringkv-data")]
+    data_dir: PathBuf,
+    /// Storage nodes to spawn (at least; `ringkv node add` spawns more).
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Replicas per key.
+    #[arg(long, default_value_t = 3)]
+    rf: usize,
+    /// Replicas that must acknowledge a write before it is acknowledged.
+    #[arg(long, default_value_t = 2)]
+    write_quorum: usize,
+    /// Virtual nodes per node on the hash ring.
+    #[arg(long, default_value_t = ringkv_common::ring::DEFAULT_VNODES)]
+    vnodes: u32,
+    /// Heartbeat interval of spawned nodes.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// Silence after which a node is suspect (gets no new replicas).
+    #[arg(long, default_value = "750ms", value_parser = parse_duration)]
+    suspect_timeout: Duration,
+    /// Silence after which a node is down (its keys are re-replicated).
+    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
+    down_timeout: Duration,
+    /// Timeout of one request to a node.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    node_timeout: Duration,
+    /// Background key transfers in flight at once.
+    #[arg(long, default_value_t = 64)]
+    transfer_concurrency: usize,
+    /// Background transfer limit in bytes per second (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    transfer_bytes_per_sec: u64,
+    /// fsync policy of spawned nodes: always, interval[:DURATION] or never.
+    #[arg(long, default_value = "always")]
+    node_fsync: String,
+    /// The `ringkv-node` executable (default: next to this one, else on PATH).
+    #[arg(long)]
+    node_binary: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _failpoints = fail::FailScenario::setup();
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.down_timeout > args.suspect_timeout,
+        "--down-timeout must be longer than --suspect-timeout"
+    );
+    let mut config = CoordinatorConfig::new(args.data_dir);
+    config.nodes = args.nodes;
+    config.rf = args.rf;
+    config.write_quorum = args.write_quorum;
+    config.vnodes = args.vnodes;
+    config.node_timeout = args.node_timeout;
+    config.detector = DetectorConfig {
+        suspect_after: args.suspect_timeout,
+        down_after: args.down_timeout,
+    };
+    config.transfer_concurrency = args.transfer_concurrency;
+    config.transfer_bytes_per_sec = args.transfer_bytes_per_sec;
+    config.launch = NodeLaunch {
+        binary: args.node_binary.unwrap_or_else(NodeLaunch::default_binary),
+        args: vec![
+            "--heartbeat-interval".into(),
+            format!("{}ms", args.heartbeat_interval.as_millis()),
+            "--fsync".into(),
+            args.node_fsync,
+        ],
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));
+    ringkv_coordinator::run(config, listener, shutdown, |addr| {
+        println!("listening on {addr}");
+    })
+    .await
+}

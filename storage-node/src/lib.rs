@@ -1,1 +1,109 @@
-//! placeholder
+//! `ringkv-node`: a storage server holding replicas for the coordinator.
+//!
+//! # Layout
+//! - [`store`]: the in-memory hash table with the newer-version-wins rule.
+//! - [`log`]: the append-only, CRC-checked log that makes the table durable, its recovery,
+//!   group commit and compaction.
+//! - [`server`]: the request handler the coordinator talks to.
+//! - [`heartbeat`]: registration with the coordinator and periodic heartbeats.
+//!
+//! [`run`] is what `main` calls and what in-process tests call.
+
+pub mod heartbeat;
+pub mod log;
+pub mod server;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringkv_common::NodeId;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::log::{CompactThreshold, FsyncPolicy, Log};
+use crate::server::Node;
+use crate::store::Store;
+
+/// How often the node checks whether its log needs compaction.
+const COMPACTION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Everything a node needs to run.
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub coordinator: Option<String>,
+    pub id: Option<NodeId>,
+    pub fsync: FsyncPolicy,
+    pub heartbeat_interval: Duration,
+    pub compact: CompactThreshold,
+    pub max_frame_len: usize,
+}
+
+/// Open the log, serve on `listener` and heartbeat to the coordinator until `shutdown`;
+/// then drain connections and close the log.
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let dir = config.data_dir.clone();
+    let (fsync, compact) = (config.fsync, config.compact);
+    let (log, records, report) =
+        tokio::task::spawn_blocking(move || Log::open(&dir, fsync, compact)).await??;
+    if report.truncated_tail_bytes > 0 || !report.corrupt_regions.is_empty() {
+        warn!(
+            truncated = report.truncated_tail_bytes,
+            corrupt = ?report.corrupt_regions,
+            "log recovered with damage; affected keys are repaired from other replicas"
+        );
+    }
+    let store = Store::from_records(records);
+    info!(
+        records = report.records,
+        keys = store.stats().keys,
+        "log replayed"
+    );
+    let node = Arc::new(Node::new(store, log));
+
+    let addr = listener.local_addr()?;
+    let id = config
+        .id
+        .or_else(|| heartbeat::load_node_id(&config.data_dir));
+    if let Some(id) = config.id {
+        heartbeat::store_node_id(&config.data_dir, id)?;
+    }
+    let tracker = tokio_util::task::TaskTracker::new();
+    if let Some(coordinator) = config.coordinator.clone() {
+        let cfg = heartbeat::HeartbeatConfig {
+            coordinator,
+            advertise_addr: addr.to_string(),
+            data_dir: config.data_dir.clone(),
+            interval: config.heartbeat_interval,
+            id,
+        };
+        tracker.spawn(heartbeat::run(cfg, node.clone(), shutdown.clone()));
+    }
+    let compactor = node.clone();
+    let compactor_stop = shutdown.clone();
+    tracker.spawn(async move {
+        let mut ticker = tokio::time::interval(COMPACTION_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = compactor_stop.cancelled() => return,
+                _ = ticker.tick() => compactor.maybe_compact().await,
+            }
+        }
+    });
+    tracker.close();
+
+    ringkv_common::server::serve(listener, node.clone(), config.max_frame_len, shutdown).await;
+    tracker.wait().await;
+    if let Err(e) = node.log().close().await {
+        error!(error = %e, "closing the log failed");
+    }
+    info!("node stopped");
+    Ok(())
+}

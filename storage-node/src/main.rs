@@ -1,1 +1,82 @@
-fn main() {}
+//! `ringkv-node`: parse flags, bind, print the address, run until SIGTERM or ctrl-c.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN;
+use ringkv_common::NodeId;
+use ringkv_node::log::{CompactThreshold, FsyncPolicy};
+use ringkv_node::NodeConfig;
+use tokio_util::sync::CancellationToken;
+
+/// RingKV storage node: holds replicas in memory, backed by a checksummed log.
+///
+/// Usually spawned by `ringkv-coordinator`; start one by hand to join a running cluster:
+///
+///   ringkv-node --coordinator 127.0.0.1:7400 --data-dir ./node-a
+#[derive(Parser, Debug)]
+#[command(version, about, verbatim_doc_comment)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the first line on stdout names it).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Directory for the log and the node id.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Coordinator to register and heartbeat with.
+    #[arg(long, env = "RINGKV_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Node id (set by the coordinator when it spawns the node; otherwise assigned at join).
+    #[arg(long)]
+    id: Option<NodeId>,
+    /// When to fsync the log: `always` (group commit; an acknowledged write is on disk),
+    /// `interval[:DURATION]` (fsync at least every DURATION, default 100ms), or `never`.
+    #[arg(long, default_value = "always")]
+    fsync: FsyncPolicy,
+    /// Time between heartbeats, e.g. `250ms`.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// Compact the log once it is at least this many bytes...
+    #[arg(long, default_value_t = CompactThreshold::default().min_bytes)]
+    compact_min_bytes: u64,
+    /// ...and at least this fraction of it is garbage.
+    #[arg(long, default_value_t = CompactThreshold::default().garbage_ratio)]
+    compact_garbage_ratio: f64,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN)]
+    max_frame_len: usize,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    ringkv_common::parse_duration(s)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _failpoints = fail::FailScenario::setup();
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    let config = NodeConfig {
+        data_dir: args.data_dir,
+        coordinator: args.coordinator,
+        id: args.id,
+        fsync: args.fsync,
+        heartbeat_interval: args.heartbeat_interval,
+        compact: CompactThreshold {
+            min_bytes: args.compact_min_bytes,
+            garbage_ratio: args.compact_garbage_ratio,
+        },
+        max_frame_len: args.max_frame_len,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));
+    ringkv_node::run(config, listener, shutdown).await
+}

@@ -1,1 +1,372 @@
-//! placeholder
+//! Test harness: runs the real RingKV binaries as processes in temporary directories.
+//!
+//! A [`Cluster`] owns a coordinator process (which spawns its storage nodes) and the
+//! temporary directory under which all their data lives. Readiness comes from the
+//! coordinator's `listening on ADDR` line; everything else waits on conditions with deadlines.
+//! Dropping a `Cluster` kills the coordinator and every process whose command line mentions
+//! its directory, so no test leaks nodes, whether it passes or panics.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use ringkv_common::client::Client;
+use ringkv_common::protocol::{Role, DEFAULT_MAX_FRAME_LEN};
+use serde_json::Value;
+
+/// Where cargo put the binaries of this build (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Test executables live in target/<profile>/deps.
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target directory")
+            .to_path_buf();
+        ensure_built(&dir);
+        dir
+    })
+    .clone()
+}
+
+/// Build the three binaries if this test run did not (e.g. `cargo test -p ringkv-tests`).
+fn ensure_built(dir: &Path) {
+    let names = ["ringkv-coordinator", "ringkv-node", "ringkv"];
+    let profile_release = dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--bins", "--workspace"]);
+    if profile_release {
+        cmd.arg("--release");
+    }
+    let features = std::env::var("RINGKV_TEST_FEATURES").unwrap_or_default();
+    if !features.is_empty() {
+        cmd.args(["--features", &features]);
+    }
+    let status = cmd
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build --bins failed");
+    for n in names {
+        assert!(dir.join(n).exists(), "{} missing after build", n);
+    }
+}
+
+/// Wait until `cond` returns `Some`, polling every 50 ms, or fail after `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Options for starting a cluster.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: usize,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 5,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running coordinator and its nodes.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    coordinator: Option<Child>,
+    opts: Options,
+}
+
+impl Cluster {
+    /// Start a coordinator with `nodes` nodes and default settings.
+    pub fn start(nodes: usize) -> Cluster {
+        Cluster::start_with(Options {
+            nodes,
+            ..Options::default()
+        })
+    }
+
+    /// Start a coordinator with `opts` on a fresh temporary directory.
+    pub fn start_with(opts: Options) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("ringkv-test-")
+            .tempdir()
+            .expect("temp dir");
+        let mut cluster = Cluster {
+            dir,
+            addr: String::new(),
+            coordinator: None,
+            opts,
+        };
+        cluster
+            .launch("127.0.0.1:0")
+            .expect("coordinator should start");
+        cluster
+    }
+
+    /// The coordinator's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn launch(&mut self, listen: &str) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))?;
+        let mut cmd = Command::new(bin_dir().join("ringkv-coordinator"));
+        cmd.arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--nodes")
+            .arg(self.opts.nodes.to_string())
+            .args(&self.opts.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        for (k, v) in &self.opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("spawn coordinator")?;
+        let stdout = child.stdout.take().context("coordinator stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the coordinator never blocks on a full pipe.
+            for _ in lines {}
+        });
+        self.coordinator = Some(child);
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| anyhow::anyhow!("no readiness line; log:\n{}", self.log_tail()))?;
+        let addr = line
+            .strip_prefix("listening on ")
+            .with_context(|| format!("unexpected first line {line:?}"))?;
+        self.addr = addr.trim().to_string();
+        Ok(())
+    }
+
+    /// The last lines of the coordinator's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("coordinator.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The coordinator's pid.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.as_ref().map(|c| c.id())
+    }
+
+    /// Stop the coordinator with SIGTERM and wait for it (it stops its nodes first).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.coordinator.take().expect("coordinator running");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        wait_child(&mut child, Duration::from_secs(30)).expect("coordinator stops on SIGTERM")
+    }
+
+    /// Kill the coordinator with SIGKILL (its nodes keep running).
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut child) = self.coordinator.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the coordinator again on the same directory and address.
+    pub fn restart(&mut self) {
+        assert!(
+            self.coordinator.is_none(),
+            "stop or kill the coordinator first"
+        );
+        let addr = self.addr.clone();
+        self.launch(&addr).expect("coordinator restarts");
+    }
+
+    /// Run `ringkv --coordinator ADDR ARGS...`.
+    pub fn ringkv(&self, args: &[&str]) -> Output {
+        self.ringkv_stdin(args, None)
+    }
+
+    /// Run `ringkv` with `stdin` as its standard input.
+    pub fn ringkv_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut child = Command::new(bin_dir().join("ringkv"))
+            .arg("--coordinator")
+            .arg(&self.addr)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringkv");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(input).expect("write stdin");
+        }
+        child.wait_with_output().expect("ringkv output")
+    }
+
+    /// Run `ringkv --json ARGS...`, require success, parse the JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.ringkv(&full);
+        assert!(
+            out.status.success(),
+            "ringkv {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ringkv {args:?} printed invalid JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> Value {
+        self.json(&["status"])
+    }
+
+    /// The state of node `id` per `status`.
+    pub fn node_state(&self, id: u64) -> Option<String> {
+        self.status()["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == id)
+            .and_then(|n| n["state"].as_str().map(str::to_string))
+    }
+
+    /// Wait until node `id` is in `state`.
+    pub fn wait_state(&self, id: u64, state: &str, timeout: Duration) {
+        wait_for(&format!("node {id} to be {state}"), timeout, || {
+            (self.node_state(id).as_deref() == Some(state)).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()));
+    }
+
+    /// Wait until `check` reports every key healthy; returns the report.
+    pub fn wait_healthy(&self, timeout: Duration) -> Value {
+        wait_for("check to be healthy", timeout, || {
+            let out = self.ringkv(&["--json", "check"]);
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            out.status.success().then_some(v)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()))
+    }
+
+    /// A client-library connection to the coordinator.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr, Role::Client, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .expect("connect to coordinator")
+    }
+
+    /// Pids of live processes whose command line mentions this cluster's directory.
+    pub fn processes(&self) -> Vec<u32> {
+        processes_mentioning(self.dir.path())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.coordinator.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in self.processes() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if std::thread::panicking() {
+            eprintln!("--- coordinator log tail ---\n{}", self.log_tail());
+        }
+    }
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("process {} did not exit within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Pids of live processes whose command line contains `path`.
+pub fn processes_mentioning(path: &Path) -> Vec<u32> {
+    let needle = path.as_os_str().as_encoded_bytes().to_vec();
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            if cmdline
+                .windows(needle.len())
+                .any(|w| w == needle.as_slice())
+            {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// The pid of node `id` per `status`.
+pub fn node_pid(status: &Value, id: u64) -> Option<u32> {
+    status["nodes"].as_array()?.iter().find(|n| n["id"] == id)?["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+}

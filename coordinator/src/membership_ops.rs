@@ -1,0 +1,325 @@
+//! Membership operations: registration, heartbeats, state transitions and what they set off,
+//! `node add|remove|kill|pause|resume`, and bringing spawned nodes up at start.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use ringkv_common::protocol::{NodeSignal, Reply, Response};
+use ringkv_common::{NodeId, NodeState, NodeStats, WireError};
+use tracing::{info, warn};
+
+use crate::metadata::NodeRecord;
+use crate::repair::JobKind;
+use crate::ring_state::Transition;
+use crate::state::Coordinator;
+use crate::supervisor::Supervisor;
+
+/// How often the failure detector runs.
+const DETECTOR_TICK: Duration = Duration::from_millis(100);
+
+/// How often a decommission checks whether the leaving node still holds anything.
+const DECOMMISSION_POLL: Duration = Duration::from_millis(200);
+
+impl Coordinator {
+    /// A node (re)registered. Unknown ids are refused; a node without an id gets a new one.
+    pub async fn register(
+        self: &Arc<Self>,
+        node: Option<NodeId>,
+        addr: String,
+        pid: u32,
+        data_dir: String,
+    ) -> Reply {
+        let id = match node {
+            Some(id) => {
+                if self.members.state(id) == Some(NodeState::Removed) {
+                    return Err(WireError::BadRequest(format!(
+                        "node {id} was decommissioned; start it on a fresh data directory to rejoin"
+                    )));
+                }
+                if self.members.record(id).is_none() {
+                    // A node this coordinator never knew (its registry was lost): accept it
+                    // under the id it carries.
+                    self.members.add(NodeRecord {
+                        id,
+                        addr: addr.clone(),
+                        data_dir: data_dir.clone(),
+                        spawned: false,
+                        pid: Some(pid),
+                        removed: false,
+                    });
+                }
+                id
+            }
+            None => {
+                let id = self.members.next_id();
+                self.members.add(NodeRecord {
+                    id,
+                    addr: addr.clone(),
+                    data_dir: data_dir.clone(),
+                    spawned: false,
+                    pid: Some(pid),
+                    removed: false,
+                });
+                info!(node = %id, %addr, "new node joined");
+                id
+            }
+        };
+        let Some((record, transition)) = self.members.register(id, addr, pid) else {
+            return Err(WireError::NotFound(format!("node {id}")));
+        };
+        self.meta
+            .save_node(record)
+            .await
+            .map_err(|e| WireError::Unavailable(format!("cannot record the node: {e}")))?;
+        if let Some(t) = transition {
+            self.on_transition(t);
+        }
+        // Whatever the node holds is reconciled against the metadata: it may have restarted
+        // with an older log, or this coordinator may have restarted and missed writes it
+        // never recorded.
+        let this = self.clone();
+        self.background(async move {
+            this.reconcile_node(id).await;
+            this.sweep(JobKind::Migrate);
+        });
+        Ok(Response::Registered { node: id })
+    }
+
+    /// A heartbeat arrived.
+    pub fn heartbeat(self: &Arc<Self>, node: NodeId, stats: NodeStats) -> Reply {
+        match self.members.heartbeat(node, stats) {
+            None => Err(WireError::NotFound(format!("node {node} (register first)"))),
+            Some(t) => {
+                if let Some(t) = t {
+                    self.on_transition(t);
+                }
+                Ok(Response::Done)
+            }
+        }
+    }
+
+    /// React to a state change.
+    pub fn on_transition(self: &Arc<Self>, t: Transition) {
+        info!(node = %t.node, from = %t.from, to = %t.to, "node state changed");
+        let this = self.clone();
+        match (t.from, t.to) {
+            (_, NodeState::Down) => {
+                self.background(async move {
+                    this.queue_node_keys(t.node, JobKind::Rereplicate).await;
+                });
+            }
+            (NodeState::Down, NodeState::Up) => {
+                self.background(async move {
+                    this.reconcile_node(t.node).await;
+                    this.sweep(JobKind::Migrate);
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Spawn one more node and wait until it registers.
+    pub async fn add_node(self: &Arc<Self>) -> Reply {
+        let id = self.members.next_id();
+        let dir = self.config.node_dir(id);
+        let record = NodeRecord {
+            id,
+            addr: String::new(),
+            data_dir: dir.display().to_string(),
+            spawned: true,
+            pid: None,
+            removed: false,
+        };
+        self.members.add(record.clone());
+        self.meta
+            .save_node(record)
+            .await
+            .map_err(|e| WireError::Unavailable(format!("cannot record the node: {e}")))?;
+        let pid = self
+            .supervisor
+            .spawn(id, &dir)
+            .map_err(|e| WireError::Internal(format!("cannot spawn node {id}: {e}")))?;
+        info!(node = %id, pid, "node added");
+        let deadline = Instant::now() + self.config.startup_timeout;
+        while !self.members.is_up(id) {
+            if Instant::now() > deadline {
+                return Err(WireError::Indeterminate(format!(
+                    "node {id} was spawned (pid {pid}) but has not registered yet"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Response::NodeAdded { node: id })
+    }
+
+    /// Decommission `id`: copy its keys away, then stop it. Returns once it is removed.
+    pub async fn remove_node(self: &Arc<Self>, id: NodeId) -> Reply {
+        let state = self
+            .members
+            .state(id)
+            .ok_or_else(|| WireError::NotFound(format!("node {id}")))?;
+        if state == NodeState::Removed {
+            return Ok(Response::Done);
+        }
+        let others_up = self
+            .members
+            .in_state(NodeState::Up)
+            .into_iter()
+            .filter(|n| *n != id)
+            .count();
+        if others_up < self.config.rf {
+            return Err(WireError::Unavailable(format!(
+                "removing node {id} would leave {others_up} node(s) up, fewer than the {} replicas each key needs",
+                self.config.rf
+            )));
+        }
+        if let Some(t) = self.members.set_state(id, NodeState::Leaving) {
+            self.on_transition(t);
+        }
+        self.queue_node_keys(id, JobKind::Migrate).await;
+        loop {
+            let this = self.clone();
+            let remaining = tokio::task::spawn_blocking(move || this.meta.keys_on_node(id))
+                .await
+                .map_err(|e| WireError::Internal(e.to_string()))?
+                .map_err(|e| WireError::Internal(e.to_string()))?;
+            let live: Vec<_> = remaining
+                .into_iter()
+                .filter(|k| self.meta.get(k).is_some_and(|m| !m.tombstone))
+                .collect();
+            if live.is_empty() {
+                break;
+            }
+            if self.repairs.is_empty() {
+                for key in live {
+                    self.repairs.push_kind(key, JobKind::Migrate, false);
+                }
+            }
+            if self.shutdown.is_cancelled() {
+                return Err(WireError::Unavailable(
+                    "coordinator is shutting down".into(),
+                ));
+            }
+            tokio::time::sleep(DECOMMISSION_POLL).await;
+        }
+        // Nothing depends on it any more: stop it and mark it removed.
+        if let Some(record) = self.members.record(id) {
+            if let Some(pid) = record.pid {
+                if record.spawned {
+                    let _ = Supervisor::signal(pid, Signal::SIGCONT);
+                    let _ = Supervisor::signal(pid, Signal::SIGTERM);
+                }
+            }
+        }
+        self.members.set_state(id, NodeState::Removed);
+        if let Some(record) = self.members.record(id) {
+            self.meta
+                .save_node(record)
+                .await
+                .map_err(|e| WireError::Indeterminate(format!("cannot record removal: {e}")))?;
+        }
+        info!(node = %id, "node decommissioned");
+        Ok(Response::Done)
+    }
+
+    /// Failure injection on a spawned node.
+    pub fn signal_node(self: &Arc<Self>, id: NodeId, signal: NodeSignal) -> Reply {
+        let record = self
+            .members
+            .record(id)
+            .ok_or_else(|| WireError::NotFound(format!("node {id}")))?;
+        if record.removed {
+            return Err(WireError::BadRequest(format!(
+                "node {id} was decommissioned"
+            )));
+        }
+        let pid = record
+            .pid
+            .ok_or_else(|| WireError::Unavailable(format!("node {id} has no known process")))?;
+        if !Supervisor::is_node_process(pid) {
+            return Err(WireError::Unavailable(format!(
+                "node {id} (pid {pid}) is not running"
+            )));
+        }
+        let sig = match signal {
+            NodeSignal::Kill => Signal::SIGKILL,
+            NodeSignal::Pause => Signal::SIGSTOP,
+            NodeSignal::Resume => Signal::SIGCONT,
+        };
+        Supervisor::signal(pid, sig)
+            .map_err(|e| WireError::Internal(format!("signal to pid {pid} failed: {e}")))?;
+        info!(node = %id, pid, ?signal, "signal sent");
+        Ok(Response::Done)
+    }
+
+    /// A spawned child exited: it is down at once.
+    pub fn on_child_exit(self: &Arc<Self>, id: NodeId) {
+        self.supervisor.reap(id);
+        if self.supervisor.is_stopping() {
+            return;
+        }
+        if matches!(
+            self.members.state(id),
+            Some(NodeState::Up | NodeState::Suspect)
+        ) {
+            if let Some(t) = self.members.set_state(id, NodeState::Down) {
+                self.on_transition(t);
+            }
+        }
+    }
+
+    /// Start every spawned node that is not running (re-adopting those that are), and spawn
+    /// new ones until there are at least `config.nodes`.
+    pub async fn start_nodes(self: &Arc<Self>) -> anyhow::Result<Vec<NodeId>> {
+        let mut expected = Vec::new();
+        for record in self.members.records() {
+            if record.removed || !record.spawned {
+                continue;
+            }
+            let running = record.pid.is_some_and(Supervisor::is_node_process);
+            if running {
+                info!(node = %record.id, pid = ?record.pid, "re-adopting running node");
+            } else {
+                self.supervisor
+                    .spawn(record.id, std::path::Path::new(&record.data_dir))?;
+            }
+            expected.push(record.id);
+        }
+        while expected.len() < self.config.nodes {
+            let id = self.members.next_id();
+            let dir = self.config.node_dir(id);
+            let record = NodeRecord {
+                id,
+                addr: String::new(),
+                data_dir: dir.display().to_string(),
+                spawned: true,
+                pid: None,
+                removed: false,
+            };
+            self.members.add(record.clone());
+            self.meta.save_node(record).await?;
+            self.supervisor.spawn(id, &dir)?;
+            expected.push(id);
+        }
+        Ok(expected)
+    }
+}
+
+/// Run the failure detector until shutdown.
+pub async fn run_detector(coord: Arc<Coordinator>) {
+    let mut ticker = tokio::time::interval(DETECTOR_TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = coord.shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        for t in coord.members.tick(&coord.config.detector, Instant::now()) {
+            if t.to == NodeState::Down {
+                warn!(node = %t.node, "node missed its heartbeats; declared down");
+            }
+            coord.on_transition(t);
+        }
+    }
+}

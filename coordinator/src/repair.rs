@@ -1,0 +1,447 @@
+//! Background convergence: every key towards `RF` replicas on its preference list.
+//!
+//! One mechanism covers re-replication (a node went down), migration (a node joined),
+//! decommission (a node is leaving), write repair (a replica missed a write) and reconciling
+//! a node that came back: each queues keys, and [`converge`](Coordinator::converge) moves one
+//! key to its desired placement by copying first and dropping extra copies only once the
+//! desired replicas all hold the current version. A key therefore never has fewer live copies
+//! during a move than before it.
+//!
+//! Keys with one live copy are served before keys with two. Transfers run with bounded
+//! concurrency and a bytes-per-second limit, and progress is reported per job kind.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv_common::protocol::{JobProgress, Request, Response, ScanEntry};
+use ringkv_common::{NodeId, NodeState};
+use tokio::sync::{Notify, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::metadata::{KeyMeta, KeyUpdate};
+use crate::replication::CopyError;
+use crate::state::Coordinator;
+use crate::throttle::Throttle;
+
+/// How often the whole key space is swept for keys off their desired placement; catches
+/// anything an event-driven pass missed (a failed copy, a node that was down at the time).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Entries per page when scanning a node during reconciliation.
+const SCAN_PAGE: u32 = 5_000;
+
+/// Why a key was queued; progress is reported per kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JobKind {
+    /// Restore `RF` copies after a node went down.
+    Rereplicate,
+    /// Move keys onto a node that joined or off one that is leaving.
+    Migrate,
+    /// Fix a key a write or read found short of replicas.
+    Repair,
+}
+
+impl JobKind {
+    fn name(self) -> &'static str {
+        match self {
+            JobKind::Rereplicate => "re-replication",
+            JobKind::Migrate => "migration",
+            JobKind::Repair => "repair",
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    keys_done: u64,
+    keys_total: u64,
+    bytes_done: u64,
+    started: Option<Instant>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Keys with one live copy (or fewer): most endangered first.
+    urgent: VecDeque<(Bytes, JobKind)>,
+    normal: VecDeque<(Bytes, JobKind)>,
+    queued: HashSet<Bytes>,
+    jobs: HashMap<JobKind, Counters>,
+}
+
+/// The queue of keys waiting to converge, with per-kind progress.
+#[derive(Default)]
+pub struct RepairQueue {
+    state: Mutex<QueueState>,
+    wake: Notify,
+}
+
+impl RepairQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue `key` for a repair pass.
+    pub fn push(&self, key: Bytes) {
+        self.push_kind(key, JobKind::Repair, false);
+    }
+
+    /// Queue `key` under `kind`; `urgent` keys jump ahead.
+    pub fn push_kind(&self, key: Bytes, kind: JobKind, urgent: bool) {
+        let mut st = self.lock();
+        if !st.queued.insert(key.clone()) {
+            return;
+        }
+        let c = st.jobs.entry(kind).or_default();
+        c.keys_total += 1;
+        c.started.get_or_insert_with(Instant::now);
+        if urgent {
+            st.urgent.push_back((key, kind));
+        } else {
+            st.normal.push_back((key, kind));
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    fn pop(&self) -> Option<(Bytes, JobKind)> {
+        let mut st = self.lock();
+        let item = st.urgent.pop_front().or_else(|| st.normal.pop_front())?;
+        st.queued.remove(&item.0);
+        Some(item)
+    }
+
+    fn done(&self, kind: JobKind, bytes: u64) {
+        let mut st = self.lock();
+        let idle = st.urgent.is_empty() && st.normal.is_empty();
+        if let Some(c) = st.jobs.get_mut(&kind) {
+            c.keys_done += 1;
+            c.bytes_done += bytes;
+            if c.keys_done >= c.keys_total && idle {
+                st.jobs.remove(&kind);
+            }
+        }
+    }
+
+    /// Keys waiting.
+    pub fn len(&self) -> usize {
+        let st = self.lock();
+        st.urgent.len() + st.normal.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Progress of the running jobs, for `status`.
+    pub fn progress(&self) -> Vec<JobProgress> {
+        let st = self.lock();
+        let mut kinds: Vec<_> = st.jobs.iter().collect();
+        kinds.sort_by_key(|(k, _)| **k);
+        kinds
+            .into_iter()
+            .map(|(kind, c)| {
+                let elapsed = c.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                let rate = if elapsed > 0.0 {
+                    c.keys_done as f64 / elapsed
+                } else {
+                    0.0
+                };
+                let left = c.keys_total.saturating_sub(c.keys_done) as f64;
+                // Bytes are known only as they are copied; estimate the total from the mean.
+                let bytes_total = if c.keys_done > 0 {
+                    (c.bytes_done as f64 / c.keys_done as f64 * c.keys_total as f64) as u64
+                } else {
+                    0
+                };
+                JobProgress {
+                    kind: kind.name().to_string(),
+                    keys_done: c.keys_done,
+                    keys_total: c.keys_total,
+                    bytes_done: c.bytes_done,
+                    bytes_total: bytes_total.max(c.bytes_done),
+                    eta_secs: (rate > 0.0).then(|| left / rate),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Coordinator {
+    /// Whether `node` can serve as a copy source (up, or leaving but still running).
+    fn readable(&self, node: NodeId) -> bool {
+        matches!(
+            self.members.state(node),
+            Some(NodeState::Up | NodeState::Leaving)
+        )
+    }
+
+    /// Replicas of `meta` that are up or leaving.
+    pub fn live_replicas(&self, meta: &KeyMeta) -> usize {
+        meta.replicas.iter().filter(|n| self.readable(**n)).count()
+    }
+
+    /// Whether `key` is placed as it should be: `RF` (or every up node, if fewer) replicas,
+    /// all on its preference list.
+    fn is_placed(&self, key: &[u8], meta: &KeyMeta) -> bool {
+        if meta.tombstone {
+            return true;
+        }
+        let desired = self.members.preference_list(key, self.config.rf);
+        meta.replicas.len() == desired.len() && desired.iter().all(|n| meta.replicas.contains(n))
+    }
+
+    /// Queue every key that is not where it should be.
+    pub fn sweep(&self, kind: JobKind) -> usize {
+        let mut misplaced = Vec::new();
+        self.meta.for_each(|key, meta| {
+            if !self.is_placed(key, meta) {
+                misplaced.push((key.clone(), self.live_replicas(meta) <= 1));
+            }
+        });
+        let n = misplaced.len();
+        for (key, urgent) in misplaced {
+            self.repairs.push_kind(key, kind, urgent);
+        }
+        n
+    }
+
+    /// Queue every key `node` held, most endangered first (after it went down).
+    pub async fn queue_node_keys(self: &Arc<Self>, node: NodeId, kind: JobKind) {
+        let this = self.clone();
+        let keys = match tokio::task::spawn_blocking(move || this.meta.keys_on_node(node)).await {
+            Ok(Ok(keys)) => keys,
+            Ok(Err(e)) => {
+                warn!(%node, error = %e, "cannot read the node index");
+                return;
+            }
+            Err(e) => {
+                warn!(%node, error = %e, "node index task failed");
+                return;
+            }
+        };
+        let mut scored: Vec<(usize, Bytes)> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let meta = self.meta.get(&k)?;
+                (!meta.tombstone).then(|| (self.live_replicas(&meta), k))
+            })
+            .collect();
+        scored.sort_by_key(|(live, _)| *live);
+        info!(%node, keys = scored.len(), "queued the keys of a node");
+        for (live, key) in scored {
+            self.repairs.push_kind(key, kind, live <= 1);
+        }
+    }
+
+    /// Move one key to its desired placement. Returns bytes copied.
+    pub async fn converge(self: &Arc<Self>, key: &Bytes) -> Result<u64, CopyError> {
+        let _guard = self.locks.lock(key).await;
+        let Some(meta) = self.meta.get(key) else {
+            return Ok(0);
+        };
+        if meta.tombstone {
+            return Ok(0);
+        }
+        // A suspect replica may be back in a moment; moving keys now would be churn.
+        if meta
+            .replicas
+            .iter()
+            .any(|n| self.members.state(*n) == Some(NodeState::Suspect))
+        {
+            return Err(CopyError::Deferred);
+        }
+        let desired = self.members.preference_list(key, self.config.rf);
+        let mut copied = 0;
+        let mut failures = 0;
+        for &node in &desired {
+            if meta.replicas.contains(&node) {
+                continue;
+            }
+            match self.copy_key(key, node).await {
+                Ok(bytes) => copied += bytes,
+                Err(e) => {
+                    debug!(%node, error = %e, "copy failed");
+                    failures += 1;
+                }
+            }
+        }
+        let Some(now) = self.meta.get(key) else {
+            return Ok(copied);
+        };
+        let placed = desired.iter().filter(|n| now.replicas.contains(n)).count();
+        // Drop copies off the preference list only once every desired replica holds the key
+        // and there are as many of them as the cluster can offer.
+        if failures == 0
+            && placed == desired.len()
+            && placed >= self.config.rf.min(self.members.up_count())
+        {
+            for &node in now.replicas.iter().filter(|n| !desired.contains(n)) {
+                if self.readable(node) {
+                    let req = Request::Forget {
+                        key: key.clone(),
+                        version: now.version,
+                    };
+                    if let Err(e) = self.members.call(node, req, self.config.node_timeout).await {
+                        debug!(%node, error = %e, "forget failed; the copy stays listed");
+                        continue;
+                    }
+                }
+                self.meta
+                    .update(vec![(key.clone(), KeyUpdate::RemoveReplica { node })])
+                    .await
+                    .map_err(|e| CopyError::Target(e.to_string()))?;
+            }
+        }
+        if failures > 0 {
+            return Err(CopyError::NoSource);
+        }
+        Ok(copied)
+    }
+
+    /// Bring the metadata in line with what `node` reports holding: adopt versions newer
+    /// than the metadata knows (they reached a replica before a crash), re-list current
+    /// copies, and drop stale ones so they are never served or copied.
+    pub async fn reconcile_node(self: &Arc<Self>, node: NodeId) {
+        let mut after: Option<Bytes> = None;
+        let mut stats = (0u64, 0u64, 0u64); // adopted, relisted, dropped
+        loop {
+            let req = Request::Scan {
+                after: after.clone(),
+                limit: SCAN_PAGE,
+            };
+            let (entries, next) = match self.members.call(node, req, Duration::from_secs(30)).await
+            {
+                Ok(Response::Scanned { entries, next }) => (entries, next),
+                Ok(other) => {
+                    warn!(%node, ?other, "unexpected answer to scan");
+                    return;
+                }
+                Err(e) => {
+                    warn!(%node, error = %e, "cannot scan node for reconciliation");
+                    return;
+                }
+            };
+            for entry in entries {
+                self.reconcile_entry(node, entry, &mut stats).await;
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        info!(%node, adopted = stats.0, relisted = stats.1, dropped = stats.2, "node reconciled");
+    }
+
+    async fn reconcile_entry(
+        self: &Arc<Self>,
+        node: NodeId,
+        entry: ScanEntry,
+        stats: &mut (u64, u64, u64),
+    ) {
+        let key = entry.key.clone();
+        let _guard = self.locks.lock(&key).await;
+        let meta = self.meta.get(&key);
+        let update = match &meta {
+            Some(m) if entry.version == m.version => {
+                if m.replicas.contains(&node) {
+                    return;
+                }
+                stats.1 += 1;
+                KeyUpdate::AddReplica {
+                    version: m.version,
+                    node,
+                }
+            }
+            Some(m) if entry.version < m.version => {
+                stats.2 += 1;
+                let req = Request::Forget {
+                    key: key.clone(),
+                    version: entry.version,
+                };
+                let _ = self.members.call(node, req, self.config.node_timeout).await;
+                if !m.replicas.contains(&node) {
+                    return;
+                }
+                KeyUpdate::RemoveReplica { node }
+            }
+            _ => {
+                // Newer than the metadata (or unknown): it reached a replica, so record it.
+                stats.0 += 1;
+                KeyUpdate::Set(KeyMeta {
+                    version: entry.version,
+                    replicas: vec![node],
+                    tombstone: entry.tombstone,
+                })
+            }
+        };
+        if let Err(e) = self.meta.update(vec![(key.clone(), update)]).await {
+            warn!(error = %e, "reconcile update failed");
+            return;
+        }
+        drop(_guard);
+        self.repairs.push_kind(key, JobKind::Repair, false);
+    }
+}
+
+/// Work the repair queue until shutdown.
+pub async fn run_worker(coord: Arc<Coordinator>) {
+    let permits = Arc::new(Semaphore::new(coord.config.transfer_concurrency.max(1)));
+    let throttle = Arc::new(Mutex::new(Throttle::new(
+        coord.config.transfer_bytes_per_sec,
+        Instant::now(),
+    )));
+    loop {
+        let Some((key, kind)) = coord.repairs.pop() else {
+            tokio::select! {
+                _ = coord.shutdown.cancelled() => return,
+                _ = coord.repairs.wake.notified() => continue,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            }
+        };
+        let permit = tokio::select! {
+            _ = coord.shutdown.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let this = coord.clone();
+        let throttle = throttle.clone();
+        coord.tasks.spawn(async move {
+            let bytes = match this.converge(&key).await {
+                Ok(b) => b,
+                Err(e) => {
+                    debug!(error = %e, "key not converged yet; the sweep retries it");
+                    0
+                }
+            };
+            this.repairs.done(kind, bytes);
+            let wait = throttle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(bytes, Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Sweep periodically so nothing stays misplaced for long.
+pub async fn run_sweeper(coord: Arc<Coordinator>) {
+    let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = coord.shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if coord.repairs.is_empty() {
+            let n = coord.sweep(JobKind::Repair);
+            if n > 0 {
+                debug!(keys = n, "sweep queued misplaced keys");
+            }
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The data path: quorum writes, version-checked reads, and copying a key between replicas.
+//!
+//! Writes to one key are serialised by a striped lock held from version assignment until the
+//! metadata commit, so versions of a key are committed in order. A write is acknowledged only
+//! after `W` replicas stored it and the metadata naming those replicas is durable; replicas
+//! that answer later are added to the metadata in the background, and those that never do
+//! are left to the repair loop.
+//!
+//! Reads go to a replica the metadata lists and accept only the version the metadata names:
+//! a replica with an older copy is skipped (and queued for repair), so a stale or deleted
+//! value is never served.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use ringkv_common::client::CallError;
+use ringkv_common::protocol::{
+    Location, ReplicaInfo, Reply, Request, Response, MAX_KEY_LEN, MAX_VALUE_LEN,
+};
+use ringkv_common::{NodeId, Version, WireError};
+use tokio::sync::{Mutex, MutexGuard};
+use tracing::debug;
+
+use crate::metadata::{KeyMeta, KeyUpdate};
+use crate::state::Coordinator;
+
+/// Lock stripes for per-key write serialisation. Two keys share a stripe with probability
+/// 1/4096, which costs a little concurrency, never correctness.
+const LOCK_STRIPES: usize = 4096;
+
+/// Striped per-key locks.
+pub struct KeyLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+impl Default for KeyLocks {
+    fn default() -> Self {
+        KeyLocks {
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+}
+
+impl KeyLocks {
+    /// Wait for exclusive access to `key`.
+    pub async fn lock(&self, key: &[u8]) -> Option<MutexGuard<'_, ()>> {
+        let i = (ringkv_common::ring::key_hash(key) as usize) % LOCK_STRIPES;
+        Some(self.stripes.get(i)?.lock().await)
+    }
+}
+
+/// Reject keys and values over their limits before anything is written.
+pub fn check_sizes(key: &[u8], value: Option<&Bytes>) -> Result<(), WireError> {
+    if key.is_empty() {
+        return Err(WireError::BadRequest("empty key".into()));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(WireError::TooLarge {
+            what: "key".into(),
+            size: key.len() as u64,
+            max: MAX_KEY_LEN as u64,
+        });
+    }
+    if let Some(v) = value {
+        if v.len() > MAX_VALUE_LEN {
+            return Err(WireError::TooLarge {
+                what: "value".into(),
+                size: v.len() as u64,
+                max: MAX_VALUE_LEN as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How one replica answered a store.
+enum StoreOutcome {
+    Stored,
+    Failed { may_have_applied: bool },
+}
+
+impl Coordinator {
+    /// Put (`Some`) or delete (`None`) `key`.
+    pub async fn write(self: &Arc<Self>, key: Bytes, value: Option<Bytes>) -> Reply {
+        check_sizes(&key, value.as_ref())?;
+        let rf = self.config.rf;
+        let quorum = self.config.write_quorum;
+        let _guard = self
+            .locks
+            .lock(&key)
+            .await
+            .ok_or_else(|| WireError::Internal("lock stripe missing".into()))?;
+        let targets = self.members.preference_list(&key, rf);
+        if targets.len() < quorum {
+            return Err(WireError::Unavailable(format!(
+                "only {} node(s) up; a write needs {quorum}",
+                targets.len()
+            )));
+        }
+        let version = self
+            .meta
+            .next_version()
+            .await
+            .map_err(|e| WireError::Unavailable(format!("cannot assign a version: {e}")))?;
+        let tombstone = value.is_none();
+
+        let mut pending: FuturesUnordered<_> = targets
+            .iter()
+            .map(|&node| {
+                let this = self.clone();
+                let req = Request::Store {
+                    key: key.clone(),
+                    version,
+                    value: value.clone(),
+                };
+                async move { (node, this.store_on(node, req, version).await) }
+            })
+            .collect();
+
+        let mut acked: Vec<NodeId> = Vec::with_capacity(targets.len());
+        let mut maybe_applied = false;
+        while acked.len() < quorum {
+            match pending.next().await {
+                Some((node, StoreOutcome::Stored)) => acked.push(node),
+                Some((_, StoreOutcome::Failed { may_have_applied })) => {
+                    maybe_applied |= may_have_applied
+                }
+                None => break,
+            }
+        }
+
+        if acked.is_empty() {
+            return Err(if maybe_applied {
+                WireError::Indeterminate(format!(
+                    "no replica confirmed version {version}; it may have been stored"
+                ))
+            } else {
+                WireError::Unavailable("no replica could be reached".into())
+            });
+        }
+
+        // Whatever reached a replica is recorded, so a later read or repair can never be
+        // surprised by a version the metadata does not know.
+        fail::fail_point!("coordinator-before-meta-commit", |arg| crash_point(arg));
+        let meta = KeyMeta {
+            version,
+            replicas: acked.clone(),
+            tombstone,
+        };
+        self.meta
+            .update(vec![(key.clone(), KeyUpdate::Set(meta))])
+            .await
+            .map_err(|e| WireError::Indeterminate(format!("metadata commit failed: {e}")))?;
+        fail::fail_point!("coordinator-after-meta-commit", |arg| crash_point(arg));
+
+        // Late replicas: record them when they answer; the repair loop covers the rest.
+        let this = self.clone();
+        let late_key = key.clone();
+        self.background(async move {
+            let mut missing = false;
+            while let Some((node, outcome)) = pending.next().await {
+                match outcome {
+                    StoreOutcome::Stored => {
+                        let update = KeyUpdate::AddReplica { version, node };
+                        if this
+                            .meta
+                            .update(vec![(late_key.clone(), update)])
+                            .await
+                            .is_err()
+                        {
+                            missing = true;
+                        }
+                    }
+                    StoreOutcome::Failed { .. } => missing = true,
+                }
+            }
+            if missing {
+                this.repairs.push(late_key);
+            }
+        });
+
+        if acked.len() < quorum {
+            return Err(WireError::Indeterminate(format!(
+                "version {version} reached {} of the {quorum} replicas a write needs",
+                acked.len()
+            )));
+        }
+        Ok(Response::Written { version })
+    }
+
+    async fn store_on(&self, node: NodeId, req: Request, version: Version) -> StoreOutcome {
+        match self.members.call(node, req, self.config.node_timeout).await {
+            Ok(Response::Stored { version: held, .. }) if held == version => StoreOutcome::Stored,
+            Ok(other) => {
+                debug!(%node, ?other, "unexpected answer to store");
+                StoreOutcome::Failed {
+                    may_have_applied: false,
+                }
+            }
+            Err(e) => StoreOutcome::Failed {
+                may_have_applied: e.may_have_applied(),
+            },
+        }
+    }
+
+    /// Read `key`: the value at the version the metadata names, from any replica holding it.
+    pub async fn read(self: &Arc<Self>, key: Bytes) -> Reply {
+        check_sizes(&key, None)?;
+        // Two passes: if every replica disagreed, a write may have committed meanwhile.
+        for _ in 0..2 {
+            let Some(meta) = self.meta.get(&key) else {
+                return Ok(Response::Value {
+                    version: Version::ZERO,
+                    value: None,
+                });
+            };
+            if meta.tombstone {
+                return Ok(Response::Value {
+                    version: meta.version,
+                    value: None,
+                });
+            }
+            let mut candidates = meta.replicas.clone();
+            // Up replicas first, starting at a key-dependent offset to spread the load.
+            candidates.sort_by_key(|n| !self.members.is_up(*n));
+            let up = candidates
+                .iter()
+                .filter(|n| self.members.is_up(**n))
+                .count();
+            if up > 1 {
+                let shift = (ringkv_common::ring::key_hash(&key) as usize) % up;
+                if let Some(head) = candidates.get_mut(..up) {
+                    head.rotate_left(shift);
+                }
+            }
+            let mut stale = false;
+            for node in candidates {
+                let req = Request::Fetch { key: key.clone() };
+                match self.members.call(node, req, self.config.node_timeout).await {
+                    Ok(Response::Fetched {
+                        version,
+                        value: Some(value),
+                    }) if version == meta.version => {
+                        if stale {
+                            self.repairs.push(key.clone());
+                        }
+                        return Ok(Response::Value {
+                            version,
+                            value: Some(value),
+                        });
+                    }
+                    Ok(Response::Fetched { version, .. }) if version < meta.version => {
+                        stale = true;
+                    }
+                    _ => {}
+                }
+            }
+            if stale {
+                self.repairs.push(key.clone());
+            }
+            if self.meta.get(&key).map(|m| m.version) == Some(meta.version) {
+                return Err(WireError::Unavailable(format!(
+                    "no reachable replica holds version {} of this key",
+                    meta.version
+                )));
+            }
+        }
+        Err(WireError::Unavailable(
+            "the key changed while it was being read; try again".into(),
+        ))
+    }
+
+    /// Which nodes hold `key` and at which version.
+    pub async fn locate(self: &Arc<Self>, key: Bytes) -> Reply {
+        check_sizes(&key, None)?;
+        let meta = self.meta.get(&key);
+        let (version, tombstone, nodes) = match &meta {
+            Some(m) => (m.version, m.tombstone, m.replicas.clone()),
+            None => (Version::ZERO, false, Vec::new()),
+        };
+        let asks = nodes.iter().map(|&node| {
+            let this = self.clone();
+            let key = key.clone();
+            async move {
+                let held = match this
+                    .members
+                    .call(node, Request::Fetch { key }, this.config.node_timeout)
+                    .await
+                {
+                    Ok(Response::Fetched { version, .. }) => Some(version),
+                    _ => None,
+                };
+                let record = this.members.record(node);
+                ReplicaInfo {
+                    node,
+                    addr: record.map(|r| r.addr).unwrap_or_default(),
+                    state: this
+                        .members
+                        .state(node)
+                        .unwrap_or(ringkv_common::NodeState::Removed),
+                    version: held,
+                }
+            }
+        });
+        let replicas = futures::future::join_all(asks).await;
+        Ok(Response::Located(Location {
+            version,
+            tombstone,
+            replicas,
+        }))
+    }
+
+    /// Copy `key` at the metadata's current version to `target`, reading it from a replica
+    /// that holds that version. Returns the bytes copied; records `target` as a replica.
+    pub async fn copy_key(self: &Arc<Self>, key: &Bytes, target: NodeId) -> Result<u64, CopyError> {
+        let meta = self.meta.get(key).ok_or(CopyError::Gone)?;
+        let (value, bytes) = if meta.tombstone {
+            (None, 0)
+        } else {
+            let mut found = None;
+            for &node in &meta.replicas {
+                if node == target || !self.members.is_up(node) {
+                    continue;
+                }
+                let req = Request::Fetch { key: key.clone() };
+                if let Ok(Response::Fetched {
+                    version,
+                    value: Some(v),
+                }) = self.members.call(node, req, self.config.node_timeout).await
+                {
+                    if version == meta.version {
+                        found = Some(v);
+                        break;
+                    }
+                }
+            }
+            let v = found.ok_or(CopyError::NoSource)?;
+            let len = v.len() as u64;
+            (Some(v), len)
+        };
+        let req = Request::Store {
+            key: key.clone(),
+            version: meta.version,
+            value,
+        };
+        match self
+            .members
+            .call(target, req, self.config.node_timeout)
+            .await
+        {
+            Ok(Response::Stored { version, .. }) if version == meta.version => {}
+            Ok(Response::Stored { version, .. }) => {
+                return Err(CopyError::Target(format!(
+                    "target holds version {version}, newer than {}",
+                    meta.version
+                )))
+            }
+            Ok(other) => return Err(CopyError::Target(format!("unexpected answer {other:?}"))),
+            Err(e) => return Err(CopyError::Call(e)),
+        }
+        self.meta
+            .update(vec![(
+                key.clone(),
+                KeyUpdate::AddReplica {
+                    version: meta.version,
+                    node: target,
+                },
+            )])
+            .await
+            .map_err(|e| CopyError::Target(e.to_string()))?;
+        Ok(bytes + key.len() as u64)
+    }
+}
+
+/// Why a copy did not happen.
+#[derive(thiserror::Error, Debug)]
+pub enum CopyError {
+    #[error("the key no longer exists")]
+    Gone,
+    #[error("no live replica holds the current version")]
+    NoSource,
+    #[error("a replica is suspect; retry once its state settles")]
+    Deferred,
+    #[error("target refused: {0}")]
+    Target(String),
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+/// What an armed crash failpoint does: `abort` kills the process on the spot (no unwinding,
+/// no flushing), as SIGKILL would; anything else is ignored.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn crash_point(arg: Option<String>) -> Reply {
+    if arg.as_deref() == Some("abort") {
+        std::process::abort();
+    }
+    Err(WireError::Internal("failpoint".into()))
+}

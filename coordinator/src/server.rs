@@ -1,0 +1,39 @@
+//! The coordinator's request router: each request goes to the module that owns it.
+
+use std::sync::Arc;
+
+use ringkv_common::protocol::{Reply, Request, Response, Role};
+use ringkv_common::server::Handler;
+use ringkv_common::WireError;
+
+use crate::state::Coordinator;
+
+impl Handler for Coordinator {
+    async fn handle(self: Arc<Self>, req: Request, role: Role) -> Reply {
+        match (role, req) {
+            (
+                Role::Node,
+                Request::Register {
+                    node,
+                    addr,
+                    pid,
+                    data_dir,
+                },
+            ) => self.register(node, addr, pid, data_dir).await,
+            (Role::Node, Request::Heartbeat { node, stats }) => self.heartbeat(node, stats),
+            (_, Request::Put { key, value }) => self.write(key, Some(value)).await,
+            (_, Request::Delete { key }) => self.write(key, None).await,
+            (_, Request::Get { key }) => self.read(key).await,
+            (_, Request::Locate { key }) => self.locate(key).await,
+            (_, Request::Status) => Ok(Response::Status(self.status())),
+            (_, Request::Check) => self.check().await.map(Response::Checked),
+            (_, Request::NodeAdd) => self.add_node().await,
+            (_, Request::NodeRemove { node }) => self.remove_node(node).await,
+            (_, Request::NodeSignal { node, signal }) => self.signal_node(node, signal),
+            (_, other) => Err(WireError::BadRequest(format!(
+                "the coordinator does not answer {} from a {role:?} peer",
+                other.name()
+            ))),
+        }
+    }
+}

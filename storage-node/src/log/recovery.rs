@@ -1,0 +1,513 @@
+//! Replaying the log at open, and repairing what a crash or the disk did to it.
+//!
+//! Owns the decision of what a damaged log means:
+//! - A bad frame with no valid frame anywhere after it is a **torn tail** (a crash mid-append): the
+//!   file is truncated to the end of the last good record, synced, and the loss is reported.
+//! - A bad frame followed, somewhere later, by a valid frame is **mid-file corruption**: the bad bytes
+//!   are reported as a region and skipped, and replay resumes at the next valid frame. The original
+//!   file is then preserved as `ringkv.log.corrupt-<unix-secs>` and replaced by a fresh log of the
+//!   recovered records, so the corruption is reported once and never replayed again.
+//!
+//! Invariants: a record is returned only if its frame is intact (CRC and lengths); every byte that is
+//! not returned is accounted for in the [`RecoveryReport`] and logged; and when recovery returns,
+//! `ringkv.log` holds exactly the magic followed by the returned records, so the next open is clean.
+//!
+//! Known limit: resynchronising after corruption trusts the first valid frame it finds. A value that
+//! itself contains an encoded log frame could therefore be mistaken for a record if the frame holding
+//! it is damaged; with ordinary data the chance is that of a 32-bit CRC collision per plausible offset.
+
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::record::{read_frame, Frame, FrameHead, Record, HEADER_LEN, MAGIC, MIN_FRAME_LEN};
+use super::{compaction, sync_dir, LogError, COMPACT_FILE, CORRUPT_FILE_PREFIX, LOG_FILE};
+
+/// Read buffer for the sequential replay: large enough that small records cost no syscalls each.
+const REPLAY_BUFFER: usize = 1 << 20;
+
+/// Bytes examined per read while hunting for the next valid frame after a bad one.
+const SCAN_WINDOW: usize = 256 * 1024;
+
+/// What replay found, for the node's logs and its report to the coordinator.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Good records replayed.
+    pub records: u64,
+    /// Bytes of good records (frames only, not the file header).
+    pub bytes: u64,
+    /// Bytes of torn tail cut off the end of the file (0 if it ended cleanly).
+    pub truncated_tail_bytes: u64,
+    /// Mid-file corruption skipped, as `(offset, len)` byte ranges of the original file.
+    pub corrupt_regions: Vec<(u64, u64)>,
+}
+
+impl RecoveryReport {
+    /// Whether the log was exactly as the last writer left it.
+    pub fn is_clean(&self) -> bool {
+        self.truncated_tail_bytes == 0 && self.corrupt_regions.is_empty()
+    }
+}
+
+/// The outcome of [`recover`].
+pub(crate) struct Recovered {
+    pub records: Vec<Record>,
+    pub report: RecoveryReport,
+    /// Length of `ringkv.log` after any repair.
+    pub size: u64,
+}
+
+/// Opens or creates `dir/ringkv.log`, replays it and repairs it (see the module docs).
+///
+/// # Errors
+/// I/O failures, and [`LogError::Corrupt`] if `ringkv.log` does not start with the log's magic:
+/// that is someone else's file, and it is left untouched.
+pub(crate) fn recover(dir: &Path) -> Result<Recovered, LogError> {
+    remove_stale_compaction(dir)?;
+    let path = dir.join(LOG_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        // An existing log is replayed, never truncated here.
+        .truncate(false)
+        .open(&path)?;
+    let file_len = file.metadata()?.len();
+
+    if file_len < HEADER_LEN {
+        // New, or torn while being created: only a prefix of the magic may be there.
+        let mut head = Vec::new();
+        file.read_to_end(&mut head)?;
+        if !MAGIC.starts_with(&head) {
+            return Err(not_a_log(&path));
+        }
+        if file_len > 0 {
+            tracing::warn!(path = %path.display(), bytes = file_len, "log header torn; rewriting it");
+        }
+        file.set_len(0)?;
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(MAGIC)?;
+        file.sync_all()?;
+        // The file may have just been created: make its directory entry durable too.
+        sync_dir(dir)?;
+        let report = RecoveryReport {
+            truncated_tail_bytes: file_len,
+            ..Default::default()
+        };
+        return Ok(Recovered {
+            records: Vec::new(),
+            report,
+            size: HEADER_LEN,
+        });
+    }
+
+    let mut magic = [0u8; MAGIC.len()];
+    file.read_exact(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(not_a_log(&path));
+    }
+
+    let (records, report, good_end) = replay(file.try_clone()?, file_len)?;
+
+    if !report.corrupt_regions.is_empty() {
+        drop(file);
+        let aside = preserve(dir, &path)?;
+        tracing::error!(
+            preserved = %aside.display(),
+            regions = report.corrupt_regions.len(),
+            recovered = report.records,
+            "log had mid-file corruption; original preserved, rewriting the recovered records"
+        );
+        let size = compaction::write_compacted(dir, &records)?;
+        compaction::install(dir)?;
+        compaction::finish(dir)?;
+        return Ok(Recovered {
+            records,
+            report,
+            size,
+        });
+    }
+    if report.truncated_tail_bytes > 0 {
+        file.set_len(good_end)?;
+        file.sync_all()?;
+    }
+    Ok(Recovered {
+        records,
+        report,
+        size: good_end,
+    })
+}
+
+/// Replays every frame after the header; returns the records, the report, and where the last good
+/// record ends.
+fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64), LogError> {
+    let mut reader = BufReader::with_capacity(REPLAY_BUFFER, file);
+    reader.seek(SeekFrom::Start(HEADER_LEN))?;
+    let mut records = Vec::new();
+    let mut report = RecoveryReport::default();
+    let mut offset = HEADER_LEN;
+    let mut good_end = HEADER_LEN;
+    while offset < file_len {
+        match read_frame(&mut reader, file_len - offset)? {
+            Frame::Record(record, len) => {
+                records.push(record);
+                report.records += 1;
+                report.bytes += len;
+                offset += len;
+                good_end = offset;
+            }
+            Frame::Bad(reason) => match find_next_frame(reader.get_ref(), offset + 1, file_len)? {
+                Some(next) => {
+                    tracing::error!(
+                        offset,
+                        len = next - offset,
+                        reason,
+                        "corrupt log region skipped; its records are lost on this node"
+                    );
+                    report.corrupt_regions.push((offset, next - offset));
+                    offset = next;
+                    // Discards the buffer, which `find_next_frame` moved the file out from under.
+                    reader.seek(SeekFrom::Start(offset))?;
+                }
+                None => {
+                    report.truncated_tail_bytes = file_len - offset;
+                    tracing::warn!(
+                        offset,
+                        bytes = report.truncated_tail_bytes,
+                        reason,
+                        "torn log tail cut off at the last good record"
+                    );
+                    break;
+                }
+            },
+        }
+    }
+    Ok((records, report, good_end))
+}
+
+/// The offset of the first valid frame at or after `from`, if any.
+///
+/// Cheap header checks (lengths and flags, see [`FrameHead::parse`]) reject almost every offset
+/// from an in-memory window; only the survivors are read in full and CRC-checked.
+fn find_next_frame(file: &File, from: u64, file_len: u64) -> io::Result<Option<u64>> {
+    let mut window = Vec::new();
+    let mut base = from;
+    while base + MIN_FRAME_LEN as u64 <= file_len {
+        // Windows overlap by MIN_FRAME_LEN - 1 bytes so no candidate header straddles two of them.
+        let want = (file_len - base).min((SCAN_WINDOW + MIN_FRAME_LEN - 1) as u64) as usize;
+        window.resize(want, 0);
+        read_exact_at(file, &mut window, base)?;
+        for (i, head) in window.windows(MIN_FRAME_LEN).enumerate() {
+            let Ok(raw) = <[u8; MIN_FRAME_LEN]>::try_from(head) else {
+                continue;
+            };
+            let Ok(head) = FrameHead::parse(raw) else {
+                continue;
+            };
+            let candidate = base + i as u64;
+            if candidate + head.frame_len() > file_len {
+                continue;
+            }
+            let mut reader = file;
+            reader.seek(SeekFrom::Start(candidate))?;
+            if let Frame::Record(..) = read_frame(&mut reader, file_len - candidate)? {
+                return Ok(Some(candidate));
+            }
+        }
+        base += (want + 1 - MIN_FRAME_LEN) as u64;
+    }
+    Ok(None)
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(buf)
+}
+
+/// Deletes a `ringkv.log.compact` left by a crash before its rename. The rename is atomic, so
+/// `ringkv.log` is complete and authoritative either way, and the leftover is garbage.
+fn remove_stale_compaction(dir: &Path) -> Result<(), LogError> {
+    let stale = dir.join(COMPACT_FILE);
+    match fs::remove_file(&stale) {
+        Ok(()) => {
+            tracing::warn!(path = %stale.display(), "removed an unfinished log compaction");
+            sync_dir(dir)?;
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Keeps the original of a corrupt log as `ringkv.log.corrupt-<unix-secs>` and returns its path.
+///
+/// A hard link, not a rename: `ringkv.log` must exist at every instant, or a crash before the
+/// rewrite is installed would leave a directory that looks new and empty. Falls back to a copy on
+/// file systems without hard links.
+fn preserve(dir: &Path, path: &Path) -> Result<PathBuf, LogError> {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut attempt = 0u32;
+    loop {
+        let name = match attempt {
+            0 => format!("{CORRUPT_FILE_PREFIX}{secs}"),
+            n => format!("{CORRUPT_FILE_PREFIX}{secs}.{n}"),
+        };
+        let aside = dir.join(name);
+        match fs::hard_link(path, &aside) {
+            Ok(()) => {}
+            // Corruption found twice within a second (a crash loop): keep every copy.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                attempt += 1;
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "hard link failed; copying the corrupt log instead");
+                fs::copy(path, &aside)?;
+                File::open(&aside)?.sync_all()?;
+            }
+        }
+        sync_dir(dir)?;
+        return Ok(aside);
+    }
+}
+
+fn not_a_log(path: &Path) -> LogError {
+    LogError::Corrupt {
+        offset: 0,
+        reason: format!(
+            "{} does not start with the RingKV log magic; refusing to overwrite a file that is not a log",
+            path.display()
+        ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::log::test_support::{mixed, put, runtime};
+    use crate::log::{CompactThreshold, FsyncPolicy, Log};
+
+    /// Writes `records` through a real `Log` and returns the file's bytes and each frame's end.
+    fn written(records: &[Record]) -> (Vec<u8>, Vec<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let (log, _, _) =
+            Log::open(dir.path(), FsyncPolicy::Never, CompactThreshold::default()).unwrap();
+        let mut ends = Vec::new();
+        rt.block_on(async {
+            for rec in records {
+                log.append(rec.clone()).await.unwrap();
+                ends.push(log.size_bytes());
+            }
+            log.close().await.unwrap();
+        });
+        (fs::read(dir.path().join(LOG_FILE)).unwrap(), ends)
+    }
+
+    fn dir_with(bytes: &[u8]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(LOG_FILE), bytes).unwrap();
+        dir
+    }
+
+    fn corrupt_copies(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with(CORRUPT_FILE_PREFIX)
+            })
+            .collect()
+    }
+
+    fn open(dir: &Path) -> (Log, Vec<Record>, RecoveryReport) {
+        Log::open(dir, FsyncPolicy::Never, CompactThreshold::default()).unwrap()
+    }
+
+    #[test]
+    fn truncation_at_every_byte_offset_recovers_the_whole_record_prefix() {
+        let records = mixed(20);
+        let (bytes, ends) = written(&records);
+        assert_eq!(*ends.last().unwrap(), bytes.len() as u64);
+        let rt = runtime();
+        let extra = put(b"after-recovery", 1000, b"appended");
+        for cut in 0..=bytes.len() {
+            let dir = dir_with(&bytes[..cut]);
+            let whole = ends.iter().take_while(|&&end| end <= cut as u64).count();
+            let good_end = if cut < HEADER_LEN as usize {
+                0
+            } else {
+                ends[..whole].last().copied().unwrap_or(HEADER_LEN)
+            };
+
+            let (log, got, report) = open(dir.path());
+            assert_eq!(got, records[..whole], "cut at {cut}");
+            assert_eq!(report.records, whole as u64);
+            assert_eq!(
+                report.truncated_tail_bytes,
+                cut as u64 - good_end,
+                "cut at {cut}"
+            );
+            assert!(
+                report.corrupt_regions.is_empty(),
+                "cut at {cut}: {report:?}"
+            );
+            assert_eq!(log.size_bytes(), good_end.max(HEADER_LEN));
+            rt.block_on(async {
+                log.append(extra.clone()).await.unwrap();
+                log.close().await.unwrap();
+            });
+
+            let (log, got, report) = open(dir.path());
+            assert!(report.is_clean(), "cut at {cut}: second open {report:?}");
+            assert_eq!(got.len(), whole + 1);
+            assert_eq!(got[..whole], records[..whole]);
+            assert_eq!(got[whole], extra);
+            rt.block_on(log.close()).unwrap();
+        }
+    }
+
+    #[test]
+    fn bit_flip_mid_file_is_skipped_reported_and_preserved() {
+        let records = mixed(12);
+        let (bytes, ends) = written(&records);
+        let rt = runtime();
+        for k in [0usize, 1, 5, 10] {
+            let start = if k == 0 { HEADER_LEN } else { ends[k - 1] };
+            let end = ends[k];
+            // The crc, the length, the version and the last byte of the record.
+            for at in [start, start + 5, start + 12, end - 1] {
+                let mut damaged = bytes.clone();
+                damaged[at as usize] ^= 0x10;
+                let dir = dir_with(&damaged);
+
+                let (log, got, report) = open(dir.path());
+                let mut expected = records.clone();
+                expected.remove(k);
+                assert_eq!(got, expected, "flip in record {k} at byte {at}");
+                assert_eq!(report.corrupt_regions, vec![(start, end - start)]);
+                assert_eq!(report.truncated_tail_bytes, 0);
+                assert_eq!(report.records, records.len() as u64 - 1);
+                let copies = corrupt_copies(dir.path());
+                assert_eq!(copies.len(), 1);
+                assert_eq!(
+                    fs::read(&copies[0]).unwrap(),
+                    damaged,
+                    "original preserved as is"
+                );
+                rt.block_on(log.close()).unwrap();
+
+                let (log, again, report) = open(dir.path());
+                assert!(report.is_clean(), "second open: {report:?}");
+                assert_eq!(again, expected);
+                rt.block_on(log.close()).unwrap();
+                assert_eq!(corrupt_copies(dir.path()).len(), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn bit_flip_in_the_last_record_is_a_torn_tail() {
+        let records = mixed(8);
+        let (bytes, ends) = written(&records);
+        let last_start = ends[ends.len() - 2];
+        let mut damaged = bytes.clone();
+        damaged[last_start as usize + 15] ^= 1;
+        let dir = dir_with(&damaged);
+
+        let (log, got, report) = open(dir.path());
+        assert_eq!(got, records[..records.len() - 1]);
+        assert_eq!(report.truncated_tail_bytes, bytes.len() as u64 - last_start);
+        assert!(report.corrupt_regions.is_empty());
+        assert!(corrupt_copies(dir.path()).is_empty());
+        assert_eq!(
+            fs::metadata(dir.path().join(LOG_FILE)).unwrap().len(),
+            last_start
+        );
+        runtime().block_on(log.close()).unwrap();
+    }
+
+    #[test]
+    fn two_corrupt_regions_and_a_torn_tail_are_all_reported() {
+        let records = mixed(10);
+        let (bytes, ends) = written(&records);
+        let mut damaged = bytes.clone();
+        damaged[ends[1] as usize + 9] ^= 4; // record 2
+        damaged[ends[5] as usize + 9] ^= 4; // record 6
+        damaged.truncate(ends[9] as usize - 3); // record 9 torn
+        let dir = dir_with(&damaged);
+
+        let (log, got, report) = open(dir.path());
+        let expected: Vec<_> = [0, 1, 3, 4, 5, 7, 8]
+            .iter()
+            .map(|&i| records[i].clone())
+            .collect();
+        assert_eq!(got, expected);
+        assert_eq!(
+            report.corrupt_regions,
+            vec![(ends[1], ends[2] - ends[1]), (ends[5], ends[6] - ends[5])]
+        );
+        assert_eq!(report.truncated_tail_bytes, ends[9] - 3 - ends[8]);
+        runtime().block_on(log.close()).unwrap();
+        let (_log, again, report) = open(dir.path());
+        assert!(report.is_clean());
+        assert_eq!(again, expected);
+    }
+
+    #[test]
+    fn a_file_without_the_magic_is_refused_and_left_alone() {
+        for garbage in [
+            b"definitely not a log file".to_vec(),
+            b"RKVLOG02".to_vec(),
+            b"RKX".to_vec(),
+        ] {
+            let dir = dir_with(&garbage);
+            match Log::open(dir.path(), FsyncPolicy::Never, CompactThreshold::default()) {
+                Err(LogError::Corrupt { offset: 0, .. }) => {}
+                Err(e) => panic!("{garbage:?}: unexpected error {e}"),
+                Ok(_) => panic!("{garbage:?} opened as a log"),
+            }
+            assert_eq!(fs::read(dir.path().join(LOG_FILE)).unwrap(), garbage);
+        }
+    }
+
+    #[test]
+    fn stale_compaction_file_is_removed() {
+        let records = mixed(6);
+        let (bytes, _) = written(&records);
+        let dir = dir_with(&bytes);
+        let stale = dir.path().join(COMPACT_FILE);
+        fs::write(&stale, b"RKVLOG01 half-written garbage").unwrap();
+
+        let (log, got, report) = open(dir.path());
+        assert!(!stale.exists());
+        assert!(report.is_clean());
+        assert_eq!(got, records);
+        runtime().block_on(log.close()).unwrap();
+    }
+
+    #[test]
+    fn garbage_between_records_is_skipped() {
+        // Bytes that were never a record at all (e.g. a misdirected write), inserted mid-file.
+        let records = mixed(4);
+        let (bytes, ends) = written(&records);
+        let mut damaged = bytes[..ends[1] as usize].to_vec();
+        damaged.extend_from_slice(&[0xAB; 100]);
+        damaged.extend_from_slice(&bytes[ends[1] as usize..]);
+        let dir = dir_with(&damaged);
+        let (_log, got, report) = open(dir.path());
+        assert_eq!(got, records);
+        assert_eq!(report.corrupt_regions, vec![(ends[1], 100)]);
+    }
+}

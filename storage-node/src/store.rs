@@ -1,0 +1,278 @@
+//! The in-memory hash table of a storage node: `key -> (version, value | tombstone)`.
+//!
+//! Invariant: a write is applied only when its version is newer than the one held, so replays,
+//! retries, re-replication and migration can arrive in any order and any number of times.
+//! Versions are unique per write cluster-wide (the coordinator assigns them), so two writes
+//! never share a version.
+
+use std::collections::{BinaryHeap, HashMap};
+
+use bytes::Bytes;
+use ringkv_common::protocol::ScanEntry;
+use ringkv_common::{NodeStats, Version};
+
+use crate::log::Record;
+
+/// What a node holds for one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub version: Version,
+    /// `None` is a tombstone: the key was deleted at `version`.
+    pub value: Option<Bytes>,
+}
+
+/// The hash table plus the counters reported in heartbeats.
+#[derive(Default)]
+pub struct Store {
+    map: HashMap<Bytes, Entry>,
+    live_keys: u64,
+    live_bytes: u64,
+}
+
+impl Store {
+    /// Rebuild the table from replayed log records (file order).
+    ///
+    /// Tombstones are dropped at the end: replay has already let them override every older
+    /// record of their key, and nothing in flight before the restart can still arrive.
+    pub fn from_records(records: Vec<Record>) -> Store {
+        let mut store = Store::default();
+        for rec in records {
+            // `>=`: a later record at the same version is a forget marker (see `forget`).
+            let newer = store
+                .map
+                .get(&rec.key)
+                .is_none_or(|cur| rec.version >= cur.version);
+            if newer {
+                store.put_entry(rec.key, rec.version, rec.value);
+            }
+        }
+        let tombstones: Vec<Bytes> = store
+            .map
+            .iter()
+            .filter(|(_, e)| e.value.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in tombstones {
+            store.map.remove(&key);
+        }
+        store
+    }
+
+    /// Apply a write if `version` is newer than what is held. Returns whether it applied and
+    /// the version held afterwards.
+    pub fn apply(&mut self, key: Bytes, version: Version, value: Option<Bytes>) -> (bool, Version) {
+        if let Some(cur) = self.map.get(&key) {
+            if cur.version >= version {
+                return (false, cur.version);
+            }
+        }
+        self.put_entry(key, version, value);
+        (true, version)
+    }
+
+    /// The entry for `key`, if any.
+    pub fn get(&self, key: &[u8]) -> Option<&Entry> {
+        self.map.get(key)
+    }
+
+    /// Remove `key` if what is held is no newer than `version`. Returns the removed version.
+    pub fn forget(&mut self, key: &[u8], version: Version) -> Option<Version> {
+        let held = self.map.get(key)?.version;
+        if held > version {
+            return None;
+        }
+        if let Some(old) = self.map.remove(key) {
+            self.uncount(key, &old);
+        }
+        Some(held)
+    }
+
+    /// Up to `limit` entries with keys strictly greater than `after`, in key order, and the
+    /// key to continue after (`None` when this page reached the end).
+    pub fn scan(&self, after: Option<&[u8]>, limit: usize) -> (Vec<ScanEntry>, Option<Bytes>) {
+        let limit = limit.max(1);
+        // Keep the `limit` smallest qualifying keys in a max-heap: O(n log limit) per page.
+        let mut heap: BinaryHeap<&Bytes> = BinaryHeap::with_capacity(limit + 1);
+        let mut qualifying = 0usize;
+        for key in self.map.keys() {
+            if after.is_some_and(|a| key.as_ref() <= a) {
+                continue;
+            }
+            qualifying += 1;
+            heap.push(key);
+            if heap.len() > limit {
+                heap.pop();
+            }
+        }
+        let mut keys = heap.into_sorted_vec();
+        keys.truncate(limit);
+        let next = if qualifying > limit {
+            keys.last().map(|k| (*k).clone())
+        } else {
+            None
+        };
+        let entries = keys
+            .into_iter()
+            .filter_map(|k| {
+                self.map.get(k).map(|e| ScanEntry {
+                    key: k.clone(),
+                    version: e.version,
+                    tombstone: e.value.is_none(),
+                    value_len: e.value.as_ref().map_or(0, |v| v.len() as u64),
+                })
+            })
+            .collect();
+        (entries, next)
+    }
+
+    /// Every entry as a log record, for compaction.
+    pub fn records(&self) -> Vec<Record> {
+        self.map
+            .iter()
+            .map(|(k, e)| Record {
+                key: k.clone(),
+                version: e.version,
+                value: e.value.clone(),
+            })
+            .collect()
+    }
+
+    /// Live keys and their bytes (tombstones excluded).
+    pub fn stats(&self) -> NodeStats {
+        NodeStats {
+            keys: self.live_keys,
+            bytes: self.live_bytes,
+            ..NodeStats::default()
+        }
+    }
+
+    fn put_entry(&mut self, key: Bytes, version: Version, value: Option<Bytes>) {
+        if let Some(old) = self.map.get(&key) {
+            let old = old.clone();
+            self.uncount(&key, &old);
+        }
+        if let Some(v) = &value {
+            self.live_keys += 1;
+            self.live_bytes += (key.len() + v.len()) as u64;
+        }
+        self.map.insert(key, Entry { version, value });
+    }
+
+    fn uncount(&mut self, key: &[u8], old: &Entry) {
+        if let Some(v) = &old.value {
+            self.live_keys -= 1;
+            self.live_bytes -= (key.len() + v.len()) as u64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn only_newer_versions_apply() {
+        let mut s = Store::default();
+        assert_eq!(
+            s.apply(b("k"), Version(5), Some(b("five"))),
+            (true, Version(5))
+        );
+        assert_eq!(
+            s.apply(b("k"), Version(3), Some(b("three"))),
+            (false, Version(5))
+        );
+        assert_eq!(
+            s.apply(b("k"), Version(5), Some(b("again"))),
+            (false, Version(5))
+        );
+        assert_eq!(s.get(b"k").and_then(|e| e.value.clone()), Some(b("five")));
+        assert_eq!(s.apply(b("k"), Version(7), None), (true, Version(7)));
+        assert_eq!(s.stats().keys, 0);
+        assert_eq!(
+            s.apply(b("k"), Version(6), Some(b("six"))),
+            (false, Version(7))
+        );
+    }
+
+    #[test]
+    fn stats_track_live_keys_and_bytes() {
+        let mut s = Store::default();
+        s.apply(b("a"), Version(1), Some(b("xx")));
+        s.apply(b("b"), Version(2), Some(b("yyy")));
+        s.apply(b("a"), Version(3), Some(b("z")));
+        assert_eq!(s.stats().keys, 2);
+        assert_eq!(s.stats().bytes, (1 + 1 + 1 + 3) as u64);
+        s.forget(b"b", Version(2));
+        assert_eq!(s.stats().keys, 1);
+        assert_eq!(s.forget(b"a", Version(2)), None, "newer copy is kept");
+    }
+
+    #[test]
+    fn replay_forget_marker_and_tombstones() {
+        let recs = vec![
+            Record {
+                key: b("a"),
+                version: Version(1),
+                value: Some(b("1")),
+            },
+            Record {
+                key: b("a"),
+                version: Version(1),
+                value: None,
+            }, // forgotten
+            Record {
+                key: b("b"),
+                version: Version(2),
+                value: Some(b("2")),
+            },
+            Record {
+                key: b("b"),
+                version: Version(4),
+                value: None,
+            }, // deleted
+            Record {
+                key: b("c"),
+                version: Version(9),
+                value: Some(b("9")),
+            },
+            Record {
+                key: b("c"),
+                version: Version(3),
+                value: Some(b("old")),
+            },
+        ];
+        let mut s = Store::from_records(recs);
+        assert!(s.get(b"a").is_none());
+        assert!(s.get(b"b").is_none());
+        assert_eq!(s.get(b"c").map(|e| e.version), Some(Version(9)));
+        // A forgotten key can be stored again at its old version.
+        assert_eq!(
+            s.apply(b("a"), Version(1), Some(b("1"))),
+            (true, Version(1))
+        );
+    }
+
+    #[test]
+    fn scan_pages_in_key_order() {
+        let mut s = Store::default();
+        for i in 0..25 {
+            s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
+        }
+        let mut after: Option<Bytes> = None;
+        let mut seen = Vec::new();
+        loop {
+            let (page, next) = s.scan(after.as_deref(), 10);
+            seen.extend(page.into_iter().map(|e| e.key));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let expected: Vec<Bytes> = (0..25).map(|i| b(&format!("k{i:02}"))).collect();
+        assert_eq!(seen, expected);
+    }
+}

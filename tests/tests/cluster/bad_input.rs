@@ -1,0 +1,214 @@
+//! Bad input: oversized keys and values, garbage and oversized frames on every port.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use ringkv_tests::Cluster;
+
+#[test]
+fn too_large_key_and_value_are_refused_and_write_nothing() {
+    let c = Cluster::start(3);
+    let big_key = "k".repeat(64 * 1024 + 1);
+    let out = c.ringkv(&["--json", "put", &big_key, "v"]);
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["class"], "too_large", "{err}");
+
+    let big_value = vec![b'x'; 16 * 1024 * 1024 + 1];
+    let out = c.ringkv_stdin(&["--json", "put", "k", "-"], Some(&big_value));
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["class"], "too_large", "{err}");
+    assert_eq!(c.json(&["get", "k"])["value"], serde_json::Value::Null);
+    assert_eq!(c.status()["keys"], 0);
+}
+
+/// Send `bytes` on a fresh connection and read until the server closes it.
+fn poke(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn garbage_closes_only_its_own_connection() {
+    let c = Cluster::start(3);
+    c.json(&["put", "before", "1"]);
+
+    // A client holding an open connection throughout.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let steady = rt.block_on(c.client());
+
+    let node_addrs: Vec<String> = c.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["addr"].as_str().unwrap().to_string())
+        .collect();
+    let mut targets = vec![c.addr.clone()];
+    targets.extend(node_addrs);
+
+    for addr in &targets {
+        // Oversized length prefix: answered (or just closed), never buffered.
+        let reply = poke(addr, &u32::MAX.to_be_bytes());
+        assert!(
+            reply.len() < 1024,
+            "{addr} answered an oversized frame briefly"
+        );
+        // Random garbage.
+        poke(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        // A well-framed payload with a wrong checksum.
+        let mut frame = 8u32.to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4]);
+        poke(addr, &frame);
+        // Truncated frame then EOF.
+        poke(addr, &[0, 0, 0, 50, 1, 2]);
+    }
+
+    // Everyone else is still served, including the connection that was open all along.
+    let v = rt.block_on(async {
+        steady
+            .call(ringkv_common::protocol::Request::Get {
+                key: bytes::Bytes::from_static(b"before"),
+            })
+            .await
+    });
+    assert!(
+        matches!(
+            v,
+            Ok(ringkv_common::protocol::Response::Value { value: Some(_), .. })
+        ),
+        "{v:?}"
+    );
+    c.json(&["put", "after", "2"]);
+    assert_eq!(c.json(&["get", "after"])["value"], "2");
+    assert_eq!(c.json(&["get", "before"])["value"], "1");
+    for n in c.status()["nodes"].as_array().unwrap() {
+        assert_eq!(n["state"], "up", "no node was taken down by garbage");
+    }
+}
+
+#[test]
+fn unknown_message_gets_bad_request_and_connection_survives() {
+    use bytes::BytesMut;
+    use ringkv_common::codec::FrameCodec;
+    use ringkv_common::protocol::{Envelope, Request, Role, PROTOCOL_VERSION};
+    use tokio_util_codec::*;
+
+    let c = Cluster::start(3);
+    let mut s = TcpStream::connect(&c.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = BytesMut::new();
+    let mut codec =
+        FrameCodec::<Envelope<Request>, Envelope<ringkv_common::protocol::Reply>>::new(1 << 20);
+    codec
+        .encode(
+            Envelope {
+                id: 1,
+                msg: Request::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    role: Role::Client,
+                },
+            },
+            &mut buf,
+        )
+        .unwrap();
+    // A message the server has never heard of, with a valid frame and checksum.
+    #[derive(serde::Serialize)]
+    enum Alien {
+        Teleport { to: String },
+    }
+    let mut alien = BytesMut::new();
+    FrameCodec::<Envelope<Alien>, ()>::new(1 << 20)
+        .encode(
+            Envelope {
+                id: 2,
+                msg: Alien::Teleport { to: "mars".into() },
+            },
+            &mut alien,
+        )
+        .unwrap();
+    buf.extend_from_slice(&alien);
+    codec
+        .encode(
+            Envelope {
+                id: 3,
+                msg: Request::Get {
+                    key: bytes::Bytes::from_static(b"x"),
+                },
+            },
+            &mut buf,
+        )
+        .unwrap();
+    s.write_all(&buf).unwrap();
+
+    let mut answers = std::collections::HashMap::new();
+    let mut inbuf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    while answers.len() < 3 {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "connection closed early; answers so far: {answers:?}"
+        );
+        inbuf.extend_from_slice(&chunk[..n]);
+        while let Some(item) = codec.decode(&mut inbuf).unwrap() {
+            let env = item.unwrap();
+            answers.insert(env.id, env.msg);
+        }
+    }
+    match &answers[&2] {
+        Err(ringkv_common::WireError::BadRequest(msg)) => assert!(msg.contains("unknown"), "{msg}"),
+        other => panic!("alien message answered with {other:?}"),
+    }
+    assert!(answers[&3].is_ok(), "the request after it is still served");
+}
+
+#[test]
+fn protocol_version_mismatch_is_refused_clearly() {
+    use bytes::BytesMut;
+    use ringkv_common::codec::FrameCodec;
+    use ringkv_common::protocol::{Envelope, Request, Role};
+    use tokio_util_codec::*;
+
+    let c = Cluster::start(3);
+    let mut codec =
+        FrameCodec::<Envelope<Request>, Envelope<ringkv_common::protocol::Reply>>::new(1 << 20);
+    let mut buf = BytesMut::new();
+    codec
+        .encode(
+            Envelope {
+                id: 1,
+                msg: Request::Hello {
+                    protocol: 999,
+                    role: Role::Client,
+                },
+            },
+            &mut buf,
+        )
+        .unwrap();
+    let reply = poke(&c.addr, &buf);
+    let mut inbuf = BytesMut::from(&reply[..]);
+    let env = codec
+        .decode(&mut inbuf)
+        .unwrap()
+        .expect("an answer")
+        .unwrap();
+    assert!(
+        matches!(
+            env.msg,
+            Err(ringkv_common::WireError::ProtocolMismatch { client: 999, .. })
+        ),
+        "{:?}",
+        env.msg
+    );
+}
+
+/// The codec traits, re-exported under a name that does not clash with std.
+mod tokio_util_codec {
+    pub use tokio_util::codec::{Decoder, Encoder};
+}

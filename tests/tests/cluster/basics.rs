@@ -1,0 +1,145 @@
+//! Replicated put/get/delete through the `ringkv` binary, with the `--json` shapes scripts use.
+
+use std::collections::HashSet;
+
+use ringkv_tests::Cluster;
+use serde_json::json;
+
+#[test]
+fn put_get_del_locate_status_over_the_cli() {
+    let c = Cluster::start(5);
+
+    let put = c.json(&["put", "greeting", "hello world"]);
+    assert_eq!(put["key"], "greeting");
+    let v1 = put["version"].as_u64().expect("version");
+
+    let got = c.json(&["get", "greeting"]);
+    assert_eq!(got["key"], "greeting");
+    assert_eq!(got["value"], "hello world");
+    assert_eq!(got["version"], v1);
+
+    let loc = c.json(&["locate", "greeting"]);
+    assert_eq!(loc["version"], v1);
+    let replicas = loc["replicas"].as_array().expect("replicas");
+    let nodes: HashSet<u64> = replicas
+        .iter()
+        .map(|r| r["node"].as_u64().unwrap())
+        .collect();
+    assert_eq!(nodes.len(), 3, "three distinct replicas: {loc}");
+    for r in replicas {
+        assert_eq!(r["state"], "up");
+        assert_eq!(
+            r["version"], v1,
+            "every replica holds the acknowledged version"
+        );
+        assert!(r["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+
+    let put2 = c.json(&["put", "greeting", "bonjour"]);
+    let v2 = put2["version"].as_u64().unwrap();
+    assert!(v2 > v1, "versions increase");
+    assert_eq!(c.json(&["get", "greeting"])["value"], "bonjour");
+
+    let del = c.json(&["del", "greeting"]);
+    assert_eq!(del["key"], "greeting");
+    assert!(del["version"].as_u64().unwrap() > v2);
+    let gone = c.json(&["get", "greeting"]);
+    assert_eq!(gone["value"], json!(null));
+
+    let missing = c.json(&["get", "never-written"]);
+    assert_eq!(missing["value"], json!(null));
+    assert_eq!(missing["key"], "never-written");
+
+    let status = c.status();
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 5);
+    let mut pids = HashSet::new();
+    for n in nodes {
+        assert_eq!(n["state"], "up");
+        let pid = n["pid"].as_u64().expect("spawned nodes have a pid");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} is a live process"
+        );
+        pids.insert(pid);
+        assert!(n["keys"].is_u64() && n["bytes"].is_u64());
+    }
+    assert_eq!(pids.len(), 5, "five separate processes");
+    assert_eq!(status["keys"], 0, "the only key was deleted");
+    assert_eq!(status["under_replicated"], 0);
+
+    // Human output.
+    let out = c.ringkv(&["get", "never-written"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "(nil)");
+}
+
+#[test]
+fn value_from_stdin_is_binary_safe() {
+    let c = Cluster::start(3);
+    let value: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let out = c.ringkv_stdin(&["--json", "put", "blob", "-"], Some(&value));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.ringkv(&["get", "blob"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, value, "raw bytes come back unchanged");
+}
+
+#[test]
+fn unknown_node_id_is_a_clear_error() {
+    let c = Cluster::start(3);
+    for verb in ["kill", "pause", "resume", "remove"] {
+        let out = c.ringkv(&["node", verb, "999"]);
+        assert!(!out.status.success(), "node {verb} 999 must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("999") && err.contains("not_found"),
+            "{verb}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_client_writes_land_on_three_nodes() {
+    use bytes::Bytes;
+    use ringkv_common::protocol::{Request, Response};
+
+    let c = Cluster::start(5);
+    let client = c.client().await;
+    // 1,000 puts in flight on one connection.
+    let puts = (0..1000).map(|i| {
+        let client = client.clone();
+        async move {
+            let req = Request::Put {
+                key: Bytes::from(format!("k{i}")),
+                value: Bytes::from(format!("v{i}")),
+            };
+            client.call(req).await
+        }
+    });
+    for r in futures::future::join_all(puts).await {
+        assert!(matches!(r, Ok(Response::Written { .. })), "{r:?}");
+    }
+    for i in (0..1000).step_by(7) {
+        let key = Bytes::from(format!("k{i}"));
+        match client
+            .call(Request::Locate { key: key.clone() })
+            .await
+            .unwrap()
+        {
+            Response::Located(loc) => {
+                let nodes: HashSet<_> = loc.replicas.iter().map(|r| r.node).collect();
+                assert!(nodes.len() >= 2, "quorum at least: {loc:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match client.call(Request::Get { key }).await.unwrap() {
+            Response::Value { value, .. } => assert_eq!(value, Some(Bytes::from(format!("v{i}")))),
+            other => panic!("{other:?}"),
+        }
+    }
+}

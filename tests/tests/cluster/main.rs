@@ -1,0 +1,5 @@
+//! Integration tests against real processes: one test binary, one module per capability.
+
+mod bad_input;
+mod basics;
+mod restart;

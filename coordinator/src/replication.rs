@@ -120,6 +120,7 @@ impl Coordinator {
 
         let mut acked: Vec<NodeId> = Vec::with_capacity(targets.len());
         let mut maybe_applied = false;
+        let quorum = effective_quorum(quorum);
         while acked.len() < quorum {
             match pending.next().await {
                 Some((node, StoreOutcome::Stored)) => acked.push(node),
@@ -241,7 +242,7 @@ impl Coordinator {
                     Ok(Response::Fetched {
                         version,
                         value: Some(value),
-                    }) if version == meta.version => {
+                    }) if version == meta.version || bug_read_any_version() => {
                         if stale {
                             self.repairs.push(key.clone());
                         }
@@ -386,6 +387,20 @@ pub enum CopyError {
     Target(String),
     #[error(transparent)]
     Call(#[from] CallError),
+}
+
+/// The write quorum actually waited for. The failpoint `bug-ack-after-one-replica` is a
+/// deliberately broken path (acknowledge after one replica) that the chaos checker must catch.
+fn effective_quorum(quorum: usize) -> usize {
+    fail::fail_point!("bug-ack-after-one-replica", |_| 1);
+    quorum
+}
+
+/// Whether reads accept any version a replica holds. Only the failpoint `bug-read-any-version`
+/// (a deliberately broken path for the chaos checker) makes this true: serving a stale replica.
+fn bug_read_any_version() -> bool {
+    fail::fail_point!("bug-read-any-version", |_| true);
+    false
 }
 
 /// What an armed crash failpoint does: `abort` kills the process on the spot (no unwinding,

@@ -36,7 +36,7 @@ pub fn bin_dir() -> PathBuf {
     .clone()
 }
 
-/// Build the three binaries if this test run did not (e.g. `cargo test -p ringkv-tests`).
+/// Build the three binaries, with failpoints compiled in (a no-op when up to date).
 fn ensure_built(dir: &Path) {
     let names = ["ringkv-coordinator", "ringkv-node", "ringkv"];
     let profile_release = dir.file_name().is_some_and(|n| n == "release");
@@ -46,10 +46,12 @@ fn ensure_built(dir: &Path) {
     if profile_release {
         cmd.arg("--release");
     }
-    let features = std::env::var("RINGKV_TEST_FEATURES").unwrap_or_default();
-    if !features.is_empty() {
-        cmd.args(["--features", &features]);
-    }
+    // Failpoints are inert unless a test arms them through the FAILPOINTS environment
+    // variable of the process it starts, so every test shares one build.
+    cmd.args([
+        "--features",
+        "ringkv-coordinator/failpoints,ringkv-node/failpoints",
+    ]);
     let status = cmd
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()

@@ -235,6 +235,8 @@ pub struct ClusterStatus {
     pub keys: u64,
     /// Live keys with fewer than `rf` replicas on `up` nodes.
     pub under_replicated: u64,
+    /// Live keys not (yet) on exactly their preference list: migration still to do.
+    pub misplaced: u64,
     /// Replication factor the cluster aims for.
     pub rf: u32,
     /// Write quorum.

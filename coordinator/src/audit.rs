@@ -20,7 +20,8 @@ impl Coordinator {
         let rf = self.config.rf;
         let mut keys = 0u64;
         let mut under = 0u64;
-        self.meta.for_each(|_, meta| {
+        let mut misplaced = 0u64;
+        self.meta.for_each(|key, meta| {
             if meta.tombstone {
                 return;
             }
@@ -33,12 +34,16 @@ impl Coordinator {
             if up < rf {
                 under += 1;
             }
+            if !self.is_placed(key, meta) {
+                misplaced += 1;
+            }
         });
         let up = nodes.iter().filter(|n| n.state == NodeState::Up).count();
         ClusterStatus {
             nodes,
             keys,
             under_replicated: under,
+            misplaced,
             rf: rf as u32,
             write_quorum: self.config.write_quorum as u32,
             degraded: up < rf,

@@ -185,7 +185,7 @@ impl Coordinator {
 
     /// Whether `key` is placed as it should be: `RF` (or every up node, if fewer) replicas,
     /// all on its preference list.
-    fn is_placed(&self, key: &[u8], meta: &KeyMeta) -> bool {
+    pub fn is_placed(&self, key: &[u8], meta: &KeyMeta) -> bool {
         if meta.tombstone {
             return true;
         }

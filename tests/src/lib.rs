@@ -297,6 +297,21 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()))
     }
 
+    /// Wait until every key is healthy and on its preference list, with no job running.
+    pub fn wait_settled(&self, timeout: Duration) -> Value {
+        wait_for("the cluster to settle", timeout, || {
+            let out = self.ringkv(&["--json", "check"]);
+            let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+            if !out.status.success() {
+                return None;
+            }
+            let status = self.status();
+            let idle = status["jobs"].as_array().is_some_and(|j| j.is_empty());
+            (status["misplaced"] == 0 && idle).then_some(report)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()))
+    }
+
     /// A client-library connection to the coordinator.
     pub async fn client(&self) -> Client {
         Client::connect(&self.addr, Role::Client, DEFAULT_MAX_FRAME_LEN)
@@ -371,4 +386,126 @@ pub fn node_pid(status: &Value, id: u64) -> Option<u32> {
     status["nodes"].as_array()?.iter().find(|n| n["id"] == id)?["pid"]
         .as_u64()
         .map(|p| p as u32)
+}
+
+/// A background writer: puts `prefix-N` keys with unique values on its own connection and
+/// records which writes were acknowledged, until stopped.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<tokio::task::JoinHandle<WriterLog>>,
+}
+
+/// What a [`Writer`] did.
+#[derive(Default, Debug)]
+pub struct WriterLog {
+    /// Key -> last acknowledged value.
+    pub acked: std::collections::BTreeMap<String, String>,
+    /// Writes that failed without possibly applying.
+    pub failed: u64,
+    /// Writes whose outcome is unknown (may have applied): their key may hold either value.
+    pub unknown: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl Writer {
+    /// Start writing to `keys` distinct keys round-robin on `rt`.
+    pub fn start(rt: &tokio::runtime::Runtime, addr: &str, prefix: &str, keys: usize) -> Writer {
+        use ringkv_common::protocol::{Request, Response};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let addr = addr.to_string();
+        let prefix = prefix.to_string();
+        let handle = rt.spawn(async move {
+            let mut log = WriterLog::default();
+            let mut client: Option<Client> = None;
+            let mut seq = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = match &client {
+                    Some(c) if !c.is_closed() => c.clone(),
+                    _ => match Client::connect(&addr, Role::Client, DEFAULT_MAX_FRAME_LEN).await {
+                        Ok(c) => {
+                            client = Some(c.clone());
+                            c
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let key = format!("{prefix}-{}", seq % keys as u64);
+                let value = format!("{prefix}-value-{seq}");
+                seq += 1;
+                let req = Request::Put {
+                    key: bytes::Bytes::from(key.clone()),
+                    value: bytes::Bytes::from(value.clone()),
+                };
+                match c.call_timeout(req, Duration::from_secs(10)).await {
+                    Ok(Response::Written { .. }) => {
+                        log.acked.insert(key.clone(), value);
+                        log.unknown.remove(&key);
+                    }
+                    Ok(_) => log.failed += 1,
+                    Err(e) if e.may_have_applied() => {
+                        log.unknown.entry(key).or_default().push(value);
+                    }
+                    Err(_) => log.failed += 1,
+                }
+            }
+            log
+        });
+        Writer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stop and return the log.
+    pub fn finish(mut self, rt: &tokio::runtime::Runtime) -> WriterLog {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let handle = self.handle.take().expect("writer running");
+        rt.block_on(handle).expect("writer task")
+    }
+}
+
+/// Read every key of `log` and assert it holds its last acknowledged value (or, if a later
+/// write's outcome is unknown, one of those values).
+pub fn assert_acked_readable(rt: &tokio::runtime::Runtime, addr: &str, log: &WriterLog) {
+    use ringkv_common::protocol::{Request, Response};
+    rt.block_on(async {
+        let client = Client::connect(addr, Role::Client, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .expect("connect");
+        for (key, value) in &log.acked {
+            let got = client
+                .call(Request::Get {
+                    key: bytes::Bytes::from(key.clone()),
+                })
+                .await;
+            let got = match got {
+                Ok(Response::Value { value: Some(v), .. }) => {
+                    String::from_utf8_lossy(&v).to_string()
+                }
+                other => panic!("acknowledged key {key} unreadable: {other:?}"),
+            };
+            let allowed = log.unknown.get(key);
+            assert!(
+                got == *value || allowed.is_some_and(|a| a.contains(&got)),
+                "key {key}: acknowledged {value:?}, read {got:?}"
+            );
+        }
+    });
+}
+
+/// A multi-threaded runtime for tests that mix blocking CLI calls with async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Send `signal` to `pid`.
+pub fn signal(pid: u32, sig: Signal) {
+    kill(Pid::from_raw(pid as i32), sig).unwrap_or_else(|e| panic!("signal {sig} to {pid}: {e}"));
 }

@@ -1,0 +1,258 @@
+//! Failure handling with real processes and real signals: kills, pauses, and shrinking below
+//! three nodes. Every test proves that acknowledged writes survive.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use ringkv_tests::{assert_acked_readable, node_pid, runtime, signal, wait_for, Cluster, Writer};
+use serde_json::Value;
+
+/// Replica node ids of `key` per `locate`.
+fn replicas(c: &Cluster, key: &str) -> Vec<u64> {
+    c.json(&["locate", key])["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn kill_a_node_while_writing_then_heal() {
+    let c = Cluster::start(5);
+    let rt = runtime();
+    let writer = Writer::start(&rt, &c.addr, "w", 300);
+    wait_for("some writes", Duration::from_secs(30), || {
+        (c.status()["keys"].as_u64()? >= 100).then_some(())
+    })
+    .unwrap();
+
+    let pid = node_pid(&c.status(), 2).expect("node 2 pid");
+    signal(pid, Signal::SIGKILL);
+    c.wait_state(2, "down", Duration::from_secs(10));
+    // Keep writing for a while with the node gone.
+    let before = c.status()["keys"].as_u64().unwrap();
+    wait_for("writes to continue", Duration::from_secs(30), || {
+        (c.status()["keys"].as_u64()? > before || before >= 300).then_some(())
+    })
+    .unwrap();
+    let log = writer.finish(&rt);
+    assert!(
+        log.acked.len() >= 100,
+        "writer made progress: {}",
+        log.acked.len()
+    );
+
+    let report = c.wait_settled(Duration::from_secs(60));
+    assert_eq!(report["lost"], 0);
+    assert_eq!(
+        report["keys"].as_u64().unwrap(),
+        c.status()["keys"].as_u64().unwrap()
+    );
+    assert_acked_readable(&rt, &c.addr, &log);
+    // Nothing lives on the dead node any more.
+    for key in log.acked.keys().take(50) {
+        assert!(!replicas(&c, key).contains(&2), "{key} still lists node 2");
+    }
+}
+
+#[test]
+fn kill_two_of_a_keys_three_replicas_at_once() {
+    let c = Cluster::start(5);
+    let rt = runtime();
+    for i in 0..50 {
+        c.json(&["put", &format!("k{i}"), &format!("v{i}")]);
+    }
+    c.json(&["put", "precious", "do not lose me"]);
+    c.wait_healthy(Duration::from_secs(30));
+    let holders = replicas(&c, "precious");
+    assert_eq!(holders.len(), 3);
+    let status = c.status();
+    let victims: Vec<u32> = holders[..2]
+        .iter()
+        .map(|id| node_pid(&status, *id).unwrap())
+        .collect();
+    for pid in &victims {
+        signal(*pid, Signal::SIGKILL);
+    }
+    // Served by the one survivor even before the failure detector has caught up.
+    let got = c.json(&["get", "precious"]);
+    assert_eq!(got["value"], "do not lose me");
+    for id in &holders[..2] {
+        c.wait_state(*id, "down", Duration::from_secs(10));
+    }
+    // Three nodes remain: enough for three replicas of everything.
+    c.wait_healthy(Duration::from_secs(60));
+    assert_eq!(c.json(&["get", "precious"])["value"], "do not lose me");
+    for i in 0..50 {
+        assert_eq!(c.json(&["get", &format!("k{i}")])["value"], format!("v{i}"));
+    }
+    let now = replicas(&c, "precious");
+    assert!(now.iter().all(|n| !holders[..2].contains(n)), "{now:?}");
+    drop(rt);
+}
+
+#[test]
+fn paused_node_never_serves_stale_or_deleted_values() {
+    let c = Cluster::start(4);
+    let rt = runtime();
+    let mut expected: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for i in 0..120 {
+        let (k, v) = (format!("p{i}"), format!("old-{i}"));
+        c.json(&["put", &k, &v]);
+        expected.insert(k, Some(v));
+    }
+    c.wait_healthy(Duration::from_secs(30));
+
+    let victim = 3u64;
+    let pid = node_pid(&c.status(), victim).unwrap();
+    let on_victim: Vec<String> = expected
+        .keys()
+        .filter(|k| replicas(&c, k).contains(&victim))
+        .cloned()
+        .collect();
+    assert!(on_victim.len() > 20, "victim holds a share of keys");
+
+    signal(pid, Signal::SIGSTOP);
+    c.wait_state(victim, "down", Duration::from_secs(10));
+    for (i, k) in on_victim.iter().enumerate() {
+        if i % 3 == 0 {
+            c.json(&["del", k]);
+            expected.insert(k.clone(), None);
+        } else {
+            let v = format!("new-{i}");
+            c.json(&["put", k, &v]);
+            expected.insert(k.clone(), Some(v));
+        }
+    }
+    signal(pid, Signal::SIGCONT);
+    // Read everything repeatedly while the node comes back and is reconciled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut rounds = 0;
+    loop {
+        for (k, v) in &expected {
+            let got = c.json(&["get", k]);
+            let want = v.clone().map_or(Value::Null, Value::String);
+            assert_eq!(got["value"], want, "key {k} after resume (round {rounds})");
+        }
+        rounds += 1;
+        let healthy = c.ringkv(&["check"]).status.success();
+        if c.node_state(victim).as_deref() == Some("up") && healthy && rounds >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not heal\n{}",
+            c.log_tail()
+        );
+    }
+    drop(rt);
+}
+
+#[test]
+fn fewer_than_three_nodes_degrades_then_recovers() {
+    let c = Cluster::start(3);
+    c.json(&["put", "a", "1"]);
+    let status = c.status();
+    assert_eq!(status["degraded"], false);
+
+    // Two of three up: writes still meet the quorum of two.
+    signal(node_pid(&status, 1).unwrap(), Signal::SIGKILL);
+    c.wait_state(1, "down", Duration::from_secs(10));
+    assert_eq!(c.status()["degraded"], true);
+    c.json(&["put", "b", "2"]);
+    assert_eq!(c.json(&["get", "a"])["value"], "1");
+
+    // One up: writes are refused as unavailable (definitely not applied).
+    signal(node_pid(&status, 2).unwrap(), Signal::SIGKILL);
+    c.wait_state(2, "down", Duration::from_secs(10));
+    let out = c.ringkv(&["--json", "put", "c", "3"]);
+    assert!(!out.status.success());
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["class"], "unavailable", "{err}");
+    assert_eq!(c.json(&["get", "c"])["value"], Value::Null);
+    assert_eq!(c.json(&["get", "b"])["value"], "2");
+
+    // Adding nodes brings the cluster back to three replicas by itself.
+    c.json(&["node", "add"]);
+    c.json(&["node", "add"]);
+    let report = c.wait_healthy(Duration::from_secs(60));
+    assert_eq!(report["keys"], 2);
+    assert_eq!(c.status()["degraded"], false);
+    c.json(&["put", "c", "3"]);
+    assert_eq!(c.json(&["get", "c"])["value"], "3");
+}
+
+#[test]
+fn join_and_decommission_while_writing() {
+    let c = Cluster::start(5);
+    let rt = runtime();
+    let keys = 1500usize;
+    rt.block_on(async {
+        use bytes::Bytes;
+        use ringkv_common::protocol::Request;
+        let client = c.client().await;
+        let puts = (0..keys).map(|i| {
+            let client = client.clone();
+            async move {
+                client
+                    .call(Request::Put {
+                        key: Bytes::from(format!("m{i}")),
+                        value: Bytes::from(format!("v{i}")),
+                    })
+                    .await
+                    .expect("put");
+            }
+        });
+        futures::future::join_all(puts).await;
+    });
+    c.wait_healthy(Duration::from_secs(60));
+
+    let writer = Writer::start(&rt, &c.addr, "live", 200);
+    let added = c.json(&["node", "add"]);
+    let new_id = added["node"].as_u64().expect("new node id");
+    c.wait_settled(Duration::from_secs(90));
+    // Moved replicas: those now on the new node. Ideal share: 3/(N+1) of all replicas.
+    let on_new = c.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == new_id)
+        .and_then(|n| n["keys"].as_u64())
+        .unwrap();
+    let total_keys = c.status()["keys"].as_u64().unwrap() as f64;
+    let ideal = total_keys * 3.0 / 6.0;
+    assert!(
+        (on_new as f64) <= ideal * 1.15,
+        "join moved {on_new} replicas, ideal {ideal:.0}"
+    );
+    assert!(
+        (on_new as f64) >= ideal * 0.5,
+        "join moved too little: {on_new}"
+    );
+
+    // Decommission node 1 while the writer keeps going.
+    let pid1 = node_pid(&c.status(), 1).unwrap();
+    c.json(&["node", "remove", "1"]);
+    assert_eq!(c.node_state(1).as_deref(), Some("removed"));
+    wait_for("node 1 process to exit", Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{pid1}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid1}/cmdline")).is_ok_and(|c| c.is_empty()))
+        .then_some(())
+    })
+    .unwrap();
+    let log = writer.finish(&rt);
+    assert!(!log.acked.is_empty());
+    let report = c.wait_settled(Duration::from_secs(90));
+    assert_eq!(report["lost"], 0);
+    assert_acked_readable(&rt, &c.addr, &log);
+    for i in (0..keys).step_by(37) {
+        let k = format!("m{i}");
+        assert_eq!(c.json(&["get", &k])["value"], format!("v{i}"));
+        assert!(
+            !replicas(&c, &k).contains(&1),
+            "{k} still on the removed node"
+        );
+    }
+}

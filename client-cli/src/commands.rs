@@ -438,6 +438,7 @@ mod tests {
                     nodes: Vec::new(),
                     keys: 5,
                     under_replicated: 0,
+                    misplaced: 0,
                     rf: 3,
                     write_quorum: 2,
                     degraded: false,

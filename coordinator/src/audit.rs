@@ -58,6 +58,7 @@ impl Coordinator {
             held.insert(node, self.scan_all(node).await?);
         }
         let mut report = CheckReport::default();
+        let mut examples: Vec<String> = Vec::new();
         let rf = self.config.rf;
         self.meta.for_each(|key, meta| {
             if meta.tombstone {
@@ -75,6 +76,14 @@ impl Coordinator {
                     _ => stale = true,
                 }
             }
+            if (good == 0 || stale) && examples.len() < 10 {
+                examples.push(format!(
+                    "{} v{} listed on {:?}",
+                    String::from_utf8_lossy(key),
+                    meta.version,
+                    meta.replicas
+                ));
+            }
             if good == 0 {
                 report.lost += 1;
             } else if stale {
@@ -85,6 +94,9 @@ impl Coordinator {
                 report.healthy += 1;
             }
         });
+        if !examples.is_empty() {
+            tracing::warn!(?examples, "check found lost or stale keys");
+        }
         Ok(report)
     }
 

@@ -101,7 +101,7 @@ pub async fn run(
 
     let expected = coord.start_nodes().await?;
     let deadline = Instant::now() + coord.config.startup_timeout;
-    while !expected.iter().all(|id| coord.members.is_up(*id)) {
+    while !expected.iter().all(|id| coord.members.is_registered(*id)) {
         if Instant::now() > deadline {
             warn!("not every node registered in time; serving anyway");
             break;
@@ -113,6 +113,17 @@ pub async fn run(
     }
     info!(%addr, nodes = expected.len(), "coordinator ready");
     on_ready(addr);
+
+    // Resume decommissions a previous run did not finish.
+    for id in coord.members.in_state(ringkv_common::NodeState::Leaving) {
+        let this = coord.clone();
+        coord.background(async move {
+            info!(node = %id, "resuming decommission");
+            if let Err(e) = this.remove_node(id).await {
+                warn!(node = %id, error = %e, "decommission did not finish");
+            }
+        });
+    }
 
     shutdown.cancelled().await;
     info!("shutting down: stopping nodes");

@@ -47,6 +47,7 @@ impl Coordinator {
                         spawned: false,
                         pid: Some(pid),
                         removed: false,
+                        leaving: false,
                     });
                 }
                 id
@@ -60,6 +61,7 @@ impl Coordinator {
                     spawned: false,
                     pid: Some(pid),
                     removed: false,
+                    leaving: false,
                 });
                 info!(node = %id, %addr, "new node joined");
                 id
@@ -130,6 +132,7 @@ impl Coordinator {
             spawned: true,
             pid: None,
             removed: false,
+            leaving: false,
         };
         self.members.add(record.clone());
         self.meta
@@ -168,7 +171,7 @@ impl Coordinator {
             .into_iter()
             .filter(|n| *n != id)
             .count();
-        if others_up < self.config.rf {
+        if others_up < self.config.rf && state != NodeState::Leaving {
             return Err(WireError::Unavailable(format!(
                 "removing node {id} would leave {others_up} node(s) up, fewer than the {} replicas each key needs",
                 self.config.rf
@@ -176,6 +179,11 @@ impl Coordinator {
         }
         if let Some(t) = self.members.set_state(id, NodeState::Leaving) {
             self.on_transition(t);
+        }
+        if let Some(record) = self.members.record(id) {
+            self.meta.save_node(record).await.map_err(|e| {
+                WireError::Unavailable(format!("cannot record the decommission: {e}"))
+            })?;
         }
         self.queue_node_keys(id, JobKind::Migrate).await;
         loop {
@@ -296,6 +304,7 @@ impl Coordinator {
                 spawned: true,
                 pid: None,
                 removed: false,
+                leaving: false,
             };
             self.members.add(record.clone());
             self.meta.save_node(record).await?;

@@ -62,6 +62,8 @@ pub struct NodeRecord {
     pub pid: Option<u32>,
     /// Decommissioned: never spawned or placed again.
     pub removed: bool,
+    /// Being decommissioned; a restarted coordinator resumes the decommission.
+    pub leaving: bool,
 }
 
 /// A change to one key's metadata, applied by the writer against the current state so that
@@ -562,6 +564,7 @@ mod tests {
             spawned: true,
             pid: Some(9),
             removed: false,
+            leaving: false,
         };
         {
             let (m, nodes) = Metadata::open(dir.path()).unwrap();

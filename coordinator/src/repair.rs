@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_common::protocol::{JobProgress, Request, Response, ScanEntry};
-use ringkv_common::{NodeId, NodeState};
+use ringkv_common::{NodeId, NodeState, Version};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -67,6 +67,8 @@ struct QueueState {
     urgent: VecDeque<(Bytes, JobKind)>,
     normal: VecDeque<(Bytes, JobKind)>,
     queued: HashSet<Bytes>,
+    /// Keys taken off the queue and not yet done.
+    in_flight: usize,
     jobs: HashMap<JobKind, Counters>,
 }
 
@@ -109,18 +111,20 @@ impl RepairQueue {
         let mut st = self.lock();
         let item = st.urgent.pop_front().or_else(|| st.normal.pop_front())?;
         st.queued.remove(&item.0);
+        st.in_flight += 1;
         Some(item)
     }
 
     fn done(&self, kind: JobKind, bytes: u64) {
         let mut st = self.lock();
-        let idle = st.urgent.is_empty() && st.normal.is_empty();
+        st.in_flight = st.in_flight.saturating_sub(1);
         if let Some(c) = st.jobs.get_mut(&kind) {
             c.keys_done += 1;
             c.bytes_done += bytes;
-            if c.keys_done >= c.keys_total && idle {
-                st.jobs.remove(&kind);
-            }
+        }
+        // All work is done: the jobs are over.
+        if st.in_flight == 0 && st.urgent.is_empty() && st.normal.is_empty() {
+            st.jobs.clear();
         }
     }
 
@@ -307,6 +311,7 @@ impl Coordinator {
     pub async fn reconcile_node(self: &Arc<Self>, node: NodeId) {
         let mut after: Option<Bytes> = None;
         let mut stats = (0u64, 0u64, 0u64); // adopted, relisted, dropped
+        let mut seen: HashSet<Bytes> = HashSet::new();
         loop {
             let req = Request::Scan {
                 after: after.clone(),
@@ -325,6 +330,7 @@ impl Coordinator {
                 }
             };
             for entry in entries {
+                seen.insert(entry.key.clone());
                 self.reconcile_entry(node, entry, &mut stats).await;
             }
             match next {
@@ -332,18 +338,71 @@ impl Coordinator {
                 None => break,
             }
         }
-        info!(%node, adopted = stats.0, relisted = stats.1, dropped = stats.2, "node reconciled");
+        // Keys the metadata says the node holds but it did not report (its log lost them,
+        // or a crash came between a forget and its metadata update): unlist them.
+        let this = self.clone();
+        let listed = match tokio::task::spawn_blocking(move || this.meta.keys_on_node(node)).await {
+            Ok(Ok(keys)) => keys,
+            _ => Vec::new(),
+        };
+        let mut unlisted = 0u64;
+        for key in listed.into_iter().filter(|k| !seen.contains(k)) {
+            if self.unlist_if_missing(node, key).await {
+                unlisted += 1;
+            }
+        }
+        info!(%node, adopted = stats.0, relisted = stats.1, dropped = stats.2, unlisted, "node reconciled");
+    }
+
+    /// Remove `node` from `key`'s replicas if it does not hold the listed version.
+    async fn unlist_if_missing(self: &Arc<Self>, node: NodeId, key: Bytes) -> bool {
+        let _guard = self.locks.lock(&key).await;
+        let Some(meta) = self.meta.get(&key) else {
+            return false;
+        };
+        if !meta.replicas.contains(&node) {
+            return false;
+        }
+        let req = Request::Fetch { key: key.clone() };
+        match self.members.call(node, req, self.config.node_timeout).await {
+            Ok(Response::Fetched { version, .. }) if version == meta.version => false,
+            Ok(Response::Fetched { .. }) => {
+                let update = KeyUpdate::RemoveReplica { node };
+                if self.meta.update(vec![(key.clone(), update)]).await.is_err() {
+                    return false;
+                }
+                drop(_guard);
+                self.repairs.push_kind(key, JobKind::Repair, false);
+                true
+            }
+            _ => false,
+        }
     }
 
     async fn reconcile_entry(
         self: &Arc<Self>,
         node: NodeId,
-        entry: ScanEntry,
+        mut entry: ScanEntry,
         stats: &mut (u64, u64, u64),
     ) {
         let key = entry.key.clone();
         let _guard = self.locks.lock(&key).await;
         let meta = self.meta.get(&key);
+        if let Some(m) = &meta {
+            if entry.version == m.version && m.replicas.contains(&node) {
+                return; // Nothing to change.
+            }
+        }
+        // The scan page may be stale by now (a write, forget or copy since): decide on what
+        // the node holds now, asked again under the key lock.
+        let req = Request::Fetch { key: key.clone() };
+        match self.members.call(node, req, self.config.node_timeout).await {
+            Ok(Response::Fetched { version, value }) if version != Version::ZERO => {
+                entry.version = version;
+                entry.tombstone = value.is_none();
+            }
+            _ => return,
+        }
         let update = match &meta {
             Some(m) if entry.version == m.version => {
                 if m.replicas.contains(&node) {

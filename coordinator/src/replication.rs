@@ -360,6 +360,11 @@ impl Coordinator {
             Ok(other) => return Err(CopyError::Target(format!("unexpected answer {other:?}"))),
             Err(e) => return Err(CopyError::Call(e)),
         }
+        // The copy is on the target but the metadata does not list it yet.
+        fail::fail_point!("migration-after-copy", |arg| {
+            let _ = crash_point(arg);
+            Err(CopyError::Target("failpoint".into()))
+        });
         self.meta
             .update(vec![(
                 key.clone(),

@@ -16,6 +16,9 @@ use ringkv_common::{NodeId, NodeState, NodeStats};
 use crate::failure_detector::DetectorConfig;
 use crate::metadata::NodeRecord;
 
+/// Extra time nodes get to re-register after a coordinator start before they are judged.
+const STARTUP_GRACE: Duration = Duration::from_secs(2);
+
 /// One node as the coordinator tracks it.
 pub struct NodeEntry {
     pub record: NodeRecord,
@@ -51,12 +54,17 @@ impl Membership {
     /// with the start-up time as their last sighting, so a coordinator restart does not
     /// declare running nodes down before they had a chance to re-register.
     pub fn new(records: Vec<NodeRecord>, vnodes: u32) -> Membership {
-        let now = Instant::now();
+        // Nodes retry every half second at most; give them a few tries before the failure
+        // detector starts counting.
+        let now = Instant::now() + STARTUP_GRACE;
         let mut ring = Ring::new(vnodes);
         let mut nodes = BTreeMap::new();
         for record in records {
             let state = if record.removed {
                 NodeState::Removed
+            } else if record.leaving {
+                ring.add(record.id);
+                NodeState::Leaving
             } else {
                 ring.add(record.id);
                 NodeState::Suspect
@@ -198,6 +206,7 @@ impl Membership {
             entry.client = None;
             entry.registered = false;
         }
+        entry.record.leaving = to == NodeState::Leaving;
         if to == NodeState::Removed {
             entry.record.removed = true;
             inner.ring.remove(id);
@@ -232,6 +241,11 @@ impl Membership {
             .filter(|(_, e)| e.state == state)
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Whether `id` has registered with this coordinator since it started.
+    pub fn is_registered(&self, id: NodeId) -> bool {
+        self.read().nodes.get(&id).is_some_and(|e| e.registered)
     }
 
     /// Whether `id` is up.

@@ -15,8 +15,9 @@ use tracing::{info, warn};
 
 use crate::server::Node;
 
-/// Longest wait between attempts to reach the coordinator.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest wait between attempts to reach the coordinator. Short, so that a restarted
+/// coordinator hears from its nodes well within its start-up grace period.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Name of the file in the data directory that remembers the node's id.
 pub const NODE_ID_FILE: &str = "node-id";

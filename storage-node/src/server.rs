@@ -53,7 +53,7 @@ impl Node {
 
     /// Rewrite the log if garbage passed the threshold.
     pub async fn maybe_compact(&self) {
-        let live = self.lock().stats().bytes;
+        let live = self.lock().encoded_len();
         if !self.log.should_compact(live) {
             return;
         }

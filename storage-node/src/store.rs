@@ -137,6 +137,17 @@ impl Store {
             .collect()
     }
 
+    /// Bytes the live set takes in the log (tombstones included), for the compaction trigger.
+    pub fn encoded_len(&self) -> u64 {
+        let framing = Record {
+            key: Bytes::new(),
+            version: Version::ZERO,
+            value: None,
+        }
+        .encoded_len();
+        self.live_bytes + self.map.len() as u64 * framing
+    }
+
     /// Live keys and their bytes (tombstones excluded).
     pub fn stats(&self) -> NodeStats {
         NodeStats {

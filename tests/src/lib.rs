@@ -103,7 +103,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub addr: String,
     coordinator: Option<Child>,
-    opts: Options,
+    /// How the coordinator is started; change `env` or `extra_args` before a restart.
+    pub opts: Options,
 }
 
 impl Cluster {
@@ -209,6 +210,30 @@ impl Cluster {
         }
     }
 
+    /// Wait for the coordinator to exit by itself (e.g. an armed crash failpoint).
+    pub fn wait_coordinator_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.coordinator.take().expect("coordinator running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.coordinator = Some(child);
+                panic!(
+                    "coordinator still running after {timeout:?}\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start a `ringkv-node` by hand on `data_dir`, joined to this coordinator.
+    pub fn start_node(&self, data_dir: &Path, env: &[(&str, &str)]) -> NodeProcess {
+        NodeProcess::start(data_dir, Some(&self.addr), &[], env)
+    }
+
     /// Start the coordinator again on the same directory and address.
     pub fn restart(&mut self) {
         assert!(
@@ -299,17 +324,27 @@ impl Cluster {
 
     /// Wait until every key is healthy and on its preference list, with no job running.
     pub fn wait_settled(&self, timeout: Duration) -> Value {
+        let mut last = (Value::Null, Value::Null);
         wait_for("the cluster to settle", timeout, || {
             let out = self.ringkv(&["--json", "check"]);
             let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+            last.0 = report.clone();
             if !out.status.success() {
                 return None;
             }
             let status = self.status();
+            last.1 = status.clone();
             let idle = status["jobs"].as_array().is_some_and(|j| j.is_empty());
             (status["misplaced"] == 0 && idle).then_some(report)
         })
-        .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nlast check: {}\nlast status: {}\n{}",
+                last.0,
+                last.1,
+                self.log_tail()
+            )
+        })
     }
 
     /// A client-library connection to the coordinator.
@@ -392,6 +427,7 @@ pub fn node_pid(status: &Value, id: u64) -> Option<u32> {
 /// records which writes were acknowledged, until stopped.
 pub struct Writer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
     handle: Option<tokio::task::JoinHandle<WriterLog>>,
 }
 
@@ -412,6 +448,8 @@ impl Writer {
         use ringkv_common::protocol::{Request, Response};
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let acked_count = acked.clone();
         let addr = addr.to_string();
         let prefix = prefix.to_string();
         let handle = rt.spawn(async move {
@@ -441,6 +479,7 @@ impl Writer {
                 };
                 match c.call_timeout(req, Duration::from_secs(10)).await {
                     Ok(Response::Written { .. }) => {
+                        acked_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         log.acked.insert(key.clone(), value);
                         log.unknown.remove(&key);
                     }
@@ -455,8 +494,23 @@ impl Writer {
         });
         Writer {
             stop,
+            acked,
             handle: Some(handle),
         }
+    }
+
+    /// Writes acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Wait until `n` more writes than now are acknowledged.
+    pub fn wait_progress(&self, n: u64, timeout: Duration) {
+        let target = self.acked() + n;
+        wait_for(&format!("{n} more acknowledged writes"), timeout, || {
+            (self.acked() >= target).then_some(())
+        })
+        .unwrap();
     }
 
     /// Stop and return the log.
@@ -508,4 +562,65 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// Send `signal` to `pid`.
 pub fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).unwrap_or_else(|e| panic!("signal {sig} to {pid}: {e}"));
+}
+
+/// A storage node started by hand (not by the coordinator); killed when dropped.
+pub struct NodeProcess {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl NodeProcess {
+    /// Start `ringkv-node` on `data_dir`, optionally registered with `coordinator`, and wait
+    /// for its `listening on` line.
+    pub fn start(
+        data_dir: &Path,
+        coordinator: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
+        std::fs::create_dir_all(data_dir).expect("node dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("node.log"))
+            .expect("node log");
+        let mut cmd = Command::new(bin_dir().join("ringkv-node"));
+        cmd.arg("--data-dir").arg(data_dir).args(args);
+        if let Some(addr) = coordinator {
+            cmd.arg("--coordinator").arg(addr);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ringkv-node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("node readiness line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        NodeProcess { child, addr }
+    }
+
+    /// Wait for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        wait_child(&mut self.child, timeout).expect("node exits")
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -2,5 +2,6 @@
 
 mod bad_input;
 mod basics;
+mod crash;
 mod failures;
 mod restart;

@@ -1,0 +1,301 @@
+//! Crash safety: a coordinator or node killed at any moment (SIGKILL or an armed failpoint
+//! that aborts the process) restarts without losing an acknowledged write.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use ringkv_common::client::Client;
+use ringkv_common::protocol::{Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
+use ringkv_common::Version;
+use ringkv_tests::{
+    assert_acked_readable, node_pid, runtime, signal, Cluster, NodeProcess, Options, Writer,
+};
+
+fn pids(c: &Cluster) -> Vec<u64> {
+    let mut p: Vec<u64> = c.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["pid"].as_u64())
+        .collect();
+    p.sort();
+    p
+}
+
+#[test]
+fn coordinator_killed_five_times_under_writes() {
+    let mut c = Cluster::start(5);
+    let rt = runtime();
+    let before = pids(&c);
+    let writer = Writer::start(&rt, &c.addr, "kc", 150);
+    for _ in 0..5 {
+        writer.wait_progress(40, Duration::from_secs(60));
+        c.kill_coordinator();
+        assert_eq!(
+            c.processes().len(),
+            5,
+            "the nodes outlive their coordinator"
+        );
+        c.restart();
+    }
+    writer.wait_progress(40, Duration::from_secs(60));
+    let log = writer.finish(&rt);
+    c.wait_settled(Duration::from_secs(60));
+    assert_acked_readable(&rt, &c.addr, &log);
+    assert_eq!(
+        pids(&c),
+        before,
+        "running nodes were re-adopted, not respawned"
+    );
+}
+
+#[test]
+fn crash_between_replica_acks_and_metadata_commit() {
+    let mut c = Cluster::start_with(Options {
+        nodes: 4,
+        env: vec![(
+            "FAILPOINTS".into(),
+            "coordinator-before-meta-commit=60*off->return(abort)".into(),
+        )],
+        ..Options::default()
+    });
+    let rt = runtime();
+    let writer = Writer::start(&rt, &c.addr, "fp", 40);
+    let status = c.wait_coordinator_exit(Duration::from_secs(60));
+    assert!(!status.success(), "the failpoint aborted the coordinator");
+    c.opts.env.clear();
+    c.restart();
+    writer.wait_progress(30, Duration::from_secs(60));
+    let log = writer.finish(&rt);
+    assert!(log.acked.len() >= 30);
+    c.wait_settled(Duration::from_secs(60));
+    assert_acked_readable(&rt, &c.addr, &log);
+}
+
+#[test]
+fn crash_between_migration_copy_and_metadata_switch() {
+    let mut c = Cluster::start_with(Options {
+        nodes: 4,
+        env: vec![(
+            "FAILPOINTS".into(),
+            "migration-after-copy=5*off->return(abort)".into(),
+        )],
+        ..Options::default()
+    });
+    let rt = runtime();
+    let writer = Writer::start(&rt, &c.addr, "mig", 300);
+    writer.wait_progress(300, Duration::from_secs(60));
+    // The join starts a migration; the coordinator dies in the middle of it.
+    let _ = c.ringkv(&["node", "add"]);
+    let status = c.wait_coordinator_exit(Duration::from_secs(60));
+    assert!(!status.success());
+    c.opts.env.clear();
+    c.restart();
+    writer.wait_progress(30, Duration::from_secs(60));
+    let log = writer.finish(&rt);
+    c.wait_settled(Duration::from_secs(90));
+    assert_acked_readable(&rt, &c.addr, &log);
+    let up = c.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["state"] == "up")
+        .count();
+    assert_eq!(
+        up, 5,
+        "the added node is part of the cluster after the restart"
+    );
+}
+
+#[test]
+fn killed_node_restarts_from_its_log_and_catches_up() {
+    let c = Cluster::start(4);
+    let rt = runtime();
+    for i in 0..150 {
+        c.json(&["put", &format!("n{i}"), &format!("old{i}")]);
+    }
+    c.wait_settled(Duration::from_secs(30));
+    let pid = node_pid(&c.status(), 2).unwrap();
+    signal(pid, Signal::SIGKILL);
+    c.wait_state(2, "down", Duration::from_secs(10));
+    // Writes it misses: overwrites and deletes.
+    for i in (0..150).step_by(2) {
+        if i % 4 == 0 {
+            c.json(&["del", &format!("n{i}")]);
+        } else {
+            c.json(&["put", &format!("n{i}"), &format!("new{i}")]);
+        }
+    }
+    let node_dir = c.data_dir().join("nodes").join("node-2");
+    let _node = c.start_node(&node_dir, &[]);
+    c.wait_state(2, "up", Duration::from_secs(10));
+    c.wait_settled(Duration::from_secs(60));
+    for i in 0..150 {
+        let got = c.json(&["get", &format!("n{i}")]);
+        let want = if i % 4 == 0 {
+            serde_json::Value::Null
+        } else if i % 2 == 0 {
+            format!("new{i}").into()
+        } else {
+            format!("old{i}").into()
+        };
+        assert_eq!(got["value"], want, "n{i}");
+    }
+    // The restarted node holds only current versions of what it is listed for.
+    let report = c.wait_healthy(Duration::from_secs(10));
+    assert_eq!(report["stale"], 0);
+    drop(rt);
+}
+
+#[test]
+fn bit_flip_in_the_middle_of_a_node_log_is_detected_and_repaired() {
+    let c = Cluster::start(4);
+    for i in 0..200 {
+        c.json(&["put", &format!("b{i:03}"), &format!("value-{i}")]);
+    }
+    c.wait_settled(Duration::from_secs(30));
+    let pid = node_pid(&c.status(), 3).unwrap();
+    signal(pid, Signal::SIGKILL);
+    c.wait_state(3, "down", Duration::from_secs(10));
+    let node_dir = c.data_dir().join("nodes").join("node-3");
+    let log_path = node_dir.join("ringkv.log");
+    let mut bytes = std::fs::read(&log_path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&log_path, &bytes).unwrap();
+
+    let _node = c.start_node(&node_dir, &[]);
+    c.wait_state(3, "up", Duration::from_secs(10));
+    c.wait_settled(Duration::from_secs(60));
+    for i in 0..200 {
+        assert_eq!(
+            c.json(&["get", &format!("b{i:03}")])["value"],
+            format!("value-{i}")
+        );
+    }
+    let kept: Vec<_> = std::fs::read_dir(&node_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("ringkv.log.corrupt-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged log is kept for inspection");
+    let node_log = std::fs::read_to_string(node_dir.join("node.log")).unwrap();
+    assert!(node_log.contains("corrupt"), "the corruption is reported");
+}
+
+/// Overwrite a few keys many times on a standalone node so its log fills with garbage.
+async fn churn(addr: &str, rounds: u64) -> Vec<(Bytes, Version, Bytes)> {
+    let client = Client::connect(addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+        .await
+        .expect("connect to node");
+    let mut last = Vec::new();
+    for round in 1..=rounds {
+        for k in 0..8u64 {
+            let key = Bytes::from(format!("c{k}"));
+            let version = Version(round * 100 + k);
+            let value = Bytes::from(vec![b'a' + (round % 26) as u8; 512]);
+            match client
+                .call(Request::Store {
+                    key: key.clone(),
+                    version,
+                    value: Some(value.clone()),
+                })
+                .await
+            {
+                Ok(Response::Stored { .. }) => {
+                    if round == rounds {
+                        last.push((key, version, value));
+                    }
+                }
+                // The node aborted in a compaction: everything acknowledged so far counts.
+                Err(_) => return last,
+                Ok(other) => panic!("{other:?}"),
+            }
+        }
+    }
+    last
+}
+
+fn compaction_crash(failpoint: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--compact-min-bytes",
+        "16384",
+        "--compact-garbage-ratio",
+        "0.5",
+    ];
+    let mut node = NodeProcess::start(
+        dir.path(),
+        None,
+        &args,
+        &[("FAILPOINTS", &format!("{failpoint}=return(abort)"))],
+    );
+    let rt = runtime();
+    let addr = node.addr.clone();
+    // Enough garbage to trigger a compaction, which aborts the process.
+    rt.block_on(churn(&addr, 60));
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "the node died inside compaction");
+
+    // Restarted without the failpoint: a fresh batch of writes, all of which must survive.
+    let node = NodeProcess::start(dir.path(), None, &args, &[]);
+    let written = rt.block_on(async {
+        let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        let mut written = Vec::new();
+        for k in 0..8u64 {
+            let key = Bytes::from(format!("c{k}"));
+            let version = Version(1_000_000 + k);
+            let value = Bytes::from(format!("final-{k}"));
+            client
+                .call(Request::Store {
+                    key: key.clone(),
+                    version,
+                    value: Some(value.clone()),
+                })
+                .await
+                .unwrap();
+            written.push((key, version, value));
+        }
+        written
+    });
+    drop(node);
+    let node = NodeProcess::start(dir.path(), None, &args, &[]);
+    rt.block_on(async {
+        let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        for (key, version, value) in written {
+            match client
+                .call(Request::Fetch { key: key.clone() })
+                .await
+                .unwrap()
+            {
+                Response::Fetched {
+                    version: v,
+                    value: Some(got),
+                } => {
+                    assert_eq!(v, version, "{key:?}");
+                    assert_eq!(got, value);
+                }
+                other => panic!("{key:?}: {other:?}"),
+            }
+        }
+    });
+}
+
+#[test]
+fn crash_inside_compaction_before_rename() {
+    compaction_crash("compaction-before-rename");
+}
+
+#[test]
+fn crash_inside_compaction_after_rename() {
+    compaction_crash("compaction-after-rename");
+}

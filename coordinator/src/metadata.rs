@@ -136,6 +136,16 @@ fn index_key(node: NodeId, key: &[u8]) -> Vec<u8> {
 impl Metadata {
     /// Open (or create) the database in `dir` and load it. Blocking.
     pub fn open(dir: &Path) -> Result<(Metadata, Vec<NodeRecord>), MetaError> {
+        Metadata::open_with_group(dir, MAX_GROUP)
+    }
+
+    /// Like [`Metadata::open`], folding at most `max_group` queued jobs into one transaction
+    /// (1 turns group commit off; the benchmark compares the two).
+    pub fn open_with_group(
+        dir: &Path,
+        max_group: usize,
+    ) -> Result<(Metadata, Vec<NodeRecord>), MetaError> {
+        let max_group = max_group.max(1);
         std::fs::create_dir_all(dir)?;
         let db = Database::create(dir.join("meta.redb")).map_err(dberr)?;
         {
@@ -196,7 +206,7 @@ impl Metadata {
             let shards = shards.clone();
             std::thread::Builder::new()
                 .name("meta-writer".into())
-                .spawn(move || writer_loop(&db, &shards, rx))?
+                .spawn(move || writer_loop(&db, &shards, rx, max_group))?
         };
         let meta = Metadata {
             db,
@@ -326,10 +336,15 @@ impl Drop for Metadata {
 /// Largest number of queued jobs folded into one transaction; bounds commit latency.
 const MAX_GROUP: usize = 4096;
 
-fn writer_loop(db: &Database, shards: &[Shard], rx: std::sync::mpsc::Receiver<Job>) {
+fn writer_loop(
+    db: &Database,
+    shards: &[Shard],
+    rx: std::sync::mpsc::Receiver<Job>,
+    max_group: usize,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
+        while jobs.len() < max_group {
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,

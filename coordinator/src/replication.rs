@@ -29,6 +29,9 @@ use crate::state::Coordinator;
 /// 1/4096, which costs a little concurrency, never correctness.
 const LOCK_STRIPES: usize = 4096;
 
+/// How long a read waits for one replica before trying the next.
+const READ_HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Striped per-key locks.
 pub struct KeyLocks {
     stripes: Vec<Mutex<()>>,
@@ -144,6 +147,14 @@ impl Coordinator {
         // Whatever reached a replica is recorded, so a later read or repair can never be
         // surprised by a version the metadata does not know.
         fail::fail_point!("coordinator-before-meta-commit", |arg| crash_point(arg));
+        let superseded: Vec<NodeId> = self
+            .meta
+            .get(&key)
+            .map(|m| m.replicas)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| !targets.contains(n))
+            .collect();
         let meta = KeyMeta {
             version,
             replicas: acked.clone(),
@@ -159,6 +170,14 @@ impl Coordinator {
         let this = self.clone();
         let late_key = key.clone();
         self.background(async move {
+            // Copies of older versions on nodes that are no longer replicas of the key.
+            for node in superseded {
+                let req = Request::Forget {
+                    key: late_key.clone(),
+                    version: Version(version.0 - 1),
+                };
+                let _ = this.members.call(node, req, this.config.node_timeout).await;
+            }
             let mut missing = false;
             while let Some((node, outcome)) = pending.next().await {
                 match outcome {
@@ -236,9 +255,17 @@ impl Coordinator {
                 }
             }
             let mut stale = false;
-            for node in candidates {
+            let last = candidates.len().saturating_sub(1);
+            for (i, node) in candidates.into_iter().enumerate() {
                 let req = Request::Fetch { key: key.clone() };
-                match self.members.call(node, req, self.config.node_timeout).await {
+                // A fetch is a memory lookup: if it takes long, the node is paused or
+                // overloaded, so move on to the next replica; only the last gets the full timeout.
+                let timeout = if i < last {
+                    self.config.node_timeout.min(READ_HEDGE_AFTER)
+                } else {
+                    self.config.node_timeout
+                };
+                match self.members.call(node, req, timeout).await {
                     Ok(Response::Fetched {
                         version,
                         value: Some(value),

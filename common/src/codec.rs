@@ -165,19 +165,35 @@ impl<Out: Serialize, In> Encoder<Out> for FrameCodec<Out, In> {
     type Error = CodecError;
 
     fn encode(&mut self, msg: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let body = rmp_serde::to_vec(&msg).map_err(|e| CodecError::Encode(e.to_string()))?;
-        let size = CRC_LEN + body.len();
+        // Serialise straight into `dst` behind a placeholder header, then fill the header in:
+        // no intermediate buffer, no copy of the body.
+        let start = dst.len();
+        dst.reserve(LEN_PREFIX + CRC_LEN + 64);
+        dst.put_u32(0);
+        dst.put_u32(0);
+        let body_start = dst.len();
+        let mut writer = dst.writer();
+        let encoded = rmp_serde::encode::write(&mut writer, &msg);
+        let dst = writer.into_inner();
+        if let Err(e) = encoded {
+            dst.truncate(start);
+            return Err(CodecError::Encode(e.to_string()));
+        }
+        let size = dst.len() - start - LEN_PREFIX;
         if size > self.max_frame_len {
+            dst.truncate(start);
             return Err(CodecError::TooLarge {
                 size,
                 max: self.max_frame_len,
             });
         }
-        dst.reserve(LEN_PREFIX + size);
+        let crc = crc32fast::hash(dst.get(body_start..).unwrap_or_default());
         // `size` fits in u32: it is at most `max_frame_len`, which the builder caps below 4 GiB.
-        dst.put_u32(size as u32);
-        dst.put_u32(crc32fast::hash(&body));
-        dst.extend_from_slice(&body);
+        // Length then CRC, both big-endian u32: together one big-endian u64.
+        let header = ((size as u64) << 32 | u64::from(crc)).to_be_bytes();
+        if let Some(slot) = dst.get_mut(start..body_start) {
+            slot.copy_from_slice(&header);
+        }
         Ok(())
     }
 }

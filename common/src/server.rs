@@ -1,9 +1,10 @@
 //! The server side of a connection, shared by storage nodes and the coordinator.
 //!
 //! [`serve`] accepts connections until shutdown; [`serve_connection`] runs one: it insists on
-//! a [`Request::Hello`] first, then reads requests and runs each as its own task so that a
-//! slow request does not hold up the ones behind it (pipelining). Answers are queued to a
-//! writer task that coalesces them into as few socket writes as the queue allows.
+//! a [`Request::Hello`] first, then reads requests and runs each as its own future, so that a
+//! slow request does not hold up the ones behind it (pipelining). One task per connection
+//! drives them all: each round it reads every frame that has arrived, writes every answer
+//! that is ready and flushes once, so a burst of requests costs one read and one write.
 //!
 //! Bad input never takes down more than its own connection: an undecodable message is
 //! answered with `BadRequest` and the connection carries on; a checksum failure or an
@@ -13,9 +14,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use std::task::Poll;
+
+use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,9 +31,6 @@ use crate::protocol::{Envelope, Reply, Request, Response, Role, PROTOCOL_VERSION
 /// Requests one connection may have in flight before we stop reading from it.
 /// Bounds the memory a single pipelining client can pin.
 const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
-
-/// Answers queued for the writer task of one connection.
-const REPLY_QUEUE: usize = 1024;
 
 /// What a server does with each request.
 pub trait Handler: Send + Sync + 'static {
@@ -93,6 +93,15 @@ pub enum ConnectionError {
 }
 
 /// Run one connection to completion.
+///
+/// One task does everything: it reads every frame that is ready, starts a handler future for
+/// each, writes every answer that is ready, and flushes once per round. Compared with a task
+/// per request and a writer task, this coalesces the answers to a burst of requests into one
+/// socket write and saves a spawn, a channel hop and usually a cross-thread wake-up per request.
+///
+/// Handler futures always run to completion, even when the peer goes away or shutdown begins,
+/// so a write that reached replicas is always recorded: the connection stops reading and keeps
+/// polling until nothing is in flight.
 pub async fn serve_connection<H: Handler>(
     stream: TcpStream,
     handler: Arc<H>,
@@ -100,47 +109,15 @@ pub async fn serve_connection<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), ConnectionError> {
     let _ = stream.set_nodelay(true);
-    let framed = Framed::new(stream, ServerCodec::new(max_frame_len));
-    let (mut sink, mut frames) = framed.split();
-    let (tx, mut rx) = mpsc::channel::<Envelope<Reply>>(REPLY_QUEUE);
-
-    let writer = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            if sink.feed(first).await.is_err() {
-                return;
-            }
-            while let Ok(more) = rx.try_recv() {
-                if sink.feed(more).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = sink.close().await;
-    });
-
-    let result = read_requests(&mut frames, &tx, handler, shutdown).await;
+    let mut framed = Framed::new(stream, ServerCodec::new(max_frame_len));
+    let result = match handshake(&mut framed).await {
+        Ok(Some(role)) => serve_requests(&mut framed, handler, role, &shutdown).await,
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
     if let Err(e) = &result {
-        let answer = match e {
-            ConnectionError::Codec(CodecError::TooLarge { size, max }) => {
-                Some(WireError::TooLarge {
-                    what: "frame".into(),
-                    size: *size as u64,
-                    max: *max as u64,
-                })
-            }
-            ConnectionError::Frame(f) => Some(WireError::BadRequest(f.to_string())),
-            ConnectionError::NoHello(_) => Some(WireError::BadRequest(e.to_string())),
-            ConnectionError::ProtocolMismatch(client) => Some(WireError::ProtocolMismatch {
-                server: PROTOCOL_VERSION,
-                client: *client,
-            }),
-            ConnectionError::Codec(_) => None,
-        };
-        if let Some(err) = answer {
-            let _ = tx
+        if let Some(err) = error_answer(e) {
+            let _ = framed
                 .send(Envelope {
                     id: 0,
                     msg: Err(err),
@@ -148,79 +125,164 @@ pub async fn serve_connection<H: Handler>(
                 .await;
         }
     }
-    // The writer ends once every in-flight request has sent its answer and dropped its sender.
-    drop(tx);
-    let _ = writer.await;
+    let _ = framed.close().await;
     result
 }
 
-async fn read_requests<H: Handler>(
-    frames: &mut futures::stream::SplitStream<Framed<TcpStream, ServerCodec>>,
-    tx: &mpsc::Sender<Envelope<Reply>>,
+/// The answer that tells the peer why its connection is being closed, if it can be told.
+fn error_answer(e: &ConnectionError) -> Option<WireError> {
+    match e {
+        ConnectionError::Codec(CodecError::TooLarge { size, max }) => Some(WireError::TooLarge {
+            what: "frame".into(),
+            size: *size as u64,
+            max: *max as u64,
+        }),
+        ConnectionError::Frame(f) => Some(WireError::BadRequest(f.to_string())),
+        ConnectionError::NoHello(_) => Some(WireError::BadRequest(e.to_string())),
+        ConnectionError::ProtocolMismatch(client) => Some(WireError::ProtocolMismatch {
+            server: PROTOCOL_VERSION,
+            client: *client,
+        }),
+        ConnectionError::Codec(_) => None,
+    }
+}
+
+type ServerFramed = Framed<TcpStream, ServerCodec>;
+
+/// Insist on a `Hello` first and answer it; `None` when the peer closed without a word.
+async fn handshake(framed: &mut ServerFramed) -> Result<Option<Role>, ConnectionError> {
+    let Some(frame) = framed.next().await else {
+        return Ok(None);
+    };
+    let env = frame??;
+    match env.msg {
+        Request::Hello { protocol, role } if protocol == PROTOCOL_VERSION => {
+            let hello = Envelope {
+                id: env.id,
+                msg: Ok(Response::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    role,
+                }),
+            };
+            // A peer that vanished right after its hello shows up as EOF on the next read.
+            let _ = framed.send(hello).await;
+            Ok(Some(role))
+        }
+        Request::Hello { protocol, .. } => Err(ConnectionError::ProtocolMismatch(protocol)),
+        other => Err(ConnectionError::NoHello(other.name())),
+    }
+}
+
+/// An answer waiting to be written: a handler's, or an immediate refusal of a bad message.
+type Answer<F> = futures::future::Either<F, futures::future::Ready<Envelope<Reply>>>;
+
+/// The request loop of one connection, as one hand-written poll so that each round reads all
+/// that is ready, writes all that is done and flushes once.
+async fn serve_requests<H: Handler>(
+    framed: &mut ServerFramed,
     handler: Arc<H>,
-    shutdown: CancellationToken,
+    role: Role,
+    shutdown: &CancellationToken,
 ) -> Result<(), ConnectionError> {
-    // Handshake.
-    let role = match frames.next().await {
-        None => return Ok(()),
-        Some(frame) => {
-            let env = frame??;
-            match env.msg {
-                Request::Hello { protocol, role } if protocol == PROTOCOL_VERSION => {
-                    let _ = tx
-                        .send(Envelope {
-                            id: env.id,
-                            msg: Ok(Response::Hello {
-                                protocol: PROTOCOL_VERSION,
-                                role,
-                            }),
-                        })
-                        .await;
-                    role
+    let start = |env: Envelope<Request>| {
+        let handler = handler.clone();
+        futures::future::Either::Left(async move {
+            let msg = handler.handle(env.msg, role).await;
+            Envelope { id: env.id, msg }
+        })
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let mut stopping = std::pin::pin!(shutdown.cancelled());
+    // Reading stops at EOF, on a broken stream or at shutdown; the result says which.
+    let mut reading = true;
+    let mut result: Result<(), ConnectionError> = Ok(());
+    // False once a write failed: answers are then dropped, but handlers still finish.
+    let mut writable = true;
+    let mut unflushed = false;
+
+    std::future::poll_fn(|cx| {
+        if reading && stopping.as_mut().poll(cx).is_ready() {
+            reading = false;
+        }
+        loop {
+            let mut progress = false;
+            while reading && in_flight.len() < MAX_IN_FLIGHT_PER_CONNECTION {
+                let env = match framed.poll_next_unpin(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(None) => {
+                        reading = false;
+                        break;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        reading = false;
+                        result = Err(e.into());
+                        break;
+                    }
+                    Poll::Ready(Some(Ok(Err(FrameError::Undecodable { id, reason })))) => {
+                        // Framing is intact: answer and keep the connection.
+                        let msg = Err(WireError::BadRequest(format!(
+                            "unknown or malformed message: {reason}"
+                        )));
+                        let answer: Answer<_> =
+                            futures::future::Either::Right(futures::future::ready(Envelope {
+                                id: id.unwrap_or(0),
+                                msg,
+                            }));
+                        in_flight.push(answer);
+                        progress = true;
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(Err(e)))) => {
+                        reading = false;
+                        result = Err(e.into());
+                        break;
+                    }
+                    Poll::Ready(Some(Ok(Ok(env)))) => env,
+                };
+                in_flight.push(start(env));
+                progress = true;
+            }
+            loop {
+                if writable {
+                    match framed.poll_ready_unpin(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(_)) => writable = false,
+                        // The socket is full; we are woken when it drains.
+                        Poll::Pending => break,
+                    }
                 }
-                Request::Hello { protocol, .. } => {
-                    return Err(ConnectionError::ProtocolMismatch(protocol))
+                match in_flight.poll_next_unpin(cx) {
+                    Poll::Ready(Some(answer)) => {
+                        progress = true;
+                        if writable {
+                            if framed.start_send_unpin(answer).is_err() {
+                                writable = false;
+                            } else {
+                                unflushed = true;
+                            }
+                        }
+                    }
+                    Poll::Ready(None) | Poll::Pending => break,
                 }
-                other => return Err(ConnectionError::NoHello(other.name())),
+            }
+            if !progress {
+                break;
             }
         }
-    };
-
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-    loop {
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            frame = frames.next() => frame,
-        };
-        let env = match frame {
-            None => return Ok(()),
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(Err(FrameError::Undecodable { id, reason }))) => {
-                // Framing is intact: answer and keep the connection.
-                let msg = Err(WireError::BadRequest(format!(
-                    "unknown or malformed message: {reason}"
-                )));
-                let _ = tx
-                    .send(Envelope {
-                        id: id.unwrap_or(0),
-                        msg,
-                    })
-                    .await;
-                continue;
+        if unflushed && writable {
+            match framed.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => unflushed = false,
+                Poll::Ready(Err(_)) => writable = false,
+                Poll::Pending => {}
             }
-            Some(Ok(Err(e))) => return Err(e.into()),
-            Some(Ok(Ok(env))) => env,
-        };
-        // The semaphore is never closed, so acquiring only fails if it were: treat as shutdown.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return Ok(());
-        };
-        let handler = handler.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let msg = handler.handle(env.msg, role).await;
-            let _ = tx.send(Envelope { id: env.id, msg }).await;
-            drop(permit);
-        });
-    }
+        }
+        let flushed = !unflushed || !writable;
+        if !reading && in_flight.is_empty() && flushed {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    result
 }

@@ -128,7 +128,14 @@ pub async fn run(
     shutdown.cancelled().await;
     info!("shutting down: stopping nodes");
     serve_stop.cancel();
-    coord.supervisor.stop_all().await;
+    let spawned: Vec<_> = coord
+        .members
+        .records()
+        .into_iter()
+        .filter(|r| r.spawned && !r.removed)
+        .filter_map(|r| r.pid.map(|pid| (r.id, pid)))
+        .collect();
+    coord.supervisor.stop_all(&spawned).await;
     coord.tasks.close();
     coord.tasks.wait().await;
     loops.close();

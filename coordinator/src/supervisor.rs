@@ -140,10 +140,18 @@ impl Supervisor {
         is_node && Self::signal(pid, Signal::SIGCONT).is_ok()
     }
 
-    /// Stop every child: SIGTERM, wait, then SIGKILL what is left.
-    pub async fn stop_all(&self) {
+    /// Stop every child, and the `adopted` nodes (spawned by an earlier run of the
+    /// coordinator, so not our children): SIGTERM, wait, then SIGKILL what is left.
+    pub async fn stop_all(&self, adopted: &[(NodeId, u32)]) {
         self.stopping.store(true, Ordering::Relaxed);
-        let pids: Vec<(NodeId, u32)> = self.lock().iter().map(|(k, v)| (*k, *v)).collect();
+        let mut pids: Vec<(NodeId, u32)> = self.lock().iter().map(|(k, v)| (*k, *v)).collect();
+        let children: Vec<u32> = pids.iter().map(|(_, p)| *p).collect();
+        let adopted: Vec<(NodeId, u32)> = adopted
+            .iter()
+            .filter(|(_, pid)| !children.contains(pid) && Self::is_node_process(*pid))
+            .copied()
+            .collect();
+        pids.extend(adopted.iter().copied());
         for (id, pid) in &pids {
             // A paused node cannot act on SIGTERM; wake it first.
             let _ = Self::signal(*pid, Signal::SIGCONT);
@@ -161,6 +169,18 @@ impl Supervisor {
                 let _ = Self::signal(*pid, Signal::SIGKILL);
             }
             self.tracker.wait().await;
+        }
+        // Adopted nodes cannot be waited for; poll until they are gone.
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        for (id, pid) in adopted {
+            while Self::is_node_process(pid) {
+                if std::time::Instant::now() > deadline {
+                    warn!(node = %id, pid, "adopted node did not stop in time; killing it");
+                    let _ = Self::signal(pid, Signal::SIGKILL);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 

@@ -48,6 +48,12 @@ fn coordinator_killed_five_times_under_writes() {
         before,
         "running nodes were re-adopted, not respawned"
     );
+    // A graceful stop also stops the adopted nodes.
+    assert!(c.stop().success());
+    ringkv_tests::wait_for("adopted nodes to stop", Duration::from_secs(10), || {
+        c.processes().is_empty().then_some(())
+    })
+    .unwrap();
 }
 
 #[test]

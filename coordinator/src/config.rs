@@ -47,7 +47,7 @@ impl CoordinatorConfig {
                 binary: NodeLaunch::default_binary(),
                 args: Vec::new(),
             },
-            transfer_concurrency: 64,
+            transfer_concurrency: 128,
             transfer_bytes_per_sec: 0,
             startup_timeout: Duration::from_secs(30),
             max_frame_len: ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN,

@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     node_timeout: Duration,
     /// Background key transfers in flight at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     transfer_concurrency: usize,
     /// Background transfer limit in bytes per second (0 = unlimited).
     #[arg(long, default_value_t = 0)]

@@ -258,46 +258,79 @@ impl Coordinator {
             return Err(CopyError::Deferred);
         }
         let desired = self.members.preference_list(key, self.config.rf);
+        let missing: Vec<NodeId> = desired
+            .iter()
+            .copied()
+            .filter(|n| !meta.replicas.contains(n))
+            .collect();
+        // Copy to every missing replica at once; the value is read once.
+        let results = if missing.is_empty() {
+            Vec::new()
+        } else {
+            self.copy_key(key, &meta, &missing).await?
+        };
         let mut copied = 0;
         let mut failures = 0;
-        for &node in &desired {
-            if meta.replicas.contains(&node) {
-                continue;
-            }
-            match self.copy_key(key, node).await {
-                Ok(bytes) => copied += bytes,
+        let mut updates = Vec::new();
+        let mut holders = meta.replicas.clone();
+        for (node, result) in results {
+            match result {
+                Ok(bytes) => {
+                    copied += bytes;
+                    holders.push(node);
+                    updates.push(KeyUpdate::AddReplica {
+                        version: meta.version,
+                        node,
+                    });
+                }
                 Err(e) => {
                     debug!(%node, error = %e, "copy failed");
                     failures += 1;
                 }
             }
         }
-        let Some(now) = self.meta.get(key) else {
-            return Ok(copied);
-        };
-        let placed = desired.iter().filter(|n| now.replicas.contains(n)).count();
+        let placed = desired.iter().filter(|n| holders.contains(n)).count();
         // Drop copies off the preference list only once every desired replica holds the key
         // and there are as many of them as the cluster can offer.
         if failures == 0
             && placed == desired.len()
             && placed >= self.config.rf.min(self.members.up_count())
         {
-            for &node in now.replicas.iter().filter(|n| !desired.contains(n)) {
-                if self.readable(node) {
-                    let req = Request::Forget {
-                        key: key.clone(),
-                        version: now.version,
-                    };
-                    if let Err(e) = self.members.call(node, req, self.config.node_timeout).await {
+            let extras: Vec<NodeId> = holders
+                .iter()
+                .copied()
+                .filter(|n| !desired.contains(n))
+                .collect();
+            let forgets = extras.iter().map(|&node| async move {
+                if !self.readable(node) {
+                    return Some(node); // Down: unlist; reconciliation drops it if it returns.
+                }
+                let req = Request::Forget {
+                    key: key.clone(),
+                    version: meta.version,
+                };
+                match self.members.call(node, req, self.config.node_timeout).await {
+                    Ok(_) => Some(node),
+                    Err(e) => {
                         debug!(%node, error = %e, "forget failed; the copy stays listed");
-                        continue;
+                        None
                     }
                 }
-                self.meta
-                    .update(vec![(key.clone(), KeyUpdate::RemoveReplica { node })])
-                    .await
-                    .map_err(|e| CopyError::Target(e.to_string()))?;
+            });
+            for node in futures::future::join_all(forgets)
+                .await
+                .into_iter()
+                .flatten()
+            {
+                updates.push(KeyUpdate::RemoveReplica { node });
             }
+        }
+        if !updates.is_empty() {
+            // One group-committed update for the whole move.
+            self.meta
+                .update(updates.into_iter().map(|u| (key.clone(), u)).collect())
+                .await
+                .map_err(|e| CopyError::Target(e.to_string()))?;
         }
         if failures > 0 {
             return Err(CopyError::NoSource);

@@ -339,16 +339,21 @@ impl Coordinator {
         }))
     }
 
-    /// Copy `key` at the metadata's current version to `target`, reading it from a replica
-    /// that holds that version. Returns the bytes copied; records `target` as a replica.
-    pub async fn copy_key(self: &Arc<Self>, key: &Bytes, target: NodeId) -> Result<u64, CopyError> {
-        let meta = self.meta.get(key).ok_or(CopyError::Gone)?;
-        let (value, bytes) = if meta.tombstone {
-            (None, 0)
+    /// Copy `key` at `meta`'s version to each of `targets`, reading the value once from a
+    /// replica that holds that version. Returns each target's outcome (bytes copied); the
+    /// caller records the new replicas in the metadata.
+    pub async fn copy_key(
+        self: &Arc<Self>,
+        key: &Bytes,
+        meta: &KeyMeta,
+        targets: &[NodeId],
+    ) -> Result<Vec<(NodeId, Result<u64, CopyError>)>, CopyError> {
+        let value = if meta.tombstone {
+            None
         } else {
             let mut found = None;
             for &node in &meta.replicas {
-                if node == target || !self.members.is_up(node) {
+                if targets.contains(&node) || !self.is_source(node) {
                     continue;
                 }
                 let req = Request::Fetch { key: key.clone() };
@@ -363,46 +368,47 @@ impl Coordinator {
                     }
                 }
             }
-            let v = found.ok_or(CopyError::NoSource)?;
-            let len = v.len() as u64;
-            (Some(v), len)
+            Some(found.ok_or(CopyError::NoSource)?)
         };
-        let req = Request::Store {
-            key: key.clone(),
-            version: meta.version,
-            value,
-        };
-        match self
-            .members
-            .call(target, req, self.config.node_timeout)
-            .await
-        {
-            Ok(Response::Stored { version, .. }) if version == meta.version => {}
-            Ok(Response::Stored { version, .. }) => {
-                return Err(CopyError::Target(format!(
-                    "target holds version {version}, newer than {}",
-                    meta.version
-                )))
+        let bytes = key.len() as u64 + value.as_ref().map_or(0, |v| v.len() as u64);
+        let stores = targets.iter().map(|&target| {
+            let req = Request::Store {
+                key: key.clone(),
+                version: meta.version,
+                value: value.clone(),
+            };
+            async move {
+                let outcome = match self
+                    .members
+                    .call(target, req, self.config.node_timeout)
+                    .await
+                {
+                    Ok(Response::Stored { version, .. }) if version == meta.version => Ok(bytes),
+                    Ok(Response::Stored { version, .. }) => Err(CopyError::Target(format!(
+                        "target holds version {version}, newer than {}",
+                        meta.version
+                    ))),
+                    Ok(other) => Err(CopyError::Target(format!("unexpected answer {other:?}"))),
+                    Err(e) => Err(CopyError::Call(e)),
+                };
+                (target, outcome)
             }
-            Ok(other) => return Err(CopyError::Target(format!("unexpected answer {other:?}"))),
-            Err(e) => return Err(CopyError::Call(e)),
-        }
-        // The copy is on the target but the metadata does not list it yet.
+        });
+        let results = futures::future::join_all(stores).await;
+        // The copies are on the targets but the metadata does not list them yet.
         fail::fail_point!("migration-after-copy", |arg| {
             let _ = crash_point(arg);
             Err(CopyError::Target("failpoint".into()))
         });
-        self.meta
-            .update(vec![(
-                key.clone(),
-                KeyUpdate::AddReplica {
-                    version: meta.version,
-                    node: target,
-                },
-            )])
-            .await
-            .map_err(|e| CopyError::Target(e.to_string()))?;
-        Ok(bytes + key.len() as u64)
+        Ok(results)
+    }
+
+    /// Whether `node` can serve as the source of a copy (up, or leaving but running).
+    fn is_source(&self, node: NodeId) -> bool {
+        matches!(
+            self.members.state(node),
+            Some(ringkv_common::NodeState::Up | ringkv_common::NodeState::Leaving)
+        )
     }
 }
 

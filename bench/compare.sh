@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# RingKV and Redis side by side: the same workloads from the same client (`ringkv bench`) on
+# the same machine, over loopback, and one table of RingKV/Redis ratios at the end.
+#
+#   bench/compare.sh                  # build (release), run everything (a few minutes)
+#   DURATION=10s bench/compare.sh     # longer measured windows
+#   SKIP_BUILD=1 bench/compare.sh     # reuse target/release
+#
+# Settings (environment): DURATION (5s), WARMUP (1s), CONNECTIONS (50), PIPELINE (16),
+# KEYS (10000), NODES (5), VALUE_SIZES ("100 1024"), OUT (a file to keep every run's JSON).
+#
+# Plain runs: Redis without persistence, RingKV nodes with `--node-fsync never`.
+# Fsync runs: Redis with `appendonly yes` + `appendfsync always`, RingKV nodes with
+# `--node-fsync always`. RingKV runs RF 3 with a write quorum of 2 (the defaults).
+# Every process started here is stopped on exit, whatever happens.
+set -euo pipefail
+
+DURATION=${DURATION:-5s}
+WARMUP=${WARMUP:-1s}
+CONNECTIONS=${CONNECTIONS:-50}
+PIPELINE=${PIPELINE:-16}
+KEYS=${KEYS:-10000}
+NODES=${NODES:-5}
+VALUE_SIZES=${VALUE_SIZES:-"100 1024"}
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${BIN:-$ROOT/target/release}
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    (cd "$ROOT" && cargo build --release --bins -q)
+fi
+for b in ringkv ringkv-coordinator ringkv-node; do
+    [ -x "$BIN/$b" ] || { echo "missing $BIN/$b (build with cargo build --release)" >&2; exit 2; }
+done
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "redis-server not found; installing Debian's redis-server package" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+WORK=$(mktemp -d -t ringkv-compare.XXXXXX)
+RESULTS="$WORK/results.jsonl"
+: > "$RESULTS"
+PIDS=()
+
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+cleanup() {
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    # Nodes stop with their coordinator; any left over (the coordinator died) mention $WORK.
+    for cmdline in /proc/[0-9]*/cmdline; do
+        if grep -qF -- "$WORK/" "$cmdline" 2>/dev/null; then
+            pid=${cmdline#/proc/}
+            kill -KILL "${pid%/cmdline}" 2>/dev/null || true
+        fi
+    done
+    if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT"; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A TCP port on 127.0.0.1 that nothing listens on right now.
+free_port() {
+    local port
+    for _ in $(seq 100); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+    echo "no free port found" >&2
+    exit 1
+}
+
+# start_redis NAME EXTRA-ARGS...: start a Redis server, set REDIS_ADDR and REDIS_PID.
+start_redis() {
+    local name=$1
+    shift
+    local port dir
+    port=$(free_port)
+    dir="$WORK/$name"
+    mkdir -p "$dir"
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --save '' \
+        --daemonize no --logfile "$dir/redis.log" "$@" &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    REDIS_ADDR="127.0.0.1:$port"
+    for _ in $(seq 100); do
+        if redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then return; fi
+        sleep 0.1
+    done
+    echo "redis ($name) did not start; log:" >&2
+    cat "$dir/redis.log" >&2
+    exit 1
+}
+
+# start_ringkv NAME FSYNC: start a coordinator with NODES nodes, set RINGKV_ADDR and RINGKV_PID.
+start_ringkv() {
+    local name=$1 fsync=$2
+    local dir="$WORK/$name"
+    mkdir -p "$dir"
+    "$BIN/ringkv-coordinator" --listen 127.0.0.1:0 --data-dir "$dir/data" --nodes "$NODES" \
+        --node-fsync "$fsync" --node-binary "$BIN/ringkv-node" \
+        > "$dir/stdout" 2> "$dir/coordinator.log" &
+    RINGKV_PID=$!
+    PIDS+=("$RINGKV_PID")
+    for _ in $(seq 600); do
+        RINGKV_ADDR=$(sed -n 's/^listening on //p' "$dir/stdout" | head -n1)
+        if [ -n "$RINGKV_ADDR" ]; then return; fi
+        kill -0 "$RINGKV_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "ringkv ($name) did not start; log:" >&2
+    tail -n 30 "$dir/coordinator.log" >&2
+    exit 1
+}
+
+# run LABEL TARGET-ARGS... -- BENCH-ARGS...: one bench run, its JSON appended to RESULTS.
+run() {
+    local label=$1 system=$2
+    shift 2
+    local out
+    # `ringkv bench` exits 1 when some operations failed; the report says how many.
+    out=$("$BIN/ringkv" "$@" --json --duration "$DURATION" --warmup "$WARMUP" \
+        --connections "$CONNECTIONS" --keys "$KEYS" || true)
+    if ! echo "$out" | jq -e .throughput >/dev/null 2>&1; then
+        echo "bench failed ($label, $system): $out" >&2
+        out='{"throughput":0,"latency_us":{"p99":0},"error_total":-1}'
+    fi
+    echo "$out" | jq -c --arg lab "$label" --arg sys "$system" \
+        '. + {"label": $lab, "system": $sys}' >> "$RESULTS"
+    echo "$out" | jq -r --arg l "$label" --arg s "$system" \
+        '"  \($s | . + "      " | .[0:6]) \($l): \(.throughput | floor) ops/s, p99 \(.latency_us.p99 / 1000) ms, errors \(.error_total)"' >&2
+}
+
+# pair LABEL BENCH-ARGS...: the same run against RingKV, then Redis.
+pair() {
+    local label=$1
+    shift
+    run "$label" ringkv --coordinator "$RINGKV_ADDR" bench "$@"
+    run "$label" redis bench --redis "$REDIS_ADDR" "$@"
+}
+
+plain_runs() {
+    for size in $VALUE_SIZES; do
+        for depth in 1 "$PIPELINE"; do
+            for workload in get put; do
+                pair "$workload ${size}B pipeline $depth" \
+                    --workload "$workload" --value-size "$size" --pipeline "$depth"
+            done
+        done
+    done
+}
+
+fsync_runs() {
+    for depth in 1 "$PIPELINE"; do
+        pair "put 100B pipeline $depth fsync" --workload put --value-size 100 --pipeline "$depth"
+    done
+}
+
+echo "plain (no persistence): ringkv --node-fsync never, redis without AOF or RDB" >&2
+start_ringkv ringkv-plain never
+start_redis redis-plain --appendonly no
+plain_runs
+stop_pid "$REDIS_PID"
+stop_pid "$RINGKV_PID"
+
+echo "fsync on every write: ringkv --node-fsync always, redis appendfsync always" >&2
+start_ringkv ringkv-fsync always
+start_redis redis-fsync --appendonly yes --appendfsync always
+fsync_runs
+stop_pid "$REDIS_PID"
+stop_pid "$RINGKV_PID"
+
+# The table: one row per workload, RingKV/Redis ratios for throughput and p99 latency.
+CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+echo
+echo "RingKV vs Redis, $(date -u +%Y-%m-%d), $(nproc) cores ($CPU), loopback,"
+echo "$CONNECTIONS connections, $KEYS keys, ${DURATION} measured after ${WARMUP} warm-up; RingKV: $NODES nodes, RF 3, W 2"
+echo
+jq -rs '
+  def target(l):
+    if (l | test("fsync")) then 0.5 elif (l | startswith("get")) then 0.6 else 0.4 end;
+  def r2(x): (x * 100 | round) / 100;
+  . as $all
+  | (reduce $all[].label as $l ([]; if any(.[]; . == $l) then . else . + [$l] end)) as $labels
+  | "| workload | RingKV ops/s | Redis ops/s | throughput ratio (target) | RingKV p99 ms | Redis p99 ms | p99 ratio (target <= 2) |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ( $labels[] as $l
+      | { rk: ([$all[] | select(.label == $l and .system == "ringkv")][0]),
+          rd: ([$all[] | select(.label == $l and .system == "redis")][0]) }
+      | select(.rk != null and .rd != null)
+      | "| \($l) | \(.rk.throughput | floor) | \(.rd.throughput | floor) | "
+        + "\(if .rd.throughput > 0 then r2(.rk.throughput / .rd.throughput) else "-" end) (>= \(target($l))) | "
+        + "\(r2(.rk.latency_us.p99 / 1000)) | \(r2(.rd.latency_us.p99 / 1000)) | "
+        + "\(if .rd.latency_us.p99 > 0 then r2(.rk.latency_us.p99 / .rd.latency_us.p99) else "-" end)"
+        + (if (.rk.error_total != 0 or .rd.error_total != 0)
+           then " (errors: ringkv \(.rk.error_total), redis \(.rd.error_total))" else "" end)
+        + " |" )
+' "$RESULTS"

@@ -23,6 +23,8 @@ Examples:
   ringkv --json status
   cat photo.jpg | ringkv put photo -
   RINGKV_COORDINATOR=10.0.0.5:7400 ringkv check
+  ringkv                              # the interactive shell
+  ringkv run examples/scenarios/kill-while-writing.ringkv
 
 Exit codes:
   0  success
@@ -44,14 +46,16 @@ With --json, stdout holds exactly one JSON document: the result, or
     long_about = "Client for RingKV, a sharded, replicated key-value store.\n\n\
                   Each command opens one connection to the coordinator, runs, prints its result \
                   and exits. Keys and values are byte strings; they are given here as text, and \
-                  `put KEY -` reads a binary-safe value from stdin.",
+                  `put KEY -` reads a binary-safe value from stdin.\n\n\
+                  Without a command, `ringkv` opens an interactive shell (history, completion, \
+                  `help`); with standard input not a terminal, the shell reads one command a line.",
     after_help = TOP_AFTER_HELP
 )]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
 
-    /// The command to run; without one, `ringkv` prints this help.
+    /// The command to run; without one, `ringkv` opens the interactive shell.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -149,6 +153,25 @@ pub enum Command {
         after_help = "Examples:\n  ringkv check\n  ringkv check && echo consistent"
     )]
     Check,
+
+    /// Run a script of commands, waits and expectations, for scripted failure injection.
+    #[command(
+        long_about = "Run a script of commands, waits and expectations, for scripted failure \
+                      injection.\n\nEach line is echoed with its result. The script stops at \
+                      the first line that fails and exits non-zero, naming the line.",
+        after_help = crate::script::LANGUAGE_HELP
+    )]
+    Run {
+        /// The script file (conventionally `*.ringkv`).
+        script: std::path::PathBuf,
+    },
+
+    /// Measure throughput and latency under load (of RingKV, or of Redis with `--redis`).
+    Bench(crate::bench::BenchArgs),
+
+    /// Run concurrent clients while injecting faults, then check that no acknowledged write
+    /// was lost and every key stayed linearizable (RingKV's own Jepsen).
+    Chaos(crate::chaos::ChaosArgs),
 }
 
 /// What `node ...` does.
@@ -159,7 +182,13 @@ pub enum NodeCommand {
     Add,
 
     /// Decommission a node: copy its keys away, then stop it.
-    #[command(after_help = "Example:\n  ringkv node remove 3")]
+    #[command(
+        long_about = "Decommission a node: copy its keys away, then stop it.\n\n\
+                      Waits until the decommission finishes (for at least 10 minutes, or \
+                      --timeout if longer), showing the keys and bytes copied so far: a \
+                      progress bar in a terminal, a plain line every second otherwise.",
+        after_help = "Example:\n  ringkv node remove 3"
+    )]
     Remove {
         /// The node's id, as `status` shows it (`3` or `n3`).
         id: NodeId,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ringkv_common::client::{CallError, Client};
 use ringkv_common::protocol::{
-    CheckReport, ClusterStatus, Location, NodeInfo, NodeSignal, Request, Response, Role,
+    CheckReport, ClusterStatus, Location, NodeSignal, Request, Response, Role,
     DEFAULT_MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN,
 };
 use ringkv_common::{NodeId, Version, WireError};
@@ -50,8 +50,8 @@ pub enum Outcome {
     Located { key: String, location: Location },
     /// `status`: the whole cluster.
     Status(ClusterStatus),
-    /// `nodes`: the node list alone.
-    Nodes(Vec<NodeInfo>),
+    /// `nodes`: the node list (the rest of the status feeds its one-line summary).
+    Nodes(ClusterStatus),
     /// `node add`: the id of the new node.
     NodeAdded { node: NodeId },
     /// `node remove|kill|pause|resume` was carried out.
@@ -179,6 +179,21 @@ fn to_request(cmd: &Command, stdin_value: Option<Bytes>) -> Result<Request, Call
         },
         Command::Status | Command::Nodes => Request::Status,
         Command::Check => Request::Check,
+        Command::Run { .. } => {
+            return Err(CallError::Remote(WireError::BadRequest(
+                "`run` runs a script locally; it is not a request to the coordinator".into(),
+            )))
+        }
+        Command::Bench(_) => {
+            return Err(CallError::Remote(WireError::BadRequest(
+                "`bench` opens connections of its own; run it as `ringkv bench`".into(),
+            )))
+        }
+        Command::Chaos(_) => {
+            return Err(CallError::Remote(WireError::BadRequest(
+                "`chaos` starts clusters and clients of its own; run it as `ringkv chaos`".into(),
+            )))
+        }
         Command::Node(NodeCommand::Add) => Request::NodeAdd,
         Command::Node(NodeCommand::Remove { id }) => Request::NodeRemove { node: *id },
         Command::Node(NodeCommand::Kill { id }) => Request::NodeSignal {
@@ -234,7 +249,7 @@ fn to_outcome(cmd: &Command, request: &str, response: Response) -> Result<Outcom
             location,
         },
         (Command::Status, Response::Status(status)) => Outcome::Status(status),
-        (Command::Nodes, Response::Status(status)) => Outcome::Nodes(status.nodes),
+        (Command::Nodes, Response::Status(status)) => Outcome::Nodes(status),
         (Command::Check, Response::Checked(report)) => Outcome::Checked(report),
         (Command::Node(NodeCommand::Add), Response::NodeAdded { node }) => {
             Outcome::NodeAdded { node }
@@ -497,7 +512,7 @@ mod tests {
         .unwrap();
         assert_eq!(missing.exit_code(), exit::OK);
         let nodes = execute(&client, &Command::Nodes, t, None).await.unwrap();
-        assert_eq!(nodes, Outcome::Nodes(Vec::new()));
+        assert!(matches!(nodes, Outcome::Nodes(ref status) if status.nodes.is_empty()));
 
         let err = execute(&client, &Command::Del { key: "k".into() }, t, None)
             .await

@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::process::ExitCode;
 
 use bytes::Bytes;
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use ringkv_cli::cli::Cli;
 use ringkv_cli::commands::{self, error_exit_code, exit};
 use ringkv_cli::output::{render, ErrorReport};
@@ -19,11 +19,17 @@ fn main() -> ExitCode {
     };
     let json = cli.global.json;
     let Some(command) = cli.command else {
-        // The interactive shell will live here; until then, say what there is.
-        let help = Cli::command().render_help();
-        let _ = write!(io::stderr(), "{help}");
-        return fail(&ErrorReport::usage("no command given"), json, exit::USAGE);
+        return ExitCode::from(ringkv_cli::shell::main(&cli.global));
     };
+    if let ringkv_cli::cli::Command::Run { script } = &command {
+        return ExitCode::from(ringkv_cli::runner::main(&cli.global, script));
+    }
+    if let ringkv_cli::cli::Command::Bench(args) = &command {
+        return bench(args, &cli.global);
+    }
+    if let ringkv_cli::cli::Command::Chaos(args) = &command {
+        return ringkv_cli::chaos::main(args.clone(), &cli.global);
+    }
 
     let stdin_value = if command.reads_stdin() {
         match read_stdin() {
@@ -53,7 +59,9 @@ fn main() -> ExitCode {
     let global = &cli.global;
     let result = runtime.block_on(async {
         let client = commands::connect(&global.coordinator, global.timeout).await?;
-        commands::execute(&client, &command, global.timeout, stdin_value).await
+        let progress = ringkv_cli::progress::ProgressMode::detect();
+        ringkv_cli::progress::execute(&client, &command, global.timeout, stdin_value, progress)
+            .await
     });
 
     match result {
@@ -65,6 +73,40 @@ fn main() -> ExitCode {
             }
         },
         Err(err) => fail(&ErrorReport::from(&err), json, error_exit_code(&err)),
+    }
+}
+
+/// `ringkv bench`: run the load, print the report; exit 1 if any operation failed.
+fn bench(args: &ringkv_cli::bench::BenchArgs, global: &ringkv_cli::cli::GlobalArgs) -> ExitCode {
+    use ringkv_cli::bench::{run_blocking, BenchError};
+    match run_blocking(args, &global.coordinator, global.timeout) {
+        Ok(report) => {
+            let text = if global.json {
+                report.json()
+            } else {
+                report.human()
+            };
+            if let Err(e) = write_stdout(text.as_bytes()) {
+                let _ = writeln!(io::stderr(), "error: output: {e}");
+                return ExitCode::from(exit::FAILED);
+            }
+            match report.error_total {
+                0 => ExitCode::SUCCESS,
+                _ => ExitCode::from(exit::FAILED),
+            }
+        }
+        Err(err) => {
+            let code = match err {
+                BenchError::Usage(_) => exit::USAGE,
+                BenchError::Connect(_) => exit::CONNECTION,
+                BenchError::Preload { .. } | BenchError::Runtime(_) => exit::FAILED,
+            };
+            let report = ErrorReport {
+                class: err.class().into(),
+                message: err.to_string(),
+            };
+            fail(&report, global.json, code)
+        }
     }
 }
 

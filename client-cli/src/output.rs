@@ -77,8 +77,8 @@ pub fn to_json(outcome: &Outcome) -> Value {
             "replicas": location.replicas.iter().map(replica_json).collect::<Vec<_>>(),
         }),
         Outcome::Status(status) => status_json(status),
-        Outcome::Nodes(nodes) => {
-            json!({ "nodes": nodes.iter().map(node_json).collect::<Vec<_>>() })
+        Outcome::Nodes(status) => {
+            json!({ "nodes": status.nodes.iter().map(node_json).collect::<Vec<_>>() })
         }
         Outcome::NodeAdded { node } => json!({ "node": node.0 }),
         Outcome::NodeChanged { node, .. } => json!({ "node": node.0, "ok": true }),
@@ -153,7 +153,11 @@ fn human(outcome: &Outcome) -> String {
         } => format!("{}\n", String::from_utf8_lossy(value)),
         Outcome::Located { key, location } => located_text(key, location),
         Outcome::Status(status) => status_text(status),
-        Outcome::Nodes(nodes) => format!("{}\n", node_table(nodes)),
+        Outcome::Nodes(status) => format!(
+            "{}\n{}\n",
+            node_table(&status.nodes),
+            health_summary(status)
+        ),
         Outcome::NodeAdded { node } => format!("OK: added node {node}\n"),
         Outcome::NodeChanged { node, action } => format!("OK: node {node} {}\n", action.as_str()),
         Outcome::Checked(report) => format!("{}\n", check_summary(report)),
@@ -201,7 +205,7 @@ fn located_text(key: &str, location: &Location) -> String {
 fn node_table(nodes: &[NodeInfo]) -> Table {
     let mut table = new_table(
         &[
-            "id",
+            "node",
             "address",
             "state",
             "pid",
@@ -241,8 +245,8 @@ fn status_text(status: &ClusterStatus) -> String {
     out
 }
 
-/// `healthy: 5/5 nodes up, 1000 keys, 0 under-replicated`, or `DEGRADED: ...` when the
-/// coordinator says so or any key is short of replicas.
+/// `healthy: 5/5 nodes up, 1000 keys, 0 under-replicated, no jobs running`, or
+/// `DEGRADED: ...` when the coordinator says so or any key is short of replicas.
 pub fn health_summary(status: &ClusterStatus) -> String {
     // Removed nodes are history, not part of the cluster any more.
     let members = status
@@ -260,14 +264,19 @@ pub fn health_summary(status: &ClusterStatus) -> String {
     } else {
         "healthy"
     };
+    let jobs = match status.jobs.len() {
+        0 => "no jobs running".to_string(),
+        1 => "1 job running".to_string(),
+        n => format!("{n} jobs running"),
+    };
     format!(
-        "{label}: {up}/{members} nodes up, {} keys, {} under-replicated",
+        "{label}: {up}/{members} nodes up, {} keys, {} under-replicated, {jobs}",
         status.keys, status.under_replicated
     )
 }
 
 /// `job migration: 120/1000 keys, 1.2 MiB/10.0 MiB (12%), eta 3s`.
-fn job_line(job: &JobProgress) -> String {
+pub fn job_line(job: &JobProgress) -> String {
     let (done, total) = if job.bytes_total > 0 {
         (job.bytes_done, job.bytes_total)
     } else {
@@ -292,7 +301,8 @@ fn job_line(job: &JobProgress) -> String {
     )
 }
 
-fn check_summary(report: &CheckReport) -> String {
+/// `healthy: 10/10 keys healthy, 0 under-replicated, 0 lost, 0 stale`, or `UNHEALTHY: ...`.
+pub fn check_summary(report: &CheckReport) -> String {
     let label = if report.is_healthy() {
         "healthy"
     } else {
@@ -332,7 +342,7 @@ fn human_age(ms: u64) -> String {
 }
 
 /// Whole seconds: `3s`, `4m05s`, `2h03m`.
-fn human_secs(secs: f64) -> String {
+pub fn human_secs(secs: f64) -> String {
     let secs = secs.round() as u64;
     match secs {
         0..=59 => format!("{secs}s"),
@@ -629,11 +639,24 @@ mod tests {
         );
         let text = String::from_utf8(render(&Outcome::Status(status(true, 7)), false)).unwrap();
         assert!(text.contains("DEGRADED: 1/2 nodes up, 1000 keys, 7 under-replicated"));
+        let quiet = ClusterStatus {
+            jobs: Vec::new(),
+            ..status(false, 0)
+        };
+        let text = String::from_utf8(render(&Outcome::Status(quiet), false)).unwrap();
+        assert!(
+            text.contains("0 under-replicated, no jobs running"),
+            "{text}"
+        );
     }
 
     #[test]
     fn nodes_json() {
-        let doc = parse(&Outcome::Nodes(vec![node(4, NodeState::Leaving, Some(1))]));
+        let nodes = ClusterStatus {
+            nodes: vec![node(4, NodeState::Leaving, Some(1))],
+            ..status(false, 0)
+        };
+        let doc = parse(&Outcome::Nodes(nodes.clone()));
         assert_eq!(keys(&doc), ["nodes"]);
         assert_eq!(
             keys(&doc["nodes"][0]),
@@ -649,6 +672,13 @@ mod tests {
             ]
         );
         assert_eq!(doc["nodes"][0]["state"], "leaving");
+        let text = String::from_utf8(render(&Outcome::Nodes(nodes), false)).unwrap();
+        assert!(text.contains("leaving"), "{text}");
+        assert!(text.contains("last heartbeat"), "{text}");
+        assert!(
+            text.contains("healthy: 0/1 nodes up, 1000 keys, 0 under-replicated, 1 job running"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,0 +1,67 @@
+//! `ringkv bench` against a real cluster: it runs, and its `--json` report is well-formed.
+//! Only the shape and the invariants are checked, never how fast anything was.
+
+use ringkv_tests::Cluster;
+use serde_json::Value;
+
+#[test]
+fn bench_reports_well_formed_figures() {
+    let c = Cluster::start(3);
+    for (workload, pipeline) in [("get", "1"), ("put", "8")] {
+        let args = [
+            "--json",
+            "bench",
+            "--workload",
+            workload,
+            "--pipeline",
+            pipeline,
+            "--connections",
+            "4",
+            "--keys",
+            "200",
+            "--value-size",
+            "64",
+            "--duration",
+            "2s",
+            "--warmup",
+            "200ms",
+        ];
+        let out = c.ringkv(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "bench {workload} failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("bench printed invalid JSON ({e}): {stdout}"));
+        assert_eq!(report["target"], "ringkv", "{report}");
+        assert_eq!(report["workload"], workload, "{report}");
+        assert_eq!(report["error_total"], 0, "{report}");
+        assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+        if workload == "get" {
+            assert_eq!(report["misses"], 0, "every key was preloaded: {report}");
+            assert_eq!(report["preload"]["keys"], 200, "{report}");
+        } else {
+            assert_eq!(report["preload"], Value::Null, "{report}");
+        }
+        let ops = report["ops"].as_u64().expect("ops");
+        assert!(ops > 0, "{report}");
+        assert_eq!(
+            ops,
+            report["reads"].as_u64().unwrap() + report["writes"].as_u64().unwrap()
+        );
+        assert!(report["throughput"].as_f64().expect("throughput") > 0.0);
+        let latency = |p: &str| report["latency_us"][p].as_f64().expect(p);
+        let (p50, p99, p999, max) = (
+            latency("p50"),
+            latency("p99"),
+            latency("p99_9"),
+            latency("max"),
+        );
+        assert!(
+            0.0 < p50 && p50 <= p99 && p99 <= p999 && p999 <= max,
+            "{report}"
+        );
+    }
+}

@@ -256,3 +256,49 @@ fn join_and_decommission_while_writing() {
         );
     }
 }
+
+#[test]
+fn node_started_by_hand_joins_and_receives_its_share() {
+    let c = Cluster::start(3);
+    for i in 0..300 {
+        c.json(&["put", &format!("h{i}"), &format!("v{i}")]);
+    }
+    c.wait_settled(Duration::from_secs(30));
+    let dir = c.dir.path().join("hand-started");
+    let node = c.start_node(&dir, &[]);
+    // It registers without an id, is given one, and remembers it.
+    let id: u64 = wait_for("the node id file", Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join("node-id"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+    .unwrap();
+    assert_eq!(id, 4, "the next free id");
+    c.wait_state(id, "up", Duration::from_secs(10));
+    c.wait_settled(Duration::from_secs(60));
+    // Heartbeats carry the node's key count; wait for one after the migration.
+    let held = wait_for("the new node's share", Duration::from_secs(10), || {
+        let held = c.status()["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == id)?["keys"]
+            .as_u64()?;
+        (held >= 150).then_some(held)
+    })
+    .unwrap();
+    // Four nodes, three replicas each: the newcomer holds about three quarters of the keys.
+    assert!(
+        (150..=300).contains(&held),
+        "new node holds {held} of 300 keys"
+    );
+    for i in (0..300).step_by(13) {
+        assert_eq!(c.json(&["get", &format!("h{i}")])["value"], format!("v{i}"));
+    }
+    assert_eq!(
+        node_pid(&c.status(), id),
+        Some(node.child.id()),
+        "status shows the hand-started process"
+    );
+}

@@ -36,6 +36,9 @@ const VERSION_CEILING: &str = "version_ceiling";
 /// for a u64.
 const VERSION_LEASE: u64 = 1_000_000;
 
+/// redb page cache size.
+const REDB_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Shards of the in-memory mirror, to keep lock contention low under many connections.
 const SHARDS: usize = 64;
 
@@ -147,7 +150,12 @@ impl Metadata {
     ) -> Result<(Metadata, Vec<NodeRecord>), MetaError> {
         let max_group = max_group.max(1);
         std::fs::create_dir_all(dir)?;
-        let db = Database::create(dir.join("meta.redb")).map_err(dberr)?;
+        // Reads are served from the in-memory mirror, so redb's page cache only needs to hold
+        // what commits touch; its 1 GiB default would cost hundreds of bytes per key.
+        let db = Database::builder()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(dir.join("meta.redb"))
+            .map_err(dberr)?;
         {
             // Make sure every table exists so readers never see "table missing".
             let txn = db.begin_write().map_err(dberr)?;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use ringkv_common::client::CallError;
 use ringkv_common::protocol::{
     Location, ReplicaInfo, Reply, Request, Response, MAX_KEY_LEN, MAX_VALUE_LEN,
@@ -134,6 +135,16 @@ impl Coordinator {
             }
         }
 
+        // Replicas that answered together with the quorum go into the same metadata commit.
+        tokio::task::yield_now().await;
+        let mut late_failure = false;
+        while let Some(Some((node, outcome))) = pending.next().now_or_never() {
+            match outcome {
+                StoreOutcome::Stored => acked.push(node),
+                StoreOutcome::Failed { .. } => late_failure = true,
+            }
+        }
+
         if acked.is_empty() {
             return Err(if maybe_applied {
                 WireError::Indeterminate(format!(
@@ -178,7 +189,7 @@ impl Coordinator {
                 };
                 let _ = this.members.call(node, req, this.config.node_timeout).await;
             }
-            let mut missing = false;
+            let mut missing = late_failure;
             while let Some((node, outcome)) = pending.next().await {
                 match outcome {
                     StoreOutcome::Stored => {
@@ -227,8 +238,9 @@ impl Coordinator {
     /// Read `key`: the value at the version the metadata names, from any replica holding it.
     pub async fn read(self: &Arc<Self>, key: Bytes) -> Reply {
         check_sizes(&key, None)?;
-        // Two passes: if every replica disagreed, a write may have committed meanwhile.
-        for _ in 0..2 {
+        // If no replica holds the metadata's version, a write to the key is in flight (or one
+        // reached replicas without being recorded): wait for the key's lock and look again.
+        for pass in 0..3 {
             let Some(meta) = self.meta.get(&key) else {
                 return Ok(Response::Value {
                     version: Version::ZERO,
@@ -255,6 +267,7 @@ impl Coordinator {
                 }
             }
             let mut stale = false;
+            let mut newer = false;
             let last = candidates.len().saturating_sub(1);
             for (i, node) in candidates.into_iter().enumerate() {
                 let req = Request::Fetch { key: key.clone() };
@@ -281,22 +294,76 @@ impl Coordinator {
                     Ok(Response::Fetched { version, .. }) if version < meta.version => {
                         stale = true;
                     }
+                    Ok(Response::Fetched { version, .. }) if version > meta.version => {
+                        newer = true;
+                    }
                     _ => {}
                 }
             }
             if stale {
                 self.repairs.push(key.clone());
             }
-            if self.meta.get(&key).map(|m| m.version) == Some(meta.version) {
+            let changed = self.meta.get(&key).map(|m| m.version) != Some(meta.version);
+            if !changed && !newer {
                 return Err(WireError::Unavailable(format!(
                     "no reachable replica holds version {} of this key",
                     meta.version
                 )));
             }
+            if newer && pass > 0 {
+                // The lock was free and a replica still holds a version the metadata does
+                // not know: it reached that replica (a write whose outcome was unknown).
+                // Record it, as reconciliation would, so reads can make progress.
+                let _guard = self.locks.lock(&key).await;
+                self.adopt_newer(&key).await;
+            } else {
+                // Let an in-flight write to this key finish its metadata commit.
+                drop(self.locks.lock(&key).await);
+            }
         }
         Err(WireError::Unavailable(
             "the key changed while it was being read; try again".into(),
         ))
+    }
+
+    /// Under the key lock: if listed replicas hold a version newer than the metadata's,
+    /// record the newest one with the replicas that hold it.
+    async fn adopt_newer(self: &Arc<Self>, key: &Bytes) {
+        let Some(meta) = self.meta.get(key) else {
+            return;
+        };
+        let asks = meta.replicas.iter().map(|&node| async move {
+            let req = Request::Fetch { key: key.clone() };
+            match self.members.call(node, req, self.config.node_timeout).await {
+                Ok(Response::Fetched { version, value }) => Some((node, version, value.is_none())),
+                _ => None,
+            }
+        });
+        let held: Vec<_> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let Some(&(_, newest, tombstone)) = held.iter().max_by_key(|(_, v, _)| *v) else {
+            return;
+        };
+        if newest <= meta.version {
+            return;
+        }
+        let replicas = held
+            .iter()
+            .filter(|(_, v, _)| *v == newest)
+            .map(|(n, _, _)| *n)
+            .collect();
+        let update = KeyUpdate::Set(KeyMeta {
+            version: newest,
+            replicas,
+            tombstone,
+        });
+        if self.meta.update(vec![(key.clone(), update)]).await.is_ok() {
+            tracing::info!(key = %String::from_utf8_lossy(key), version = %newest, "adopted an unrecorded version");
+            self.repairs.push(key.clone());
+        }
     }
 
     /// Which nodes hold `key` and at which version.

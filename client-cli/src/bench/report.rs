@@ -231,7 +231,7 @@ impl Report {
             s.target, s.addr, s.workload, s.value_size, s.keys, s.connections, s.pipeline
         );
         if let Some(p) = self.preload {
-            let _ = writeln!(out, "preload     {} keys in {:.1} s", p.keys, p.secs);
+            let _ = writeln!(out, "preload     {} keys in {:.2} s", p.keys, p.secs);
         }
         let _ = writeln!(
             out,

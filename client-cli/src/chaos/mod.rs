@@ -101,6 +101,10 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 4)]
     pub hot_keys: u32,
 
+    /// Weights of gets, puts and deletes, as GET:PUT:DEL.
+    #[arg(long, default_value = "50:40:10", value_name = "GET:PUT:DEL")]
+    pub mix: workload::Mix,
+
     /// Faults to inject, comma-separated: kill, pause, join, leave, coordinator-kill; `all`
     /// or `none`. Default: all (all but coordinator-kill when attached).
     #[arg(long, value_parser = parse_fault_set, value_name = "FAULTS")]
@@ -224,7 +228,7 @@ pub enum ChaosError {
     },
     #[error("cannot reach the coordinator at {addr}: {source}")]
     Unreachable { addr: String, source: CallError },
-    #[error("interrupted")]
+    #[error("stopped by a signal; the cluster chaos started was killed")]
     Interrupted,
 }
 
@@ -469,6 +473,7 @@ pub async fn run(
         keys: Arc::new(key_names.iter().map(|k| Bytes::from(k.clone())).collect()),
         hot_keys: args.hot_keys as usize,
         window: workload::window_for(args.duration, args.keys as usize, args.hot_keys as usize),
+        mix: args.mix,
         op_timeout: args.op_timeout,
         start,
     };
@@ -740,6 +745,7 @@ fn reproduce_command(
     parts.push(format!("--clients {}", args.clients));
     parts.push(format!("--keys {}", args.keys));
     parts.push(format!("--hot-keys {}", args.hot_keys));
+    parts.push(format!("--mix {}", args.mix));
     let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
     parts.push(format!(
         "--nemesis {}",

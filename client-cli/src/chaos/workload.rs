@@ -32,9 +32,66 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
 /// Final reads in flight at once.
 const FINAL_READ_TASKS: usize = 8;
 
-/// Fractions of gets and puts among operations; the rest are deletes.
-const GET_SHARE: f64 = 0.5;
-const PUT_SHARE: f64 = 0.4;
+/// The shares of gets, puts and deletes among the operations a client issues.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mix {
+    pub get: f64,
+    pub put: f64,
+    pub del: f64,
+}
+
+impl Default for Mix {
+    /// Half reads; writes are mostly puts, with enough deletes to exercise tombstones.
+    fn default() -> Self {
+        Mix {
+            get: 50.0,
+            put: 40.0,
+            del: 10.0,
+        }
+    }
+}
+
+impl std::str::FromStr for Mix {
+    type Err = String;
+
+    /// Parses `GET:PUT:DEL` weights, such as `50:40:10`.
+    fn from_str(s: &str) -> Result<Mix, String> {
+        let usage = || format!("invalid mix {s:?}: expected GET:PUT:DEL weights, like 50:40:10");
+        let parts: Vec<f64> = s
+            .split(':')
+            .map(|p| p.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| usage())?;
+        let [get, put, del] = parts[..] else {
+            return Err(usage());
+        };
+        if [get, put, del].iter().any(|w| !w.is_finite() || *w < 0.0) || get + put + del <= 0.0 {
+            return Err(usage());
+        }
+        Ok(Mix { get, put, del })
+    }
+}
+
+impl std::fmt::Display for Mix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.get, self.put, self.del)
+    }
+}
+
+impl Mix {
+    /// The kind of operation a roll in `[0, 1)` stands for.
+    fn pick(&self, roll: f64) -> OpKind {
+        let total = self.get + self.put + self.del;
+        let x = roll * total;
+        if x < self.get {
+            OpKind::Get
+        } else if x < self.get + self.put {
+            OpKind::Put
+        } else {
+            OpKind::Delete
+        }
+    }
+}
 
 /// What every client needs to know.
 #[derive(Debug, Clone)]
@@ -47,6 +104,8 @@ pub struct WorkloadConfig {
     pub hot_keys: usize,
     /// How long one set of hot keys is in use.
     pub window: Duration,
+    /// The shares of gets, puts and deletes.
+    pub mix: Mix,
     /// How long a client waits for one answer before calling the outcome unknown.
     pub op_timeout: Duration,
     /// Times in the history are measured from here.
@@ -121,19 +180,18 @@ async fn client_loop(id: u32, cfg: WorkloadConfig, mut rng: Rng, deadline: Insta
         let Some(key) = cfg.keys.get(key_index as usize).cloned() else {
             break;
         };
-        let roll = rng.unit();
-        let (kind, value, req) = if roll < GET_SHARE {
-            (OpKind::Get, None, Request::Get { key })
-        } else if roll < GET_SHARE + PUT_SHARE {
-            seq += 1;
-            let value = format!("c{id}-{seq}");
-            let req = Request::Put {
-                key,
-                value: Bytes::from(value.clone()),
-            };
-            (OpKind::Put, Some(value), req)
-        } else {
-            (OpKind::Delete, None, Request::Delete { key })
+        let (kind, value, req) = match cfg.mix.pick(rng.unit()) {
+            OpKind::Get => (OpKind::Get, None, Request::Get { key }),
+            OpKind::Put => {
+                seq += 1;
+                let value = format!("c{id}-{seq}");
+                let req = Request::Put {
+                    key,
+                    value: Bytes::from(value.clone()),
+                };
+                (OpKind::Put, Some(value), req)
+            }
+            OpKind::Delete => (OpKind::Delete, None, Request::Delete { key }),
         };
         ops.push(invoke(&cfg, &conn, id, key_index, kind, value, req).await);
     }
@@ -276,6 +334,7 @@ mod tests {
             keys: Arc::new((0..10).map(|i| Bytes::from(format!("k{i}"))).collect()),
             hot_keys: 2,
             window: Duration::from_secs(3600),
+            mix: Mix::default(),
             op_timeout: Duration::from_secs(1),
             start: Instant::now(),
         };
@@ -287,5 +346,20 @@ mod tests {
         let picks: std::collections::HashSet<usize> =
             (0..1000).map(|_| all.pick_key(&mut rng)).collect();
         assert_eq!(picks.len(), 10);
+    }
+
+    #[test]
+    fn mixes_parse_and_pick() {
+        let mix: Mix = "1:2:1".parse().unwrap();
+        assert_eq!(mix.pick(0.0), OpKind::Get);
+        assert_eq!(mix.pick(0.3), OpKind::Put);
+        assert_eq!(mix.pick(0.74), OpKind::Put);
+        assert_eq!(mix.pick(0.99), OpKind::Delete);
+        let reads: Mix = "100:0:0".parse().unwrap();
+        assert_eq!(reads.pick(0.999), OpKind::Get);
+        assert_eq!(Mix::default().to_string(), "50:40:10");
+        for bad in ["", "1:2", "1:2:3:4", "a:b:c", "0:0:0", "-1:2:3", "inf:1:1"] {
+            assert!(bad.parse::<Mix>().is_err(), "{bad:?} should not parse");
+        }
     }
 }

@@ -26,6 +26,31 @@ pub const MAX_VALUE_LEN: usize = 16 * 1024 * 1024;
 /// Default largest frame, checked before a byte of the body is buffered.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
 
+/// Reject an empty key, a key over [`MAX_KEY_LEN`] or a value over [`MAX_VALUE_LEN`], before
+/// anything is written.
+pub fn check_sizes(key: &[u8], value: Option<&Bytes>) -> Result<(), WireError> {
+    if key.is_empty() {
+        return Err(WireError::BadRequest("empty key".into()));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(WireError::TooLarge {
+            what: "key".into(),
+            size: key.len() as u64,
+            max: MAX_KEY_LEN as u64,
+        });
+    }
+    if let Some(v) = value {
+        if v.len() > MAX_VALUE_LEN {
+            return Err(WireError::TooLarge {
+                what: "value".into(),
+                size: v.len() as u64,
+                max: MAX_VALUE_LEN as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A frame body: the request id that ties an answer to its request, and the message.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Envelope<M> {

@@ -123,20 +123,8 @@ impl Coordinator {
 
     /// Spawn one more node and wait until it registers.
     pub async fn add_node(self: &Arc<Self>) -> Reply {
-        let id = self.members.next_id();
-        let dir = self.config.node_dir(id);
-        let record = NodeRecord {
-            id,
-            addr: String::new(),
-            data_dir: dir.display().to_string(),
-            spawned: true,
-            pid: None,
-            removed: false,
-            leaving: false,
-        };
-        self.members.add(record.clone());
-        self.meta
-            .save_node(record)
+        let (id, dir) = self
+            .new_spawned_node()
             .await
             .map_err(|e| WireError::Unavailable(format!("cannot record the node: {e}")))?;
         let pid = self
@@ -154,6 +142,26 @@ impl Coordinator {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(Response::NodeAdded { node: id })
+    }
+
+    /// Allocate an id and a data directory for a node to spawn, and record it.
+    async fn new_spawned_node(
+        self: &Arc<Self>,
+    ) -> Result<(NodeId, std::path::PathBuf), crate::metadata::MetaError> {
+        let id = self.members.next_id();
+        let dir = self.config.node_dir(id);
+        let record = NodeRecord {
+            id,
+            addr: String::new(),
+            data_dir: dir.display().to_string(),
+            spawned: true,
+            pid: None,
+            removed: false,
+            leaving: false,
+        };
+        self.members.add(record.clone());
+        self.meta.save_node(record).await?;
+        Ok((id, dir))
     }
 
     /// Decommission `id`: copy its keys away, then stop it. Returns once it is removed.
@@ -295,19 +303,7 @@ impl Coordinator {
             expected.push(record.id);
         }
         while expected.len() < self.config.nodes {
-            let id = self.members.next_id();
-            let dir = self.config.node_dir(id);
-            let record = NodeRecord {
-                id,
-                addr: String::new(),
-                data_dir: dir.display().to_string(),
-                spawned: true,
-                pid: None,
-                removed: false,
-                leaving: false,
-            };
-            self.members.add(record.clone());
-            self.meta.save_node(record).await?;
+            let (id, dir) = self.new_spawned_node().await?;
             self.supervisor.spawn(id, &dir)?;
             expected.push(id);
         }

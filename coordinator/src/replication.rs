@@ -16,15 +16,14 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use ringkv_common::client::CallError;
-use ringkv_common::protocol::{
-    Location, ReplicaInfo, Reply, Request, Response, MAX_KEY_LEN, MAX_VALUE_LEN,
-};
+use ringkv_common::protocol::{Location, ReplicaInfo, Reply, Request, Response};
 use ringkv_common::{NodeId, Version, WireError};
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::debug;
 
 use crate::metadata::{KeyMeta, KeyUpdate};
 use crate::state::Coordinator;
+pub use ringkv_common::protocol::check_sizes;
 
 /// Lock stripes for per-key write serialisation. Two keys share a stripe with probability
 /// 1/4096, which costs a little concurrency, never correctness.
@@ -52,30 +51,6 @@ impl KeyLocks {
         let i = (ringkv_common::ring::key_hash(key) as usize) % LOCK_STRIPES;
         Some(self.stripes.get(i)?.lock().await)
     }
-}
-
-/// Reject keys and values over their limits before anything is written.
-pub fn check_sizes(key: &[u8], value: Option<&Bytes>) -> Result<(), WireError> {
-    if key.is_empty() {
-        return Err(WireError::BadRequest("empty key".into()));
-    }
-    if key.len() > MAX_KEY_LEN {
-        return Err(WireError::TooLarge {
-            what: "key".into(),
-            size: key.len() as u64,
-            max: MAX_KEY_LEN as u64,
-        });
-    }
-    if let Some(v) = value {
-        if v.len() > MAX_VALUE_LEN {
-            return Err(WireError::TooLarge {
-                what: "value".into(),
-                size: v.len() as u64,
-                max: MAX_VALUE_LEN as u64,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// How one replica answered a store.

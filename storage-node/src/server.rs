@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use ringkv_common::protocol::{Reply, Request, Response, Role, MAX_KEY_LEN, MAX_VALUE_LEN};
+use ringkv_common::protocol::{Reply, Request, Response, Role};
 use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
 use tracing::{error, info};
@@ -79,7 +79,7 @@ impl Node {
     }
 
     async fn store(&self, key: Bytes, version: Version, value: Option<Bytes>) -> Reply {
-        check_sizes(&key, value.as_ref())?;
+        ringkv_common::protocol::check_sizes(&key, value.as_ref())?;
         if version == Version::ZERO {
             return Err(WireError::BadRequest("version 0 is reserved".into()));
         }
@@ -116,26 +116,6 @@ impl Node {
         }
         Ok(Response::Done)
     }
-}
-
-fn check_sizes(key: &[u8], value: Option<&Bytes>) -> Result<(), WireError> {
-    if key.len() > MAX_KEY_LEN {
-        return Err(WireError::TooLarge {
-            what: "key".into(),
-            size: key.len() as u64,
-            max: MAX_KEY_LEN as u64,
-        });
-    }
-    if let Some(v) = value {
-        if v.len() > MAX_VALUE_LEN {
-            return Err(WireError::TooLarge {
-                what: "value".into(),
-                size: v.len() as u64,
-                max: MAX_VALUE_LEN as u64,
-            });
-        }
-    }
-    Ok(())
 }
 
 impl Handler for Node {

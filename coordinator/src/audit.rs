@@ -57,9 +57,11 @@ impl Coordinator {
         for node in self.members.in_state(NodeState::Up) {
             held.insert(node, self.scan_all(node).await?);
         }
+        // First pass against the scans. The scans and the metadata are not one snapshot (writes
+        // go on meanwhile), so every key that does not look healthy is looked at again, alone,
+        // under its lock.
         let mut report = CheckReport::default();
-        let mut examples: Vec<String> = Vec::new();
-        let rf = self.config.rf;
+        let mut suspects: Vec<Bytes> = Vec::new();
         self.meta.for_each(|key, meta| {
             if meta.tombstone {
                 return;
@@ -76,28 +78,68 @@ impl Coordinator {
                     _ => stale = true,
                 }
             }
-            if (good == 0 || stale) && examples.len() < 10 {
-                examples.push(format!(
-                    "{} v{} listed on {:?}",
-                    String::from_utf8_lossy(key),
-                    meta.version,
-                    meta.replicas
-                ));
-            }
-            if good == 0 {
-                report.lost += 1;
-            } else if stale {
-                report.stale += 1;
-            } else if good < rf {
-                report.under_replicated += 1;
-            } else {
-                report.healthy += 1;
+            match classify(good, stale, self.config.rf) {
+                Health::Healthy => report.healthy += 1,
+                _ => suspects.push(key.clone()),
             }
         });
+        let mut examples: Vec<String> = Vec::new();
+        for key in suspects {
+            let health = self.check_key(&key).await;
+            match health {
+                Health::Healthy => report.healthy += 1,
+                Health::UnderReplicated => report.under_replicated += 1,
+                Health::Stale | Health::Lost => {
+                    if health == Health::Stale {
+                        report.stale += 1;
+                    } else {
+                        report.lost += 1;
+                    }
+                    if examples.len() < 10 {
+                        let meta = self.meta.get(&key);
+                        examples.push(format!(
+                            "{} {:?}: {:?}",
+                            String::from_utf8_lossy(&key),
+                            health,
+                            meta.map(|m| (m.version, m.replicas))
+                        ));
+                    }
+                }
+                Health::Gone => report.keys -= 1,
+            }
+        }
         if !examples.is_empty() {
             tracing::warn!(?examples, "check found lost or stale keys");
         }
         Ok(report)
+    }
+
+    /// Classify one key exactly: under its lock, ask each listed up replica what it holds.
+    async fn check_key(self: &Arc<Self>, key: &Bytes) -> Health {
+        let _guard = self.locks.lock(key).await;
+        let Some(meta) = self.meta.get(key) else {
+            return Health::Gone;
+        };
+        if meta.tombstone {
+            return Health::Gone;
+        }
+        let asks = meta.replicas.iter().map(|&node| async move {
+            if !self.members.is_up(node) {
+                return None;
+            }
+            let req = Request::Fetch { key: key.clone() };
+            match self.members.call(node, req, self.config.node_timeout).await {
+                Ok(Response::Fetched { version, value }) => {
+                    Some(version == meta.version && value.is_some())
+                }
+                // Unreachable: neither good nor stale, so the key counts as under-replicated.
+                _ => None,
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        let good = answers.iter().filter(|a| **a == Some(true)).count();
+        let stale = answers.contains(&Some(false));
+        classify(good, stale, self.config.rf)
     }
 
     async fn scan_all(&self, node: NodeId) -> Result<HashMap<Bytes, Version>, WireError> {
@@ -132,5 +174,30 @@ impl Coordinator {
                 }
             }
         }
+    }
+}
+
+/// The health of one key, as `check` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    Healthy,
+    UnderReplicated,
+    /// A listed, live replica holds another version (or none).
+    Stale,
+    /// No live replica holds the metadata's version.
+    Lost,
+    /// Deleted while being checked.
+    Gone,
+}
+
+fn classify(good: usize, stale: bool, rf: usize) -> Health {
+    if good == 0 {
+        Health::Lost
+    } else if stale {
+        Health::Stale
+    } else if good < rf {
+        Health::UnderReplicated
+    } else {
+        Health::Healthy
     }
 }

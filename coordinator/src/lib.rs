@@ -76,6 +76,7 @@ pub async fn run(
         locks: KeyLocks::default(),
         repairs: RepairQueue::default(),
         shutdown: shutdown.clone(),
+        ready: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
 
@@ -112,6 +113,7 @@ pub async fn run(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     info!(%addr, nodes = expected.len(), "coordinator ready");
+    coord.ready.cancel();
     on_ready(addr);
 
     // Resume decommissions a previous run did not finish.

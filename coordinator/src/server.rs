@@ -10,6 +10,11 @@ use crate::state::Coordinator;
 
 impl Handler for Coordinator {
     async fn handle(self: Arc<Self>, req: Request, role: Role) -> Reply {
+        // Until the nodes have registered after a start, client requests wait rather than
+        // fail for want of replicas (nodes must be served: their registration is the wait).
+        if role != Role::Node && !self.ready.is_cancelled() {
+            let _ = tokio::time::timeout(self.config.startup_timeout, self.ready.cancelled()).await;
+        }
         match (role, req) {
             (
                 Role::Node,

@@ -23,6 +23,8 @@ pub struct Coordinator {
     pub repairs: RepairQueue,
     /// Fires when the coordinator shuts down.
     pub shutdown: CancellationToken,
+    /// Fires once the nodes expected at start-up have registered; client requests wait for it.
+    pub ready: CancellationToken,
     /// Background work (late acknowledgements, repairs); waited for at shutdown.
     pub tasks: TaskTracker,
 }

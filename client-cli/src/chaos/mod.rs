@@ -60,7 +60,8 @@ const CHAOS_AFTER_HELP: &str = "\
 Examples:
   ringkv chaos
   ringkv chaos --duration 10m --nemesis kill,pause,join,leave,coordinator-kill --seed 7
-  ringkv chaos --duration 30s --nemesis pause --coordinator-env FAILPOINTS=bug-read-any-version=return
+  ringkv chaos --duration 30s --clients 12 --hot-keys 2 --mix 40:30:30 --nemesis pause \\
+      --coordinator-env FAILPOINTS=bug-read-any-version=return   # a failpoints build: must FAIL
   ringkv --coordinator 10.0.0.5:7400 chaos --nemesis kill,pause   # attach to a running cluster
 
 Without --coordinator on the command line, chaos starts its own cluster (ringkv-coordinator
@@ -126,6 +127,11 @@ pub struct ChaosArgs {
     /// pauses last longer than this.
     #[arg(long, default_value = "1500ms", value_parser = parse_duration, value_name = "DURATION")]
     pub down_timeout: Duration,
+
+    /// Silence after which a node is suspect (no longer read from first, given no new
+    /// replicas), for the cluster chaos starts. Default: half the down timeout, at most 750ms.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub suspect_timeout: Option<Duration>,
 
     /// Heartbeat interval of the nodes of the cluster chaos starts.
     #[arg(long, default_value = "250ms", value_parser = parse_duration, value_name = "DURATION")]
@@ -684,7 +690,15 @@ fn cluster_spec(args: &ChaosArgs, dir: &Path) -> Result<ClusterSpec, ChaosError>
             .unwrap_or_else(|| PathBuf::from(name))
     };
     // The coordinator insists the suspect timeout be shorter than the down timeout.
-    let suspect = (args.down_timeout / 2).min(Duration::from_millis(750));
+    let suspect = match args.suspect_timeout {
+        Some(s) if s >= args.down_timeout => {
+            return Err(ChaosError::Usage(
+                "--suspect-timeout must be shorter than --down-timeout".into(),
+            ))
+        }
+        Some(s) => s,
+        None => (args.down_timeout / 2).min(Duration::from_millis(750)),
+    };
     let mut coordinator_args = vec![
         format!("--down-timeout={}ms", args.down_timeout.as_millis().max(2)),
         format!("--suspect-timeout={}ms", suspect.as_millis().max(1)),
@@ -765,6 +779,9 @@ fn reproduce_command(
             "--down-timeout {}ms",
             args.down_timeout.as_millis()
         ));
+        if let Some(t) = args.suspect_timeout {
+            parts.push(format!("--suspect-timeout {}ms", t.as_millis()));
+        }
     }
     for a in &args.coordinator_args {
         parts.push(format!("--coordinator-arg={a}"));

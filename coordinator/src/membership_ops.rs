@@ -40,29 +40,13 @@ impl Coordinator {
                 if self.members.record(id).is_none() {
                     // A node this coordinator never knew (its registry was lost): accept it
                     // under the id it carries.
-                    self.members.add(NodeRecord {
-                        id,
-                        addr: addr.clone(),
-                        data_dir: data_dir.clone(),
-                        spawned: false,
-                        pid: Some(pid),
-                        removed: false,
-                        leaving: false,
-                    });
+                    self.members.add(joined_record(id, &addr, &data_dir, pid));
                 }
                 id
             }
             None => {
                 let id = self.members.next_id();
-                self.members.add(NodeRecord {
-                    id,
-                    addr: addr.clone(),
-                    data_dir: data_dir.clone(),
-                    spawned: false,
-                    pid: Some(pid),
-                    removed: false,
-                    leaving: false,
-                });
+                self.members.add(joined_record(id, &addr, &data_dir, pid));
                 info!(node = %id, %addr, "new node joined");
                 id
             }
@@ -308,6 +292,19 @@ impl Coordinator {
             expected.push(id);
         }
         Ok(expected)
+    }
+}
+
+/// The registry record of a node that joined by itself (not spawned by the coordinator).
+fn joined_record(id: NodeId, addr: &str, data_dir: &str, pid: u32) -> NodeRecord {
+    NodeRecord {
+        id,
+        addr: addr.to_string(),
+        data_dir: data_dir.to_string(),
+        spawned: false,
+        pid: Some(pid),
+        removed: false,
+        leaving: false,
     }
 }
 

@@ -228,13 +228,12 @@ impl Coordinator {
                     value: None,
                 });
             }
-            let mut candidates = meta.replicas.clone();
-            // Up replicas first, starting at a key-dependent offset to spread the load.
-            candidates.sort_by_key(|n| !self.members.is_up(*n));
-            let up = candidates
-                .iter()
-                .filter(|n| self.members.is_up(**n))
-                .count();
+            // Up replicas first (one membership lookup each), starting at a key-dependent
+            // offset to spread the load.
+            let (mut candidates, down): (Vec<NodeId>, Vec<NodeId>) =
+                meta.replicas.iter().partition(|n| self.members.is_up(**n));
+            let up = candidates.len();
+            candidates.extend(down);
             if up > 1 {
                 let shift = (ringkv_common::ring::key_hash(&key) as usize) % up;
                 if let Some(head) = candidates.get_mut(..up) {

@@ -9,9 +9,10 @@
 # Settings (environment): DURATION (5s), WARMUP (1s), CONNECTIONS (50), PIPELINE (16),
 # KEYS (10000), NODES (5), VALUE_SIZES ("100 1024"), OUT (a file to keep every run's JSON).
 #
-# Plain runs: Redis without persistence, RingKV nodes with `--node-fsync never`.
-# Fsync runs: Redis with `appendonly yes` + `appendfsync always`, RingKV nodes with
-# `--node-fsync always`. RingKV runs RF 3 with a write quorum of 2 (the defaults).
+# Plain runs: Redis without persistence, RingKV with `--node-fsync never --meta-fsync never`
+# (every write still reaches the files before it is acknowledged, so it survives a SIGKILL).
+# Fsync runs: Redis with `appendonly yes` + `appendfsync always`, RingKV with
+# `--node-fsync always --meta-fsync always`. RingKV runs RF 3 with a write quorum of 2 (the defaults).
 # Every process started here is stopped on exit, whatever happens.
 set -euo pipefail
 
@@ -101,12 +102,13 @@ start_redis() {
 }
 
 # start_ringkv NAME FSYNC: start a coordinator with NODES nodes, set RINGKV_ADDR and RINGKV_PID.
+# FSYNC is both the nodes' log policy and the metadata journal's (always or never).
 start_ringkv() {
     local name=$1 fsync=$2
     local dir="$WORK/$name"
     mkdir -p "$dir"
     "$BIN/ringkv-coordinator" --listen 127.0.0.1:0 --data-dir "$dir/data" --nodes "$NODES" \
-        --node-fsync "$fsync" --node-binary "$BIN/ringkv-node" \
+        --node-fsync "$fsync" --meta-fsync "$fsync" --node-binary "$BIN/ringkv-node" \
         > "$dir/stdout" 2> "$dir/coordinator.log" &
     RINGKV_PID=$!
     PIDS+=("$RINGKV_PID")
@@ -164,14 +166,14 @@ fsync_runs() {
     done
 }
 
-echo "plain (no persistence): ringkv --node-fsync never, redis without AOF or RDB" >&2
+echo "plain (no fsync): ringkv --node-fsync never --meta-fsync never, redis without AOF or RDB" >&2
 start_ringkv ringkv-plain never
 start_redis redis-plain --appendonly no
 plain_runs
 stop_pid "$REDIS_PID"
 stop_pid "$RINGKV_PID"
 
-echo "fsync on every write: ringkv --node-fsync always, redis appendfsync always" >&2
+echo "fsync on every write: ringkv --node-fsync always --meta-fsync always, redis appendfsync always" >&2
 start_ringkv ringkv-fsync always
 start_redis redis-fsync --appendonly yes --appendfsync always
 fsync_runs

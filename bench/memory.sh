@@ -10,7 +10,7 @@
 # The coordinator holds every key (and its metadata, not its value); with RF 3 each node holds
 # about 3/NODES of the keys, with their values. Nodes run `--node-fsync never` so loading is
 # quick; durability settings do not change what is held in memory. On-disk sizes (the
-# metadata DB, the nodes' logs) are printed too. Everything started here stops on exit.
+# metadata journal, the nodes' logs) are printed too. Everything started here stops on exit.
 set -euo pipefail
 
 KEYS=${KEYS:-1000000}
@@ -46,7 +46,7 @@ trap 'exit 130' INT TERM
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 "$BIN/ringkv-coordinator" --listen 127.0.0.1:0 --data-dir "$WORK/data" --nodes "$NODES" \
-    --node-fsync never --node-binary "$BIN/ringkv-node" \
+    --node-fsync never --meta-fsync never --node-binary "$BIN/ringkv-node" \
     > "$WORK/stdout" 2> "$WORK/coordinator.log" &
 COORD_PID=$!
 ADDR=""
@@ -85,7 +85,7 @@ report() { # NAME KEYS DELTA_KIB PAYLOAD DISK_BYTES
         printf "| %s | %d | %.1f MiB | %.0f | %.0f | %.0f |\n", n, k, d / 1024, per, per - p, disk / k
     }'
 }
-meta_bytes=$(du -sb "$WORK/data/meta.redb" | cut -f1)
+meta_bytes=$(du -sb "$WORK/data/meta.log" | cut -f1)
 report coordinator "$KEYS" $(( $(rss_kib "$COORD_PID") - BEFORE[coordinator] )) "$KEY_LEN" "$meta_bytes"
 while read -r id pid; do
     held=$(echo "$STATUS" | jq --argjson id "$id" '.nodes[] | select(.id == $id) | .keys')
@@ -95,4 +95,4 @@ done <<< "$NODE_PIDS"
 echo
 echo "RSS growth is VmRSS after loading minus before; 'minus key and value' subtracts the"
 echo "$KEY_LEN B key (and, on nodes, the $VALUE_SIZE B value) from bytes per key. The coordinator's"
-echo "figure includes the metadata DB's page cache; 'on disk' is meta.redb or the node's data directory."
+echo "figure is its in-memory metadata map; 'on disk' is meta.log or the node's data directory."

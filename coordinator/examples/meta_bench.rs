@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_common::NodeId;
-use ringkv_coordinator::metadata::{KeyMeta, KeyUpdate, Metadata};
+use ringkv_coordinator::metadata::{KeyMeta, KeyUpdate, MetaOptions, Metadata};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -26,7 +26,13 @@ fn arg(name: &str, default: u64) -> u64 {
 
 async fn run(max_group: usize, writers: u64, seconds: u64) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
-    let (meta, _) = Metadata::open_with_group(dir.path(), max_group)?;
+    let (meta, _) = Metadata::open_with(
+        dir.path(),
+        MetaOptions {
+            max_group,
+            ..Default::default()
+        },
+    )?;
     let meta = Arc::new(meta);
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);

@@ -30,6 +30,8 @@ pub struct CoordinatorConfig {
     /// How long start-up waits for nodes to register before serving anyway.
     pub startup_timeout: Duration,
     pub max_frame_len: usize,
+    /// When metadata changes are synced to disk before a write is acknowledged.
+    pub meta_fsync: crate::metadata::MetaFsync,
 }
 
 impl CoordinatorConfig {
@@ -51,6 +53,7 @@ impl CoordinatorConfig {
             transfer_bytes_per_sec: 0,
             startup_timeout: Duration::from_secs(30),
             max_frame_len: ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN,
+            meta_fsync: crate::metadata::MetaFsync::Always,
         }
     }
 

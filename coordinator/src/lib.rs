@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: flags turned into a [`CoordinatorConfig`].
-//! - [`metadata`]: the redb-backed metadata DB (keys, node index, registry, version lease).
+//! - [`metadata`]: the metadata (keys, registry, version lease): in memory, persisted in an append-only journal.
 //! - [`ring_state`]: membership (node states, stats, connections) and the ring.
 //! - [`failure_detector`]: heartbeats to `up` / `suspect` / `down`, as pure logic.
 //! - [`supervisor`]: spawning, signalling and stopping node processes.
@@ -62,9 +62,18 @@ pub async fn run(
     );
     let addr = listener.local_addr()?;
     let dir = config.data_dir.clone();
-    let (meta, records) = tokio::task::spawn_blocking(move || Metadata::open(&dir))
-        .await?
-        .with_context(|| format!("opening metadata in {}", config.data_dir.display()))?;
+    let meta_fsync = config.meta_fsync;
+    let (meta, records) = tokio::task::spawn_blocking(move || {
+        Metadata::open_with(
+            &dir,
+            metadata::MetaOptions {
+                fsync: meta_fsync,
+                ..Default::default()
+            },
+        )
+    })
+    .await?
+    .with_context(|| format!("opening metadata in {}", config.data_dir.display()))?;
     let members = Membership::new(records, config.vnodes);
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor::new(config.launch.clone(), addr.to_string(), exit_tx);
@@ -111,6 +120,16 @@ pub async fn run(
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if coord.meta.lost_tail() {
+        // Changes after the damage may be missing: learn them from the nodes before a client
+        // can read a key the metadata no longer knows about.
+        warn!("metadata journal was damaged; reconciling every node before serving clients");
+        let nodes = expected
+            .iter()
+            .filter(|id| coord.members.is_registered(**id))
+            .map(|id| coord.reconcile_node(*id));
+        futures::future::join_all(nodes).await;
     }
     info!(%addr, nodes = expected.len(), "coordinator ready");
     coord.ready.cancel();

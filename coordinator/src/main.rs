@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use ringkv_common::parse_duration;
 use ringkv_coordinator::failure_detector::DetectorConfig;
+use ringkv_coordinator::metadata::MetaFsync;
 use ringkv_coordinator::supervisor::NodeLaunch;
 use ringkv_coordinator::CoordinatorConfig;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +61,11 @@ struct Args {
     /// fsync policy of spawned nodes: always, interval[:DURATION] or never.
     #[arg(long, default_value = "always")]
     node_fsync: String,
+    /// When the metadata journal is synced: `always` (before every write is acknowledged,
+    /// survives power loss) or `never` (written before the acknowledgement, survives a crash
+    /// of this process but not of the machine; pair it with `--node-fsync never`).
+    #[arg(long, value_enum, default_value = "always")]
+    meta_fsync: MetaFsync,
     /// The `ringkv-node` executable (default: next to this one, else on PATH).
     #[arg(long)]
     node_binary: Option<PathBuf>,
@@ -90,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         down_after: args.down_timeout,
     };
     config.transfer_concurrency = args.transfer_concurrency;
+    config.meta_fsync = args.meta_fsync;
     config.transfer_bytes_per_sec = args.transfer_bytes_per_sec;
     config.launch = NodeLaunch {
         binary: args.node_binary.unwrap_or_else(NodeLaunch::default_binary),

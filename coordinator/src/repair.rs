@@ -418,6 +418,7 @@ impl Coordinator {
         mut entry: ScanEntry,
         stats: &mut (u64, u64, u64),
     ) {
+        self.meta.observe_version(entry.version);
         let key = entry.key.clone();
         let _guard = self.locks.lock(&key).await;
         let meta = self.meta.get(&key);

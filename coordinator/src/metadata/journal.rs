@@ -1,0 +1,505 @@
+//! The metadata journal: the on-disk form of the metadata, an append-only file of changes.
+//!
+//! `meta.log` is the 8-byte magic [`MAGIC`] followed by frames, each one change:
+//!
+//! ```text
+//! +-----------+---------+---------------------------------------------+
+//! | crc32 u32 | len u32 | payload: len bytes, MessagePack of an Entry |
+//! +-----------+---------+---------------------------------------------+
+//! ```
+//!
+//! Integers are big-endian; the CRC covers `len` and the payload. An entry is the new state of
+//! one key (or its removal), one node record, or a version ceiling; replaying the file in order
+//! rebuilds the metadata. Appends are written in groups: the writer encodes every change of a
+//! group into one buffer, writes it with one `write` and, under [`MetaFsync::Always`], syncs
+//! once before anyone is answered.
+//!
+//! Replay stops at the first frame that is incomplete or fails its checksum: a crash can only
+//! tear the last group written, so that is where the valid prefix ends. The bytes after it are
+//! moved aside to `meta.log.discarded-<unix seconds>` (never silently dropped) and the file is
+//! cut back to the valid prefix before anything new is appended.
+//!
+//! When the file grows to twice its size after the last rewrite (and at least
+//! `rewrite_min_bytes`), the writer rewrites it as a snapshot of the live state: a new file
+//! is written and synced, renamed over the old one, and the directory is synced.
+
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{KeyMeta, NodeRecord};
+
+/// The journal's file name in the coordinator's data directory.
+pub const JOURNAL_FILE: &str = "meta.log";
+
+/// First bytes of the file, so that a stray file is never taken for the journal.
+const MAGIC: &[u8; 8] = b"RKVMETA1";
+
+/// `crc32 | len`.
+const FRAME_HEADER_LEN: usize = 8;
+
+/// Largest payload: an entry holding the largest key, with generous room for the rest.
+const MAX_PAYLOAD_LEN: usize = ringkv_common::protocol::MAX_KEY_LEN + 64 * 1024;
+
+/// The journal is not rewritten while smaller than this (by default).
+pub const REWRITE_MIN_BYTES: u64 = 32 * 1024 * 1024;
+
+/// When a metadata change is synced to disk before it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetaFsync {
+    /// Sync every group before acknowledging it: a change survives a power loss.
+    Always,
+    /// Write every group before acknowledging it, sync only on rewrite and close: a change
+    /// survives a crash of the coordinator process, not of the machine.
+    Never,
+}
+
+/// One change, as stored.
+#[derive(Deserialize, Debug, PartialEq)]
+pub enum Entry {
+    /// The state of `key` from now on; `None` removes it.
+    Key { key: Bytes, meta: Option<KeyMeta> },
+    /// The latest record of a node.
+    Node(NodeRecord),
+    /// Versions below this may have been handed out.
+    Ceiling(u64),
+}
+
+/// One change, as written: the same encoding as [`Entry`], from borrowed parts.
+#[derive(Serialize)]
+pub enum EntryRef<'a> {
+    Key {
+        key: &'a Bytes,
+        meta: Option<&'a KeyMeta>,
+    },
+    Node(&'a NodeRecord),
+    Ceiling(u64),
+}
+
+/// Errors of the journal.
+#[derive(thiserror::Error, Debug)]
+pub enum JournalError {
+    #[error("i/o on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0} is not a RingKV metadata journal (bad magic)")]
+    NotAJournal(PathBuf),
+    #[error("cannot encode a metadata entry: {0}")]
+    Encode(String),
+}
+
+/// What replay found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Entries applied.
+    pub entries: u64,
+    /// Bytes after the valid prefix that were moved aside (a torn or damaged tail).
+    pub discarded_bytes: u64,
+    /// Where they were moved.
+    pub discarded_to: Option<PathBuf>,
+}
+
+/// The open journal, owned by the metadata writer thread.
+pub struct Journal {
+    dir: PathBuf,
+    file: File,
+    len: u64,
+    /// Size right after the last rewrite (or an estimate of the live part at open).
+    base: u64,
+    fsync: MetaFsync,
+    rewrite_min_bytes: u64,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    /// Open (or create) the journal in `dir`, feeding every valid entry to `apply` in order.
+    pub fn open(
+        dir: &Path,
+        fsync: MetaFsync,
+        rewrite_min_bytes: u64,
+        mut apply: impl FnMut(Entry),
+    ) -> Result<(Journal, ReplayReport), JournalError> {
+        let path = dir.join(JOURNAL_FILE);
+        let io = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let total = file.metadata().map_err(io)?.len();
+        let mut report = ReplayReport::default();
+        let valid = if total < MAGIC.len() as u64 {
+            // New, or a crash before the header was complete: nothing was ever acknowledged.
+            file.set_len(0).map_err(io)?;
+            file.write_all(MAGIC).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            sync_dir(dir).map_err(io)?;
+            MAGIC.len() as u64
+        } else {
+            let mut reader = BufReader::with_capacity(1 << 20, &mut file);
+            let mut magic = [0u8; 8];
+            reader.read_exact(&mut magic).map_err(io)?;
+            if &magic != MAGIC {
+                return Err(JournalError::NotAJournal(path));
+            }
+            let mut offset = MAGIC.len() as u64;
+            while let Some((entry, frame_len)) = read_frame(&mut reader).map_err(io)? {
+                apply(entry);
+                report.entries += 1;
+                offset += frame_len;
+            }
+            offset
+        };
+        if valid < total {
+            report.discarded_bytes = total - valid;
+            report.discarded_to = Some(move_tail_aside(dir, &mut file, valid).map_err(io)?);
+        }
+        file.seek(SeekFrom::Start(valid)).map_err(io)?;
+        Ok((
+            Journal {
+                dir: dir.to_path_buf(),
+                file,
+                len: valid,
+                base: valid,
+                fsync,
+                rewrite_min_bytes,
+                buf: Vec::with_capacity(64 * 1024),
+            },
+            report,
+        ))
+    }
+
+    /// Set the size the next rewrite is measured against (the live part of the file).
+    pub fn set_base(&mut self, base: u64) {
+        self.base = base;
+    }
+
+    /// Queue `entry` for the next [`Journal::commit`].
+    pub fn append(&mut self, entry: &EntryRef<'_>) -> Result<(), JournalError> {
+        encode_frame(&mut self.buf, entry)
+    }
+
+    /// Write what was appended since the last commit, and sync it under `Always`.
+    pub fn commit(&mut self) -> Result<(), JournalError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let io = |source| JournalError::Io {
+            path: self.dir.join(JOURNAL_FILE),
+            source,
+        };
+        self.file.write_all(&self.buf).map_err(io)?;
+        if self.fsync == MetaFsync::Always {
+            self.file.sync_data().map_err(io)?;
+        }
+        self.len += self.buf.len() as u64;
+        self.buf.clear();
+        if self.buf.capacity() > 16 << 20 {
+            self.buf.shrink_to(64 * 1024);
+        }
+        Ok(())
+    }
+
+    /// Whether the file has grown enough since the last rewrite to be worth rewriting.
+    pub fn wants_rewrite(&self) -> bool {
+        self.len >= self.rewrite_min_bytes && self.len >= self.base.saturating_mul(2)
+    }
+
+    /// Replace the file with `entries` (the live state): written to a temporary file and
+    /// synced, renamed over the journal, directory synced. Anything appended but not
+    /// committed is committed first.
+    pub fn rewrite<'a>(
+        &mut self,
+        entries: impl Iterator<Item = EntryRef<'a>>,
+    ) -> Result<(), JournalError> {
+        self.commit()?;
+        let tmp = self.dir.join(format!("{JOURNAL_FILE}.rewrite"));
+        let io = |source| JournalError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let file = File::create(&tmp).map_err(io)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(MAGIC).map_err(io)?;
+        let mut len = MAGIC.len() as u64;
+        let mut frame = Vec::with_capacity(256);
+        for entry in entries {
+            frame.clear();
+            encode_frame(&mut frame, &entry)?;
+            out.write_all(&frame).map_err(io)?;
+            len += frame.len() as u64;
+        }
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        fs::rename(&tmp, self.dir.join(JOURNAL_FILE)).map_err(io)?;
+        sync_dir(&self.dir).map_err(io)?;
+        let mut file = file;
+        file.seek(SeekFrom::End(0)).map_err(io)?;
+        self.file = file;
+        self.len = len;
+        self.base = len;
+        Ok(())
+    }
+
+    /// Current size of the file in bytes.
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
+    /// Sync everything written so far (used at close under `Never`).
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        self.commit()?;
+        self.file.sync_data().map_err(|source| JournalError::Io {
+            path: self.dir.join(JOURNAL_FILE),
+            source,
+        })
+    }
+}
+
+fn encode_frame(buf: &mut Vec<u8>, entry: &EntryRef<'_>) -> Result<(), JournalError> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    rmp_serde::encode::write(buf, entry).map_err(|e| JournalError::Encode(e.to_string()))?;
+    let payload_len = buf.len() - start - FRAME_HEADER_LEN;
+    if payload_len > MAX_PAYLOAD_LEN {
+        buf.truncate(start);
+        return Err(JournalError::Encode(format!(
+            "entry of {payload_len} bytes is over the {MAX_PAYLOAD_LEN}-byte limit"
+        )));
+    }
+    let len = (payload_len as u32).to_be_bytes();
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len);
+    hasher.update(buf.get(start + FRAME_HEADER_LEN..).unwrap_or_default());
+    let crc = hasher.finalize().to_be_bytes();
+    if let Some(header) = buf.get_mut(start..start + FRAME_HEADER_LEN) {
+        let (crc_field, len_field) = header.split_at_mut(4);
+        crc_field.copy_from_slice(&crc);
+        len_field.copy_from_slice(&len);
+    }
+    Ok(())
+}
+
+/// The next entry and the bytes its frame took, or `None` at the end of the valid prefix
+/// (clean end of file, a torn frame, a bad checksum or an undecodable payload).
+fn read_frame(reader: &mut impl Read) -> io::Result<Option<(Entry, u64)>> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    if !read_full(reader, &mut header)? {
+        return Ok(None);
+    }
+    let [c0, c1, c2, c3, l0, l1, l2, l3] = header;
+    let crc = u32::from_be_bytes([c0, c1, c2, c3]);
+    let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+    if len > MAX_PAYLOAD_LEN {
+        return Ok(None);
+    }
+    let mut payload = vec![0u8; len];
+    if !read_full(reader, &mut payload)? {
+        return Ok(None);
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&[l0, l1, l2, l3]);
+    hasher.update(&payload);
+    if hasher.finalize() != crc {
+        return Ok(None);
+    }
+    match rmp_serde::from_slice::<Entry>(&payload) {
+        Ok(entry) => Ok(Some((entry, (FRAME_HEADER_LEN + len) as u64))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Fill `buf`; `false` if the input ended first.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Copy the bytes after `valid` to a side file, then cut the journal back to `valid`.
+fn move_tail_aside(dir: &Path, file: &mut File, valid: u64) -> io::Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = dir.join(format!("{JOURNAL_FILE}.discarded-{stamp}"));
+    file.seek(SeekFrom::Start(valid))?;
+    let mut out = File::create(&aside)?;
+    io::copy(file, &mut out)?;
+    out.sync_all()?;
+    file.set_len(valid)?;
+    file.sync_all()?;
+    sync_dir(dir)?;
+    Ok(aside)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use ringkv_common::{NodeId, Version};
+
+    fn meta(v: u64) -> KeyMeta {
+        KeyMeta {
+            version: Version(v),
+            replicas: vec![NodeId(1), NodeId(2)],
+            tombstone: false,
+        }
+    }
+
+    fn replay(dir: &Path) -> (Vec<Entry>, ReplayReport) {
+        let mut seen = Vec::new();
+        let (_, report) =
+            Journal::open(dir, MetaFsync::Always, REWRITE_MIN_BYTES, |e| seen.push(e)).unwrap();
+        (seen, report)
+    }
+
+    fn write_three(dir: &Path) {
+        let (mut j, _) = Journal::open(dir, MetaFsync::Always, REWRITE_MIN_BYTES, |_| {}).unwrap();
+        let k = Bytes::from_static(b"key");
+        for v in 1..=3 {
+            let m = meta(v);
+            j.append(&EntryRef::Key {
+                key: &k,
+                meta: Some(&m),
+            })
+            .unwrap();
+            j.commit().unwrap();
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) =
+            Journal::open(dir.path(), MetaFsync::Never, REWRITE_MIN_BYTES, |_| {}).unwrap();
+        let k = Bytes::from_static(b"k");
+        let m = meta(7);
+        let node = NodeRecord {
+            id: NodeId(3),
+            addr: "127.0.0.1:9".into(),
+            data_dir: "d".into(),
+            spawned: true,
+            pid: None,
+            removed: false,
+            leaving: false,
+        };
+        j.append(&EntryRef::Key {
+            key: &k,
+            meta: Some(&m),
+        })
+        .unwrap();
+        j.append(&EntryRef::Node(&node)).unwrap();
+        j.append(&EntryRef::Ceiling(42)).unwrap();
+        j.append(&EntryRef::Key {
+            key: &k,
+            meta: None,
+        })
+        .unwrap();
+        j.commit().unwrap();
+        drop(j);
+        let (seen, report) = replay(dir.path());
+        assert_eq!(
+            seen,
+            vec![
+                Entry::Key {
+                    key: k.clone(),
+                    meta: Some(m)
+                },
+                Entry::Node(node),
+                Entry::Ceiling(42),
+                Entry::Key { key: k, meta: None },
+            ]
+        );
+        assert_eq!(report.discarded_bytes, 0);
+    }
+
+    #[test]
+    fn a_torn_tail_at_every_offset_keeps_the_whole_frames_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_three(dir.path());
+        let path = dir.path().join(JOURNAL_FILE);
+        let full = fs::read(&path).unwrap();
+        let frame = (full.len() - MAGIC.len()) / 3;
+        for cut in MAGIC.len()..full.len() {
+            fs::write(&path, &full[..cut]).unwrap();
+            let (seen, report) = replay(dir.path());
+            let whole = (cut - MAGIC.len()) / frame;
+            assert_eq!(seen.len(), whole, "cut at {cut}");
+            assert_eq!(
+                report.discarded_bytes as usize,
+                cut - MAGIC.len() - whole * frame
+            );
+            // The file was cut back, so a second open finds nothing to discard.
+            assert_eq!(replay(dir.path()).1.discarded_bytes, 0);
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_ends_the_valid_prefix_and_the_rest_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        write_three(dir.path());
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let frame = (bytes.len() - MAGIC.len()) / 3;
+        let second = MAGIC.len() + frame + FRAME_HEADER_LEN + 2;
+        bytes[second] ^= 0x10;
+        fs::write(&path, &bytes).unwrap();
+        let (seen, report) = replay(dir.path());
+        assert_eq!(seen.len(), 1);
+        assert_eq!(report.discarded_bytes as usize, 2 * frame);
+        let aside = fs::read(report.discarded_to.unwrap()).unwrap();
+        assert_eq!(aside, bytes[MAGIC.len() + frame..]);
+    }
+
+    #[test]
+    fn a_foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(JOURNAL_FILE), b"not a journal at all").unwrap();
+        let err = Journal::open(dir.path(), MetaFsync::Always, REWRITE_MIN_BYTES, |_| {}).err();
+        assert!(matches!(err, Some(JournalError::NotAJournal(_))), "{err:?}");
+    }
+
+    #[test]
+    fn rewrite_keeps_only_what_it_is_given_and_appends_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        write_three(dir.path());
+        let (mut j, _) =
+            Journal::open(dir.path(), MetaFsync::Always, REWRITE_MIN_BYTES, |_| {}).unwrap();
+        let k = Bytes::from_static(b"key");
+        let m = meta(3);
+        let before = j.size();
+        j.rewrite(std::iter::once(EntryRef::Key {
+            key: &k,
+            meta: Some(&m),
+        }))
+        .unwrap();
+        assert!(j.size() < before);
+        let m4 = meta(4);
+        j.append(&EntryRef::Key {
+            key: &k,
+            meta: Some(&m4),
+        })
+        .unwrap();
+        j.commit().unwrap();
+        drop(j);
+        let (seen, _) = replay(dir.path());
+        assert_eq!(seen.len(), 2);
+        assert!(!dir.path().join(format!("{JOURNAL_FILE}.rewrite")).exists());
+    }
+}

@@ -1,0 +1,690 @@
+//! The metadata: which version of each key exists and which nodes hold it, the node
+//! registry, and the version lease.
+//!
+//! Everything lives in memory, in a sharded map that serves reads, and is persisted in the
+//! [`journal`] (`meta.log` in the coordinator's data directory), an append-only file of
+//! changes that is rewritten as a snapshot when it grows. All writes go through one writer
+//! thread that drains its queue into a single journal write (group commit): a burst of N
+//! changes costs one `write` and, under `--meta-fsync always`, one fsync. The map is updated
+//! only after the write, so nothing is ever visible that a crash could take back.
+//!
+//! "Which keys did node N hold" is answered by a scan of the in-memory map: it is asked only
+//! when a node leaves or returns, and keeping a second index would cost memory on every key.
+//! The version lease persists a ceiling: a restarted coordinator starts at it, so versions
+//! never go backwards or repeat.
+
+pub mod journal;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use ringkv_common::{NodeId, Version};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+pub use journal::MetaFsync;
+use journal::{Entry, EntryRef, Journal, JournalError};
+
+/// Versions reserved per durable lease. Large enough that a lease write is rare (one per
+/// million writes), small enough that a restart skipping the rest of a lease does not matter
+/// for a u64.
+const VERSION_LEASE: u64 = 1_000_000;
+
+/// Shards of the in-memory mirror, to keep lock contention low under many connections.
+const SHARDS: usize = 64;
+
+/// What the metadata knows about one key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct KeyMeta {
+    /// The newest version that reached a replica.
+    pub version: Version,
+    /// Nodes known to hold `version`.
+    pub replicas: Vec<NodeId>,
+    /// `version` deletes the key.
+    pub tombstone: bool,
+}
+
+/// A node in the persistent registry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    /// Last address it registered with.
+    pub addr: String,
+    pub data_dir: String,
+    /// Spawned (and so restartable) by the coordinator.
+    pub spawned: bool,
+    pub pid: Option<u32>,
+    /// Decommissioned: never spawned or placed again.
+    pub removed: bool,
+    /// Being decommissioned; a restarted coordinator resumes the decommission.
+    pub leaving: bool,
+}
+
+/// A change to one key's metadata, applied by the writer against the current state so that
+/// concurrent updates never undo each other.
+#[derive(Clone, Debug)]
+pub enum KeyUpdate {
+    /// Replace the entry, unless the entry already holds a newer version.
+    Set(KeyMeta),
+    /// Note that `node` now holds `version` (ignored if the key moved on).
+    AddReplica { version: Version, node: NodeId },
+    /// Note that `node` no longer holds the key.
+    RemoveReplica { node: NodeId },
+}
+
+/// Errors of the metadata store.
+#[derive(thiserror::Error, Debug)]
+pub enum MetaError {
+    #[error("metadata journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("metadata write failed: {0}")]
+    Write(String),
+    #[error("metadata writer has stopped")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+enum Op {
+    Key(Bytes, KeyUpdate),
+    Node(NodeRecord),
+    Ceiling(u64),
+}
+
+struct Job {
+    ops: Vec<Op>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+type Shard = RwLock<HashMap<Bytes, KeyMeta>>;
+
+struct VersionLease {
+    next: u64,
+    ceiling: u64,
+}
+
+/// How the metadata is persisted.
+#[derive(Clone, Copy, Debug)]
+pub struct MetaOptions {
+    pub fsync: MetaFsync,
+    /// Most queued jobs folded into one journal write (1 turns group commit off).
+    pub max_group: usize,
+    /// The journal is not rewritten while smaller than this.
+    pub rewrite_min_bytes: u64,
+}
+
+impl Default for MetaOptions {
+    fn default() -> Self {
+        MetaOptions {
+            fsync: MetaFsync::Always,
+            max_group: MAX_GROUP,
+            rewrite_min_bytes: journal::REWRITE_MIN_BYTES,
+        }
+    }
+}
+
+/// Handle to the metadata store; cheap to share.
+pub struct Metadata {
+    /// The journal had a torn or damaged tail at open: changes after it may be missing.
+    lost_tail: bool,
+    shards: Arc<Vec<Shard>>,
+    writer: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    lease: Mutex<VersionLease>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn shard_of(key: &[u8]) -> usize {
+    (ringkv_common::ring::key_hash(key) as usize) % SHARDS
+}
+
+impl Metadata {
+    /// Open (or create) the metadata in `dir`, syncing every change, and load it. Blocking.
+    pub fn open(dir: &Path) -> Result<(Metadata, Vec<NodeRecord>), MetaError> {
+        Metadata::open_with(dir, MetaOptions::default())
+    }
+
+    /// Open with explicit [`MetaOptions`]. Blocking.
+    pub fn open_with(
+        dir: &Path,
+        options: MetaOptions,
+    ) -> Result<(Metadata, Vec<NodeRecord>), MetaError> {
+        let MetaOptions {
+            fsync,
+            max_group,
+            rewrite_min_bytes,
+        } = options;
+        let max_group = max_group.max(1);
+        std::fs::create_dir_all(dir)?;
+        let shards: Vec<Shard> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
+        let mut nodes: BTreeMap<u64, NodeRecord> = BTreeMap::new();
+        let mut ceiling = 1u64;
+        let (mut journal, report) =
+            Journal::open(dir, fsync, rewrite_min_bytes, |entry| match entry {
+                Entry::Key { key, meta } => {
+                    if let Some(shard) = shards.get(shard_of(&key)) {
+                        let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
+                        match meta {
+                            Some(m) => guard.insert(key, m),
+                            None => guard.remove(&key),
+                        };
+                    }
+                }
+                Entry::Node(record) => {
+                    nodes.insert(record.id.0, record);
+                }
+                Entry::Ceiling(c) => ceiling = ceiling.max(c),
+            })?;
+        if report.discarded_bytes > 0 {
+            warn!(
+                bytes = report.discarded_bytes,
+                moved_to = ?report.discarded_to,
+                "metadata journal had a torn or damaged tail; kept the valid prefix \
+                 (changes after it are recovered from the nodes as they register)"
+            );
+        }
+        let keys: usize = shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
+            .sum();
+        // The live part of the file, estimated from the share of entries still current.
+        if report.entries > 0 {
+            let live = (keys + nodes.len() + 1) as u64;
+            journal.set_base(journal.size().saturating_mul(live) / report.entries.max(live));
+        }
+        info!(
+            keys,
+            nodes = nodes.len(),
+            ceiling,
+            ?fsync,
+            "metadata loaded"
+        );
+        let shards = Arc::new(shards);
+        let records: Vec<NodeRecord> = nodes.values().cloned().collect();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = {
+            let shards = shards.clone();
+            let mut writer = Writer {
+                journal,
+                shards,
+                nodes,
+                ceiling,
+                failed: None,
+            };
+            std::thread::Builder::new()
+                .name("meta-writer".into())
+                .spawn(move || writer.run(rx, max_group))?
+        };
+        let meta = Metadata {
+            lost_tail: report.discarded_bytes > 0,
+            shards,
+            writer: Mutex::new(Some(tx)),
+            // Start at the old ceiling: nothing at or above it was ever handed out.
+            lease: Mutex::new(VersionLease {
+                next: ceiling,
+                ceiling,
+            }),
+            thread: Mutex::new(Some(thread)),
+        };
+        Ok((meta, records))
+    }
+
+    /// Whether the journal had a torn or damaged tail when it was opened, so that the
+    /// metadata may lack changes the nodes hold (reconciling the nodes brings them back).
+    pub fn lost_tail(&self) -> bool {
+        self.lost_tail
+    }
+
+    /// The metadata of `key`, if it was ever written.
+    pub fn get(&self, key: &[u8]) -> Option<KeyMeta> {
+        let shard = self.shards.get(shard_of(key))?;
+        shard
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Call `f` on every key (a consistent view per shard, not across shards).
+    pub fn for_each(&self, mut f: impl FnMut(&Bytes, &KeyMeta)) {
+        for shard in self.shards.iter() {
+            let guard = shard.read().unwrap_or_else(|p| p.into_inner());
+            for (k, m) in guard.iter() {
+                f(k, m);
+            }
+        }
+    }
+
+    /// Number of keys in the mirror, tombstones included.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// Whether no key was ever written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keys whose replicas include `node` (tombstones too). A scan of the map: blocking for
+    /// a large map, so call it from a blocking context.
+    pub fn keys_on_node(&self, node: NodeId) -> Result<Vec<Bytes>, MetaError> {
+        let mut out = Vec::new();
+        self.for_each(|key, meta| {
+            if meta.replicas.contains(&node) {
+                out.push(key.clone());
+            }
+        });
+        Ok(out)
+    }
+
+    /// A fresh version, newer than every version handed out before, across restarts too.
+    pub async fn next_version(&self) -> Result<Version, MetaError> {
+        loop {
+            let needed = {
+                let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+                if lease.next < lease.ceiling {
+                    let v = lease.next;
+                    lease.next += 1;
+                    return Ok(Version(v));
+                }
+                lease.next.max(lease.ceiling) + VERSION_LEASE
+            };
+            // Persist a higher ceiling before handing out anything below it.
+            self.submit(vec![Op::Ceiling(needed)]).await?;
+            let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+            lease.ceiling = lease.ceiling.max(needed);
+        }
+    }
+
+    /// Note that `version` exists on a node: versions handed out from now on are above it.
+    /// Versions never repeat as long as the journal is intact; this keeps them moving forward
+    /// even when a damaged journal lost a lease, since every version that reached a node is
+    /// seen by the reconciliation of that node.
+    pub fn observe_version(&self, version: Version) {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if version.0 >= lease.next {
+            lease.next = version.0.saturating_add(1);
+        }
+    }
+
+    /// Make `updates` durable (one group commit), then visible.
+    pub async fn update(&self, updates: Vec<(Bytes, KeyUpdate)>) -> Result<(), MetaError> {
+        self.submit(updates.into_iter().map(|(k, u)| Op::Key(k, u)).collect())
+            .await
+    }
+
+    /// Make one node record durable.
+    pub async fn save_node(&self, record: NodeRecord) -> Result<(), MetaError> {
+        self.submit(vec![Op::Node(record)]).await
+    }
+
+    async fn submit(&self, ops: Vec<Op>) -> Result<(), MetaError> {
+        let (done, rx) = oneshot::channel();
+        {
+            let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = guard.as_ref().ok_or(MetaError::Closed)?;
+            tx.send(Job { ops, done }).map_err(|_| MetaError::Closed)?;
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(MetaError::Write(e)),
+            Err(_) => Err(MetaError::Closed),
+        }
+    }
+
+    /// Stop the writer after it commits what is queued. Blocking; idempotent.
+    pub fn close(&self) {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Metadata {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Largest number of queued jobs folded into one journal write; bounds commit latency.
+const MAX_GROUP: usize = 4096;
+
+/// The writer thread's state: the journal, and what a rewrite needs besides the key map.
+struct Writer {
+    journal: Journal,
+    shards: Arc<Vec<Shard>>,
+    nodes: BTreeMap<u64, NodeRecord>,
+    ceiling: u64,
+    /// Set by the first failed journal write. The file may then end in a partial group, so
+    /// nothing more is written: everything later fails until a restart replays the journal.
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: std::sync::mpsc::Receiver<Job>, max_group: usize) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < max_group {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let outcome = match &self.failed {
+                Some(e) => Err(e.clone()),
+                None => self.commit_group(&jobs).map_err(|e| {
+                    error!(error = %e, "metadata write failed; refusing further changes");
+                    let e = e.to_string();
+                    self.failed = Some(e.clone());
+                    e
+                }),
+            };
+            for job in jobs {
+                let _ = job.done.send(outcome.clone());
+            }
+            if self.failed.is_none() && self.journal.wants_rewrite() {
+                let before = self.journal.size();
+                match self.rewrite() {
+                    Ok(()) => info!(
+                        before,
+                        after = self.journal.size(),
+                        "metadata journal rewritten"
+                    ),
+                    // The old file is intact (the rename is the switch-over): carry on with it.
+                    Err(e) => warn!(error = %e, "metadata journal rewrite failed"),
+                }
+            }
+        }
+        if self.failed.is_none() {
+            if let Err(e) = self.journal.sync() {
+                error!(error = %e, "metadata journal sync at close failed");
+            }
+        }
+    }
+
+    /// One journal write for a group of jobs, then publish the new entries to the map.
+    fn commit_group(&mut self, jobs: &[Job]) -> Result<(), MetaError> {
+        // Working copy of the entries this group touches, starting from the map (which
+        // equals what the journal holds: only this thread writes either).
+        let mut touched: HashMap<Bytes, Option<KeyMeta>> = HashMap::new();
+        let mut changed: Vec<Bytes> = Vec::new();
+        for job in jobs {
+            for op in &job.ops {
+                match op {
+                    Op::Key(key, update) => {
+                        let current = touched.entry(key.clone()).or_insert_with(|| {
+                            self.shards.get(shard_of(key)).and_then(|s| {
+                                s.read()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get(key)
+                                    .cloned()
+                            })
+                        });
+                        if apply_update(current, update) {
+                            changed.push(key.clone());
+                        }
+                    }
+                    Op::Node(record) => {
+                        self.journal.append(&EntryRef::Node(record))?;
+                        self.nodes.insert(record.id.0, record.clone());
+                    }
+                    Op::Ceiling(c) => {
+                        if *c > self.ceiling {
+                            self.journal.append(&EntryRef::Ceiling(*c))?;
+                            self.ceiling = *c;
+                        }
+                    }
+                }
+            }
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        for key in &changed {
+            if let Some(meta) = touched.get(key) {
+                self.journal.append(&EntryRef::Key {
+                    key,
+                    meta: meta.as_ref(),
+                })?;
+            }
+        }
+        self.journal.commit()?;
+        for key in changed {
+            if let (Some(meta), Some(shard)) =
+                (touched.remove(&key), self.shards.get(shard_of(&key)))
+            {
+                let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
+                match meta {
+                    Some(m) => guard.insert(key, m),
+                    None => guard.remove(&key),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrite the journal as the live state: every key, every node record, the ceiling.
+    fn rewrite(&mut self) -> Result<(), MetaError> {
+        let guards: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let keys = guards.iter().flat_map(|g| {
+            g.iter().map(|(key, meta)| EntryRef::Key {
+                key,
+                meta: Some(meta),
+            })
+        });
+        let nodes = self.nodes.values().map(EntryRef::Node);
+        let entries = keys
+            .chain(nodes)
+            .chain(std::iter::once(EntryRef::Ceiling(self.ceiling)));
+        self.journal.rewrite(entries)?;
+        Ok(())
+    }
+}
+
+/// Apply `update` to `current` under the "versions never go backwards" rule; `true` if it
+/// changed anything.
+fn apply_update(current: &mut Option<KeyMeta>, update: &KeyUpdate) -> bool {
+    match update {
+        KeyUpdate::Set(new) => {
+            if current.as_ref().is_none_or(|c| new.version >= c.version)
+                && current.as_ref() != Some(new)
+            {
+                *current = Some(new.clone());
+                return true;
+            }
+        }
+        KeyUpdate::AddReplica { version, node } => {
+            if let Some(c) = current.as_mut() {
+                if c.version == *version && !c.replicas.contains(node) {
+                    c.replicas.push(*node);
+                    return true;
+                }
+            }
+        }
+        KeyUpdate::RemoveReplica { node } => {
+            if let Some(c) = current.as_mut() {
+                if c.replicas.contains(node) {
+                    c.replicas.retain(|n| n != node);
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(v: u64, nodes: &[u64]) -> KeyMeta {
+        KeyMeta {
+            version: Version(v),
+            replicas: nodes.iter().map(|&n| NodeId(n)).collect(),
+            tombstone: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn updates_persist_and_never_go_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Bytes::from_static(b"k");
+        {
+            let (m, _) = Metadata::open(dir.path()).unwrap();
+            m.update(vec![(k.clone(), KeyUpdate::Set(meta(5, &[1, 2])))])
+                .await
+                .unwrap();
+            m.update(vec![(k.clone(), KeyUpdate::Set(meta(3, &[9])))])
+                .await
+                .unwrap();
+            m.update(vec![(
+                k.clone(),
+                KeyUpdate::AddReplica {
+                    version: Version(4),
+                    node: NodeId(7),
+                },
+            )])
+            .await
+            .unwrap();
+            m.update(vec![(
+                k.clone(),
+                KeyUpdate::AddReplica {
+                    version: Version(5),
+                    node: NodeId(3),
+                },
+            )])
+            .await
+            .unwrap();
+            assert_eq!(m.get(b"k"), Some(meta(5, &[1, 2, 3])));
+            m.update(vec![(
+                k.clone(),
+                KeyUpdate::RemoveReplica { node: NodeId(1) },
+            )])
+            .await
+            .unwrap();
+            m.close();
+        }
+        let (m, _) = Metadata::open(dir.path()).unwrap();
+        assert_eq!(m.get(b"k"), Some(meta(5, &[2, 3])));
+        assert_eq!(m.keys_on_node(NodeId(2)).unwrap(), vec![k.clone()]);
+        assert_eq!(m.keys_on_node(NodeId(3)).unwrap(), vec![k]);
+        assert!(m.keys_on_node(NodeId(1)).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn versions_increase_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (m, _) = Metadata::open(dir.path()).unwrap();
+            for _ in 0..10 {
+                seen.push(m.next_version().await.unwrap());
+            }
+            m.close();
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_updates_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = Metadata::open(dir.path()).unwrap();
+        let m = Arc::new(m);
+        let mut tasks = Vec::new();
+        for i in 0..500u64 {
+            let m = m.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = Bytes::from(format!("key-{i}"));
+                m.update(vec![(key, KeyUpdate::Set(meta(i + 1, &[1, 2, 3])))])
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(m.len(), 500);
+        assert_eq!(m.keys_on_node(NodeId(2)).unwrap().len(), 500);
+    }
+
+    #[tokio::test]
+    async fn registry_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = NodeRecord {
+            id: NodeId(4),
+            addr: "127.0.0.1:1".into(),
+            data_dir: "/x".into(),
+            spawned: true,
+            pid: Some(9),
+            removed: false,
+            leaving: false,
+        };
+        {
+            let (m, nodes) = Metadata::open(dir.path()).unwrap();
+            assert!(nodes.is_empty());
+            m.save_node(rec.clone()).await.unwrap();
+        }
+        let (_, nodes) = Metadata::open(dir.path()).unwrap();
+        assert_eq!(nodes, vec![rec]);
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_rewritten_as_it_grows_and_reloads_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = MetaOptions {
+            fsync: MetaFsync::Never,
+            rewrite_min_bytes: 4096,
+            ..Default::default()
+        };
+        let path = dir.path().join(journal::JOURNAL_FILE);
+        let mut largest = 0;
+        {
+            let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+            // 20 keys overwritten 100 times: far more history than live state.
+            for round in 1..=100u64 {
+                for k in 0..20u64 {
+                    let key = Bytes::from(format!("key-{k}"));
+                    let v = round * 100 + k;
+                    m.update(vec![(key, KeyUpdate::Set(meta(v, &[1, 2, round % 5 + 3])))])
+                        .await
+                        .unwrap();
+                }
+                largest = largest.max(std::fs::metadata(&path).unwrap().len());
+            }
+            m.save_node(NodeRecord {
+                id: NodeId(2),
+                addr: "a".into(),
+                data_dir: "d".into(),
+                spawned: false,
+                pid: None,
+                removed: false,
+                leaving: false,
+            })
+            .await
+            .unwrap();
+            m.next_version().await.unwrap();
+            m.close();
+        }
+        let size = std::fs::metadata(&path).unwrap().len();
+        // Without rewrites the file would hold all 2,000 updates (well over 40 KB).
+        assert!(largest < 20_000, "journal grew to {largest} bytes");
+        assert!(size < 20_000, "journal is {size} bytes");
+        let (m, nodes) = Metadata::open_with(dir.path(), options).unwrap();
+        assert_eq!(m.len(), 20);
+        for k in 0..20u64 {
+            let key = format!("key-{k}");
+            assert_eq!(m.get(key.as_bytes()), Some(meta(10_000 + k, &[1, 2, 3])));
+        }
+        assert_eq!(nodes.len(), 1);
+        // The lease ceiling survived the rewrites: new versions are above every old one.
+        assert!(m.next_version().await.unwrap() > Version(10_100));
+    }
+}

@@ -121,10 +121,10 @@ pub async fn run(
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    if coord.meta.lost_tail() {
-        // Changes after the damage may be missing: learn them from the nodes before a client
-        // can read a key the metadata no longer knows about.
-        warn!("metadata journal was damaged; reconciling every node before serving clients");
+    if coord.meta.may_lack_changes() {
+        // Changes may be missing from the journal: learn them from the nodes before a client
+        // can read a key whose newest version the metadata no longer knows about.
+        warn!("metadata may lack recent changes; reconciling every node before serving clients");
         let nodes = expected
             .iter()
             .filter(|id| coord.members.is_registered(**id))

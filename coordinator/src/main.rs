@@ -61,9 +61,11 @@ struct Args {
     /// fsync policy of spawned nodes: always, interval[:DURATION] or never.
     #[arg(long, default_value = "always")]
     node_fsync: String,
-    /// When the metadata journal is synced: `always` (before every write is acknowledged,
-    /// survives power loss) or `never` (written before the acknowledgement, survives a crash
-    /// of this process but not of the machine; pair it with `--node-fsync never`).
+    /// When key changes in the metadata journal are synced: `always` (before the write is
+    /// acknowledged) or `never` (written before the acknowledgement, not synced). After a
+    /// start that did not follow a clean shutdown, `never` reconciles every node before
+    /// serving, so with `--node-fsync always` acknowledged writes still survive a machine
+    /// crash once all nodes are back.
     #[arg(long, value_enum, default_value = "always")]
     meta_fsync: MetaFsync,
     /// The `ringkv-node` executable (default: next to this one, else on PATH).

@@ -68,6 +68,8 @@ pub enum Entry {
     Node(NodeRecord),
     /// Versions below this may have been handed out.
     Ceiling(u64),
+    /// Written last at a graceful close: nothing after it was lost.
+    Clean,
 }
 
 /// One change, as written: the same encoding as [`Entry`], from borrowed parts.
@@ -79,6 +81,7 @@ pub enum EntryRef<'a> {
     },
     Node(&'a NodeRecord),
     Ceiling(u64),
+    Clean,
 }
 
 /// Errors of the journal.
@@ -97,6 +100,8 @@ pub enum JournalError {
 pub struct ReplayReport {
     /// Entries applied.
     pub entries: u64,
+    /// The last entry is the [`Entry::Clean`] marker of a graceful close.
+    pub clean: bool,
     /// Bytes after the valid prefix that were moved aside (a torn or damaged tail).
     pub discarded_bytes: u64,
     /// Where they were moved.
@@ -153,6 +158,7 @@ impl Journal {
             }
             let mut offset = MAGIC.len() as u64;
             while let Some((entry, frame_len)) = read_frame(&mut reader).map_err(io)? {
+                report.clean = entry == Entry::Clean;
                 apply(entry);
                 report.entries += 1;
                 offset += frame_len;
@@ -188,8 +194,9 @@ impl Journal {
         encode_frame(&mut self.buf, entry)
     }
 
-    /// Write what was appended since the last commit, and sync it under `Always`.
-    pub fn commit(&mut self) -> Result<(), JournalError> {
+    /// Write what was appended since the last commit, and sync it under `Always` (or when
+    /// `force_sync`).
+    pub fn commit(&mut self, force_sync: bool) -> Result<(), JournalError> {
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -198,7 +205,7 @@ impl Journal {
             source,
         };
         self.file.write_all(&self.buf).map_err(io)?;
-        if self.fsync == MetaFsync::Always {
+        if self.fsync == MetaFsync::Always || force_sync {
             self.file.sync_data().map_err(io)?;
         }
         self.len += self.buf.len() as u64;
@@ -221,7 +228,7 @@ impl Journal {
         &mut self,
         entries: impl Iterator<Item = EntryRef<'a>>,
     ) -> Result<(), JournalError> {
-        self.commit()?;
+        self.commit(false)?;
         let tmp = self.dir.join(format!("{JOURNAL_FILE}.rewrite"));
         let io = |source| JournalError::Io {
             path: tmp.clone(),
@@ -255,9 +262,10 @@ impl Journal {
         self.len
     }
 
-    /// Sync everything written so far (used at close under `Never`).
-    pub fn sync(&mut self) -> Result<(), JournalError> {
-        self.commit()?;
+    /// Append the [`Entry::Clean`] marker and sync everything: the graceful close.
+    pub fn close(&mut self) -> Result<(), JournalError> {
+        self.append(&EntryRef::Clean)?;
+        self.commit(false)?;
         self.file.sync_data().map_err(|source| JournalError::Io {
             path: self.dir.join(JOURNAL_FILE),
             source,
@@ -379,7 +387,7 @@ mod tests {
                 meta: Some(&m),
             })
             .unwrap();
-            j.commit().unwrap();
+            j.commit(false).unwrap();
         }
     }
 
@@ -411,7 +419,7 @@ mod tests {
             meta: None,
         })
         .unwrap();
-        j.commit().unwrap();
+        j.commit(false).unwrap();
         drop(j);
         let (seen, report) = replay(dir.path());
         assert_eq!(
@@ -468,6 +476,24 @@ mod tests {
     }
 
     #[test]
+    fn only_a_journal_ending_in_the_close_marker_is_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        write_three(dir.path());
+        assert!(!replay(dir.path()).1.clean, "never closed");
+        let (mut j, _) =
+            Journal::open(dir.path(), MetaFsync::Never, REWRITE_MIN_BYTES, |_| {}).unwrap();
+        j.close().unwrap();
+        drop(j);
+        assert!(replay(dir.path()).1.clean);
+        let (mut j, _) =
+            Journal::open(dir.path(), MetaFsync::Never, REWRITE_MIN_BYTES, |_| {}).unwrap();
+        j.append(&EntryRef::Ceiling(9)).unwrap();
+        j.commit(false).unwrap();
+        drop(j);
+        assert!(!replay(dir.path()).1.clean, "changes after the marker");
+    }
+
+    #[test]
     fn a_foreign_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(JOURNAL_FILE), b"not a journal at all").unwrap();
@@ -496,7 +522,7 @@ mod tests {
             meta: Some(&m4),
         })
         .unwrap();
-        j.commit().unwrap();
+        j.commit(false).unwrap();
         drop(j);
         let (seen, _) = replay(dir.path());
         assert_eq!(seen.len(), 2);

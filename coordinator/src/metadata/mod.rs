@@ -128,8 +128,9 @@ impl Default for MetaOptions {
 
 /// Handle to the metadata store; cheap to share.
 pub struct Metadata {
-    /// The journal had a torn or damaged tail at open: changes after it may be missing.
-    lost_tail: bool,
+    /// Changes may be missing since the last open: the journal had a torn or damaged tail,
+    /// or it was not closed cleanly and key changes are not synced.
+    may_lack_changes: bool,
     shards: Arc<Vec<Shard>>,
     writer: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     lease: Mutex<VersionLease>,
@@ -176,6 +177,7 @@ impl Metadata {
                     nodes.insert(record.id.0, record);
                 }
                 Entry::Ceiling(c) => ceiling = ceiling.max(c),
+                Entry::Clean => {}
             })?;
         if report.discarded_bytes > 0 {
             warn!(
@@ -218,7 +220,8 @@ impl Metadata {
                 .spawn(move || writer.run(rx, max_group))?
         };
         let meta = Metadata {
-            lost_tail: report.discarded_bytes > 0,
+            may_lack_changes: report.discarded_bytes > 0
+                || (!report.clean && report.entries > 0 && fsync == MetaFsync::Never),
             shards,
             writer: Mutex::new(Some(tx)),
             // Start at the old ceiling: nothing at or above it was ever handed out.
@@ -231,10 +234,12 @@ impl Metadata {
         Ok((meta, records))
     }
 
-    /// Whether the journal had a torn or damaged tail when it was opened, so that the
-    /// metadata may lack changes the nodes hold (reconciling the nodes brings them back).
-    pub fn lost_tail(&self) -> bool {
-        self.lost_tail
+    /// Whether the metadata may lack changes the nodes hold, so that every node must be
+    /// reconciled before clients are served: the journal had a torn or damaged tail, or it
+    /// was not closed cleanly while key changes are not synced (a machine crash may have
+    /// taken the unsynced end of the file).
+    pub fn may_lack_changes(&self) -> bool {
+        self.may_lack_changes
     }
 
     /// The metadata of `key`, if it was ever written.
@@ -402,7 +407,7 @@ impl Writer {
             }
         }
         if self.failed.is_none() {
-            if let Err(e) = self.journal.sync() {
+            if let Err(e) = self.journal.close() {
                 error!(error = %e, "metadata journal sync at close failed");
             }
         }
@@ -414,6 +419,7 @@ impl Writer {
         // equals what the journal holds: only this thread writes either).
         let mut touched: HashMap<Bytes, Option<KeyMeta>> = HashMap::new();
         let mut changed: Vec<Bytes> = Vec::new();
+        let mut registry_changed = false;
         for job in jobs {
             for op in &job.ops {
                 match op {
@@ -432,11 +438,13 @@ impl Writer {
                     }
                     Op::Node(record) => {
                         self.journal.append(&EntryRef::Node(record))?;
+                        registry_changed = true;
                         self.nodes.insert(record.id.0, record.clone());
                     }
                     Op::Ceiling(c) => {
                         if *c > self.ceiling {
                             self.journal.append(&EntryRef::Ceiling(*c))?;
+                            registry_changed = true;
                             self.ceiling = *c;
                         }
                     }
@@ -453,7 +461,9 @@ impl Writer {
                 })?;
             }
         }
-        self.journal.commit()?;
+        // Node records and lease ceilings are rare and cannot be learnt back from the nodes:
+        // they are synced whatever the policy for key changes.
+        self.journal.commit(registry_changed)?;
         for key in changed {
             if let (Some(meta), Some(shard)) =
                 (touched.remove(&key), self.shards.get(shard_of(&key)))

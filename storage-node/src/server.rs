@@ -58,10 +58,9 @@ impl Node {
             return;
         }
         let _guard = self.compacting.lock().await;
-        // Snapshot under the table lock: everything applied so far is in it, and every append
-        // queued after it lands in the new file.
-        let records = self.lock().records();
-        match self.log.compact(records).await {
+        // Snapshot under the table lock once the log has noted where it ends: every write
+        // applied so far is in it, and every append from then on is carried into the new file.
+        match self.log.compact(|| self.lock().records()).await {
             Ok(stats) => info!(
                 before = stats.before_bytes,
                 after = stats.after_bytes,

@@ -28,7 +28,7 @@ use std::io;
 use std::path::Path;
 
 pub use compaction::{CompactStats, CompactThreshold};
-pub use record::Record;
+pub use record::{EncodedRecord, Record};
 pub use recovery::RecoveryReport;
 pub use writer::{FsyncPolicy, Log};
 

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::compaction::{self, CompactStats, CompactThreshold};
-use super::record::Record;
+use super::record::{EncodedRecord, Record};
 use super::recovery::{self, Recovered, RecoveryReport};
 use super::{failpoint, LogError, LOG_FILE};
 
@@ -201,6 +201,14 @@ impl Log {
         let mut frames = Vec::new();
         rec.encode_into(&mut frames)?;
         self.append_frames(&frames).await
+    }
+
+    /// Appends a record encoded beforehand; otherwise as [`append`](Log::append).
+    ///
+    /// # Errors
+    /// [`LogError::Closed`] or [`LogError::Poisoned`].
+    pub async fn append_encoded(&self, rec: EncodedRecord) -> Result<(), LogError> {
+        self.append_frames(&rec.0).await
     }
 
     /// Appends all of `recs` with one ack. They are written together, but a crash during the write

@@ -12,7 +12,7 @@ use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
 use tracing::{error, info};
 
-use crate::log::{Log, Record};
+use crate::log::{EncodedRecord, Log, Record};
 use crate::store::Store;
 
 /// Most entries one `Scan` page may ask for, so one answer stays well under the frame limit.
@@ -58,10 +58,9 @@ impl Node {
             return;
         }
         let _guard = self.compacting.lock().await;
-        // Snapshot under the table lock: everything applied so far is in it, and every append
-        // queued after it lands in the new file.
-        let records = self.lock().records();
-        match self.log.compact(records).await {
+        // Snapshot under the table lock once the log has noted where it ends: every write
+        // applied so far is in it, and every append from then on is carried into the new file.
+        match self.log.compact(|| self.lock().records()).await {
             Ok(stats) => info!(
                 before = stats.before_bytes,
                 after = stats.after_bytes,
@@ -83,14 +82,13 @@ impl Node {
         if version == Version::ZERO {
             return Err(WireError::BadRequest("version 0 is reserved".into()));
         }
-        let (applied, held) = self.lock().apply(key.clone(), version, value.clone());
+        // Encoded before the key and value move into the table, so neither is cloned.
+        let record = EncodedRecord::new(&key, version, value.as_deref())
+            .map_err(|e| WireError::BadRequest(e.to_string()))?;
+        let (applied, held) = self.lock().apply(key, version, value);
         if applied {
             self.log
-                .append(Record {
-                    key,
-                    version,
-                    value,
-                })
+                .append_encoded(record)
                 .await
                 .map_err(|e| WireError::Internal(format!("log append failed: {e}")))?;
         }

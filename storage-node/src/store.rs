@@ -82,7 +82,7 @@ impl Store {
             return None;
         }
         if let Some(old) = self.map.remove(key) {
-            self.uncount(key, &old);
+            self.uncount(key.len(), &old);
         }
         Some(held)
     }
@@ -158,21 +158,20 @@ impl Store {
     }
 
     fn put_entry(&mut self, key: Bytes, version: Version, value: Option<Bytes>) {
-        if let Some(old) = self.map.get(&key) {
-            let old = old.clone();
-            self.uncount(&key, &old);
-        }
+        let key_len = key.len();
         if let Some(v) = &value {
             self.live_keys += 1;
-            self.live_bytes += (key.len() + v.len()) as u64;
+            self.live_bytes += (key_len + v.len()) as u64;
         }
-        self.map.insert(key, Entry { version, value });
+        if let Some(old) = self.map.insert(key, Entry { version, value }) {
+            self.uncount(key_len, &old);
+        }
     }
 
-    fn uncount(&mut self, key: &[u8], old: &Entry) {
+    fn uncount(&mut self, key_len: usize, old: &Entry) {
         if let Some(v) = &old.value {
             self.live_keys -= 1;
-            self.live_bytes -= (key.len() + v.len()) as u64;
+            self.live_bytes -= (key_len + v.len()) as u64;
         }
     }
 }

@@ -4,7 +4,7 @@
 //! - [`record`]: the on-disk record format, the single encode/decode chokepoint.
 //! - [`recovery`]: replay at open; cuts a torn tail, skips and preserves mid-file corruption.
 //! - [`compaction`]: rewriting the log to a live set (write, fsync, rename, fsync the directory).
-//! - [`writer`]: [`Log`], the handle, and the writer thread that owns the file (group commit, fsync policy).
+//! - [`writer`]: [`Log`], the handle that writes the file, and its sync thread (group commit, fsync policy).
 //!
 //! # Files in the data directory
 //! - `ringkv.log`: the log. It is the only source of truth; every replacement of it is an atomic rename.
@@ -14,7 +14,7 @@
 //!   corruption, kept for inspection. Nothing reads it again.
 //!
 //! # Invariants
-//! - Only the writer thread writes `ringkv.log` after [`Log::open`] returns.
+//! - After [`Log::open`] returns, only [`Log`] writes `ringkv.log`, one whole frame group at a time under its mutex.
 //! - A record is acknowledged only after its bytes are written (and, under [`FsyncPolicy::Always`], synced).
 //! - After a failed write or fsync the log refuses all further writes ([`LogError::Poisoned`]): what reached
 //!   the disk is unknown, and only a reopen (which replays and repairs the file) can tell.
@@ -28,7 +28,7 @@ use std::io;
 use std::path::Path;
 
 pub use compaction::{CompactStats, CompactThreshold};
-pub use record::Record;
+pub use record::{EncodedRecord, Record};
 pub use recovery::RecoveryReport;
 pub use writer::{FsyncPolicy, Log};
 
@@ -52,7 +52,7 @@ pub enum LogError {
     /// without the log's magic (someone else's file).
     #[error("log corrupt at byte {offset}: {reason}")]
     Corrupt { offset: u64, reason: String },
-    /// The log was closed, or its writer thread is gone.
+    /// The log was closed, or its sync thread is gone.
     #[error("log is closed")]
     Closed,
     /// A key or value over the protocol's limits; nothing was written.

@@ -99,48 +99,78 @@ impl Record {
     /// # Errors
     /// [`LogError::TooLarge`] if the key or value is over the protocol's limit; `buf` is then unchanged.
     pub(crate) fn encode_into(&self, buf: &mut Vec<u8>) -> Result<(), LogError> {
-        let key: &[u8] = &self.key;
-        let value: &[u8] = self.value.as_deref().unwrap_or_default();
-        if key.len() > MAX_KEY_LEN {
-            return Err(LogError::TooLarge {
-                what: "key",
-                len: key.len(),
-                max: MAX_KEY_LEN,
-            });
-        }
-        if value.len() > MAX_VALUE_LEN {
-            return Err(LogError::TooLarge {
-                what: "value",
-                len: value.len(),
-                max: MAX_VALUE_LEN,
-            });
-        }
-        // Both fit in u32: the limits above keep the payload far below 4 GiB.
-        let len = (PAYLOAD_HEADER_LEN + key.len() + value.len()) as u32;
-        let flags = if self.is_tombstone() {
-            FLAG_TOMBSTONE
-        } else {
-            0
-        };
-        let parts: [&[u8]; 6] = [
-            &len.to_be_bytes(),
-            &self.version.0.to_be_bytes(),
-            &[flags],
-            &(key.len() as u32).to_be_bytes(),
-            key,
-            value,
-        ];
-        let mut crc = crc32fast::Hasher::new();
-        for part in parts {
-            crc.update(part);
-        }
-        buf.reserve(self.encoded_len() as usize);
-        buf.extend_from_slice(&crc.finalize().to_be_bytes());
-        for part in parts {
-            buf.extend_from_slice(part);
-        }
-        Ok(())
+        encode_frame(&self.key, self.version, self.value.as_deref(), buf)
     }
+}
+
+/// A record encoded for the log from borrowed parts, so the key and value can be moved into the
+/// store before the frame is appended (see [`Log::append_encoded`](super::Log::append_encoded)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedRecord(pub(crate) Vec<u8>);
+
+impl EncodedRecord {
+    /// The frame of a put of `value` (or a tombstone when `None`) under `key` at `version`.
+    ///
+    /// # Errors
+    /// [`LogError::TooLarge`] if the key or value is over the protocol's limit.
+    pub fn new(
+        key: &[u8],
+        version: Version,
+        value: Option<&[u8]>,
+    ) -> Result<EncodedRecord, LogError> {
+        let mut buf = Vec::new();
+        encode_frame(key, version, value, &mut buf)?;
+        Ok(EncodedRecord(buf))
+    }
+}
+
+/// Appends the frame of a record with these fields to `buf`; the one encoder of the format.
+///
+/// # Errors
+/// [`LogError::TooLarge`] if the key or value is over the protocol's limit; `buf` is then unchanged.
+fn encode_frame(
+    key: &[u8],
+    version: Version,
+    value: Option<&[u8]>,
+    buf: &mut Vec<u8>,
+) -> Result<(), LogError> {
+    let tombstone = value.is_none();
+    let value = value.unwrap_or_default();
+    if key.len() > MAX_KEY_LEN {
+        return Err(LogError::TooLarge {
+            what: "key",
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    if value.len() > MAX_VALUE_LEN {
+        return Err(LogError::TooLarge {
+            what: "value",
+            len: value.len(),
+            max: MAX_VALUE_LEN,
+        });
+    }
+    // Both fit in u32: the limits above keep the payload far below 4 GiB.
+    let len = (PAYLOAD_HEADER_LEN + key.len() + value.len()) as u32;
+    let flags = if tombstone { FLAG_TOMBSTONE } else { 0 };
+    let parts: [&[u8]; 6] = [
+        &len.to_be_bytes(),
+        &version.0.to_be_bytes(),
+        &[flags],
+        &(key.len() as u32).to_be_bytes(),
+        key,
+        value,
+    ];
+    let mut crc = crc32fast::Hasher::new();
+    for part in parts {
+        crc.update(part);
+    }
+    buf.reserve(MIN_FRAME_LEN + key.len() + value.len());
+    buf.extend_from_slice(&crc.finalize().to_be_bytes());
+    for part in parts {
+        buf.extend_from_slice(part);
+    }
+    Ok(())
 }
 
 /// What [`read_frame`] found.
@@ -286,6 +316,8 @@ mod tests {
         {
             let buf = encode(&rec);
             assert_eq!(buf.len() as u64, rec.encoded_len());
+            let encoded = EncodedRecord::new(&rec.key, rec.version, rec.value.as_deref()).unwrap();
+            assert_eq!(encoded.0, buf);
             match decode(&buf) {
                 Frame::Record(got, n) => {
                     assert_eq!(got, rec);

@@ -1,46 +1,54 @@
-//! [`Log`], the handle the store appends through, and the writer thread that owns the file.
+//! [`Log`], the handle the store appends through, and the sync thread that fsyncs for it.
 //!
-//! All blocking file I/O happens on one dedicated OS thread, fed by a channel; callers await a
-//! oneshot ack, so the async runtime never blocks on the disk. Callers encode their own records
-//! (spreading the CRC work over the runtime) and the thread only writes bytes.
+//! Appends write their encoded frames to the file from the caller's own thread, under a mutex: a
+//! `write` into the page cache is short, and handing it to another thread would cost more than the
+//! write itself. Callers encode their own records, so CRCs are computed outside the mutex.
 //!
-//! Group commit: the thread takes the first queued command, drains every append queued behind it,
-//! writes them together, syncs once (per the [`FsyncPolicy`]) and then acks them all. The more
-//! appends arrive while one fsync runs, the more the next fsync covers.
+//! What may take long, the fsync, runs on a dedicated sync thread and outside the mutex, so appends
+//! go on while it runs:
+//! - under [`FsyncPolicy::Always`], an append waits (asynchronously) for an fsync that started after
+//!   its write. Group commit: the thread takes every sync request queued by then, fsyncs once and
+//!   acks them all, so the more appends arrive while one fsync runs, the more the next one covers;
+//! - under [`FsyncPolicy::Interval`], the thread fsyncs on a timer whenever something was written;
+//! - under every policy, it makes the final sync at close (or once the last handle is dropped).
+//!
+//! Compaction writes the caller's live set to a new file off the runtime while appends go on into the
+//! old one; then it copies what was appended meanwhile to the new file (the last part under the mutex),
+//! syncs it, renames it over the log, syncs the directory and switches the handle, all before the
+//! mutex is released.
 //!
 //! Invariants:
-//! - Commands run in the order they were queued, so an append queued after a `compact` lands in
-//!   the compacted file, and one queued before it is in the caller's live set.
+//! - Every write to the file is whole frames, made under the mutex.
 //! - An append is acked only after its bytes are written, and under `Always` only after they are synced.
-//! - After a failed write or fsync the thread is poisoned and writes nothing more: the file may hold a
+//! - A compaction notes the log's length before the caller takes its snapshot; every byte appended
+//!   after that point is copied into the new file, so an append missing from the snapshot is kept.
+//! - Appends switch to the new file only once its rename is durable, so nothing acked in it can be
+//!   lost to a crash that brings back the old log.
+//! - After a failed write or fsync the log is poisoned and writes nothing more: the file may hold a
 //!   partial record, and after a failed fsync the kernel may have dropped dirty pages, so only a
 //!   reopen (replay and repair) can say what is on disk.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use super::compaction::{self, CompactStats, CompactThreshold};
-use super::record::Record;
+use super::record::{EncodedRecord, Record};
 use super::recovery::{self, Recovered, RecoveryReport};
 use super::{failpoint, LogError, LOG_FILE};
 
 /// Fsync period of a bare `interval` policy: bounds what a power loss can take to a tenth of a
 /// second of acknowledged writes while costing at most ten fsyncs a second.
 pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Largest single `write` of a group commit. Small frames are coalesced up to this, so a burst
-/// costs few syscalls without doubling the memory of a burst of large values.
-const MAX_WRITE_CHUNK: usize = 4 * 1024 * 1024;
 
 /// When the log fsyncs, which decides what an acknowledged write survives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,41 +102,52 @@ impl fmt::Display for FsyncPolicy {
 /// The durable, append-only log of one data directory.
 ///
 /// `Send + Sync`: share it with an `Arc`. Appends from any number of tasks are ordered by the
-/// single writer thread. Dropping the last handle without [`close`](Log::close) still syncs what
-/// was written, from the writer thread, but nobody waits for it.
+/// file mutex. Dropping the last handle without [`close`](Log::close) still syncs what was
+/// written, from the sync thread, but nobody waits for it.
 pub struct Log {
-    tx: mpsc::Sender<Command>,
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
     threshold: CompactThreshold,
-    /// Taken by the first `close`, which waits for the thread to end.
+    /// Requests to the sync thread.
+    tx: mpsc::Sender<SyncRequest>,
+    /// Taken by the first `close`, which waits for the sync thread to end.
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// One compaction at a time.
+    compaction: tokio::sync::Mutex<()>,
 }
 
-/// Counters the writer thread updates and the handle reads.
-struct Shared {
-    /// Length of the log file, garbage included.
+/// What the handle, the sync thread and compactions share.
+struct Inner {
+    dir: PathBuf,
+    policy: FsyncPolicy,
+    state: Mutex<State>,
+    /// Length of the log file, garbage included. Changed only under `state`'s mutex.
     size: AtomicU64,
     /// Fsyncs done, for tests and stats.
     syncs: AtomicU64,
 }
 
-type Ack<T> = oneshot::Sender<Result<T, LogError>>;
+/// The file and what is known about it; guarded by [`Inner::state`].
+struct State {
+    /// The open log; `None` once closed.
+    file: Option<Arc<File>>,
+    /// Written but not yet synced.
+    dirty: bool,
+    /// Why the first failed write or fsync failed; nothing is written after it.
+    poisoned: Option<String>,
+}
 
-/// What the handle asks of the writer thread.
-enum Command {
-    /// Write these encoded frames (one or more records), then ack.
-    Append { frames: Vec<u8>, ack: Ack<()> },
-    /// Replace the log with exactly these records.
-    Compact {
-        live: Vec<Record>,
-        ack: Ack<CompactStats>,
-    },
+type Ack<T> = oneshot::Sender<Result<T, String>>;
+
+/// What the handle asks of the sync thread.
+enum SyncRequest {
+    /// Fsync everything written so far, then ack.
+    Sync(Ack<()>),
     /// Sync, close the file and end the thread.
-    Close { ack: Ack<()> },
+    Close(Ack<()>),
 }
 
 impl Log {
-    /// Opens or creates `dir/ringkv.log`, replays and repairs it, and starts the writer thread.
+    /// Opens or creates `dir/ringkv.log`, replays and repairs it, and starts the sync thread.
     ///
     /// Blocking. Returns the records in file order: a later record may supersede an earlier one
     /// for the same key, and the caller keeps the highest version per key. Creates `dir` if needed.
@@ -146,50 +165,57 @@ impl Log {
             report,
             size,
         } = recovery::recover(dir)?;
-        let shared = Arc::new(Shared {
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            policy,
+            state: Mutex::new(State {
+                file: Some(Arc::new(open_for_append(dir)?)),
+                dirty: false,
+                poisoned: None,
+            }),
             size: AtomicU64::new(size),
             syncs: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = Writer {
-            dir: dir.to_path_buf(),
-            file: open_for_append(dir)?,
-            policy,
-            shared: Arc::clone(&shared),
-            rx,
-            dirty: false,
-            last_sync: Instant::now(),
-            poisoned: None,
-        };
+        let syncer = Arc::clone(&inner);
         let thread = thread::Builder::new()
-            .name("ringkv-log-writer".into())
-            .spawn(move || writer.run())?;
+            .name("ringkv-log-sync".into())
+            .spawn(move || syncer.run_sync_thread(&rx))?;
         let log = Log {
-            tx,
-            shared,
+            inner,
             threshold: compact_threshold,
+            tx,
             thread: Mutex::new(Some(thread)),
+            compaction: tokio::sync::Mutex::new(()),
         };
         Ok((log, records, report))
     }
 
     /// Appends `rec`; resolves once it is written and, under [`FsyncPolicy::Always`], synced.
     ///
-    /// Dropping the future after it was first polled does not unqueue the record.
+    /// The write happens when the future is first polled; dropping the future later does not undo it.
     ///
     /// # Errors
-    /// [`LogError::TooLarge`] (nothing queued), [`LogError::Closed`], or [`LogError::Poisoned`].
+    /// [`LogError::TooLarge`] (nothing written), [`LogError::Closed`], or [`LogError::Poisoned`].
     pub async fn append(&self, rec: Record) -> Result<(), LogError> {
         let mut frames = Vec::new();
         rec.encode_into(&mut frames)?;
-        self.request(|ack| Command::Append { frames, ack }).await
+        self.append_frames(&frames).await
+    }
+
+    /// Appends a record encoded beforehand; otherwise as [`append`](Log::append).
+    ///
+    /// # Errors
+    /// [`LogError::Closed`] or [`LogError::Poisoned`].
+    pub async fn append_encoded(&self, rec: EncodedRecord) -> Result<(), LogError> {
+        self.append_frames(&rec.0).await
     }
 
     /// Appends all of `recs` with one ack. They are written together, but a crash during the write
     /// may keep only a prefix of them.
     ///
     /// # Errors
-    /// As [`append`](Log::append); if any record is too large, none is queued.
+    /// As [`append`](Log::append); if any record is too large, none is written.
     pub async fn append_batch(&self, recs: Vec<Record>) -> Result<(), LogError> {
         if recs.is_empty() {
             return Ok(());
@@ -199,17 +225,33 @@ impl Log {
         for rec in &recs {
             rec.encode_into(&mut frames)?;
         }
-        self.request(|ack| Command::Append { frames, ack }).await
+        self.append_frames(&frames).await
+    }
+
+    /// Writes encoded frames, then under `Always` waits for the sync thread's next fsync.
+    async fn append_frames(&self, frames: &[u8]) -> Result<(), LogError> {
+        self.inner.write(frames)?;
+        if self.inner.policy != FsyncPolicy::Always {
+            return Ok(());
+        }
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(SyncRequest::Sync(ack))
+            .map_err(|_| LogError::Closed)?;
+        // A dropped ack means the thread ended before answering: it was closed, or it panicked.
+        done.await
+            .map_err(|_| LogError::Closed)?
+            .map_err(LogError::Poisoned)
     }
 
     /// Bytes currently in the log file, garbage included.
     pub fn size_bytes(&self) -> u64 {
-        self.shared.size.load(Ordering::Relaxed)
+        self.inner.size.load(Ordering::Relaxed)
     }
 
     /// Fsyncs of the log file so far (group commit makes this far fewer than appends under load).
     pub fn sync_count(&self) -> u64 {
-        self.shared.syncs.load(Ordering::Relaxed)
+        self.inner.syncs.load(Ordering::Relaxed)
     }
 
     /// Whether the log is due for compaction, given the summed
@@ -218,19 +260,34 @@ impl Log {
         self.threshold.is_due(self.size_bytes(), live_bytes)
     }
 
-    /// Rewrites the log to exactly `live`: the caller's live set, with whatever tombstones it wants kept.
+    /// Rewrites the log to the live set `snapshot` returns: the caller's records, with whatever
+    /// tombstones it wants kept.
     ///
-    /// Appends queued before this call must be reflected in `live`; appends queued after it land in
-    /// the new file. Appends wait while the rewrite runs.
+    /// `snapshot` is called once the compaction has noted where the log ends; it must reflect every
+    /// append that completed before it is called. Appends made from then on, finished or not, are
+    /// carried over into the new file after the snapshot's records. Appends go on while the new file
+    /// is written, and wait only while the last of them are copied and the file is switched.
     ///
     /// # Errors
     /// Before the new file is in place (I/O, [`LogError::TooLarge`]) the old log stays and remains
     /// writable; after (the directory sync failed) the log is poisoned.
-    pub async fn compact(&self, live: Vec<Record>) -> Result<CompactStats, LogError> {
-        self.request(|ack| Command::Compact { live, ack }).await
+    pub async fn compact(
+        &self,
+        snapshot: impl FnOnce() -> Vec<Record>,
+    ) -> Result<CompactStats, LogError> {
+        let _one_at_a_time = self.compaction.lock().await;
+        let start = self.inner.writable_size()?;
+        let live = snapshot();
+        let inner = Arc::clone(&self.inner);
+        match tokio::task::spawn_blocking(move || inner.compact(start, &live)).await {
+            Ok(result) => result,
+            Err(e) => Err(LogError::Poisoned(
+                self.inner.lock().poison("compaction failed", e),
+            )),
+        }
     }
 
-    /// Syncs everything written and stops the writer thread. Idempotent; later appends fail with
+    /// Syncs everything written and stops the sync thread. Idempotent; later appends fail with
     /// [`LogError::Closed`].
     ///
     /// # Errors
@@ -245,22 +302,18 @@ impl Log {
             return Ok(());
         };
         let (ack, done) = oneshot::channel();
-        let result = match self.tx.send(Command::Close { ack }) {
-            Ok(()) => done.await.unwrap_or(Err(LogError::Closed)),
+        let result = match self.tx.send(SyncRequest::Close(ack)) {
+            Ok(()) => match done.await {
+                Ok(synced) => synced.map_err(LogError::Poisoned),
+                Err(_) => Err(LogError::Closed),
+            },
             Err(_) => Err(LogError::Closed),
         };
         // The thread has acked (or died); joining is then quick, but still blocking.
         match tokio::task::spawn_blocking(move || thread.join()).await {
             Ok(Ok(())) => result,
-            _ => Err(LogError::Poisoned("the log writer thread panicked".into())),
+            _ => Err(LogError::Poisoned("the log sync thread panicked".into())),
         }
-    }
-
-    async fn request<T>(&self, command: impl FnOnce(Ack<T>) -> Command) -> Result<T, LogError> {
-        let (ack, done) = oneshot::channel();
-        self.tx.send(command(ack)).map_err(|_| LogError::Closed)?;
-        // A dropped ack means the thread ended before answering: it was closed, or it panicked.
-        done.await.map_err(|_| LogError::Closed)?
     }
 }
 
@@ -268,159 +321,169 @@ fn open_for_append(dir: &Path) -> io::Result<File> {
     OpenOptions::new().append(true).open(dir.join(LOG_FILE))
 }
 
-/// The writer thread's state; it alone touches the file after [`Log::open`].
-struct Writer {
-    dir: PathBuf,
-    file: File,
-    policy: FsyncPolicy,
-    shared: Arc<Shared>,
-    rx: mpsc::Receiver<Command>,
-    /// Written but not yet synced.
-    dirty: bool,
-    last_sync: Instant,
-    /// Why the first failed write or fsync failed; nothing is written after it.
-    poisoned: Option<String>,
+impl State {
+    /// Refuses all further writes and returns the reason.
+    fn poison(&mut self, what: &str, err: impl fmt::Display) -> String {
+        let reason = format!("{what}: {err}");
+        tracing::error!(%reason, "log poisoned; reopen to recover");
+        self.poisoned = Some(reason.clone());
+        // Nothing will be synced again.
+        self.dirty = false;
+        reason
+    }
+
+    /// The file, if it may be written.
+    fn writable(&self) -> Result<&Arc<File>, LogError> {
+        match (&self.file, &self.poisoned) {
+            (None, _) => Err(LogError::Closed),
+            (Some(_), Some(reason)) => Err(LogError::Poisoned(reason.clone())),
+            (Some(file), None) => Ok(file),
+        }
+    }
 }
 
-impl Writer {
-    fn run(mut self) {
-        // A non-append command found while draining a group: it runs right after the group.
-        let mut next = None;
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent after every statement that can panic, so a panic elsewhere
+        // while holding the lock leaves nothing half-done.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes `frames` at the end of the log.
+    fn write(&self, frames: &[u8]) -> Result<(), LogError> {
+        let mut state = self.lock();
+        let mut file: &File = state.writable()?;
+        match file.write_all(frames) {
+            Ok(()) => {
+                self.size.fetch_add(frames.len() as u64, Ordering::Relaxed);
+                state.dirty = true;
+                Ok(())
+            }
+            Err(e) => Err(LogError::Poisoned(state.poison("log write failed", e))),
+        }
+    }
+
+    /// The log's length, if it may be written.
+    fn writable_size(&self) -> Result<u64, LogError> {
+        let state = self.lock();
+        state.writable()?;
+        Ok(self.size.load(Ordering::Relaxed))
+    }
+
+    /// Fsyncs what was written so far, if anything. Blocking.
+    fn sync(&self) -> Result<(), String> {
+        let file = {
+            let mut state = self.lock();
+            if let Some(reason) = &state.poisoned {
+                return Err(reason.clone());
+            }
+            match &state.file {
+                Some(file) if state.dirty => {
+                    let file = Arc::clone(file);
+                    // Cleared before the fsync: a write made while it runs sets it again.
+                    state.dirty = false;
+                    file
+                }
+                _ => return Ok(()),
+            }
+        };
+        self.sync_file(&file)
+    }
+
+    fn sync_file(&self, file: &File) -> Result<(), String> {
+        let synced =
+            failpoint("log-before-fsync").and_then(|()| file.sync_data().map_err(LogError::from));
+        match synced {
+            Ok(()) => {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(self.lock().poison("log fsync failed", e)),
+        }
+    }
+
+    /// Closes the file, syncing it first if anything was written. Blocking.
+    fn close_file(&self) -> Result<(), String> {
+        let (file, dirty) = {
+            let mut state = self.lock();
+            let file = state.file.take();
+            if let Some(reason) = &state.poisoned {
+                return Err(reason.clone());
+            }
+            (file, std::mem::take(&mut state.dirty))
+        };
+        match file {
+            Some(file) if dirty => self.sync_file(&file),
+            _ => Ok(()),
+        }
+    }
+
+    /// The sync thread: group commit for `Always`, the timer for `Interval`, the final sync.
+    fn run_sync_thread(&self, rx: &mpsc::Receiver<SyncRequest>) {
+        let period = match self.policy {
+            FsyncPolicy::Interval(period) => Some(period),
+            FsyncPolicy::Always | FsyncPolicy::Never => None,
+        };
+        let mut due = period.map(|period| Instant::now() + period);
         loop {
-            let Some(command) = next.take().or_else(|| self.recv()) else {
-                break;
+            let first = match due {
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(request) => request,
+                    Err(RecvTimeoutError::Timeout) => {
+                        // A failure poisons the log, and the next append reports it.
+                        let _ = self.sync();
+                        due = period.map(|period| Instant::now() + period);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+                None => match rx.recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                },
             };
-            match command {
-                Command::Append { frames, ack } => {
-                    let mut batch = vec![frames];
-                    let mut acks = vec![ack];
-                    // Group commit: everything queued by now shares this write and this fsync.
-                    while let Ok(command) = self.rx.try_recv() {
-                        match command {
-                            Command::Append { frames, ack } => {
-                                batch.push(frames);
-                                acks.push(ack);
-                            }
-                            other => {
-                                next = Some(other);
-                                break;
-                            }
-                        }
-                    }
-                    let result = self.write(&batch);
-                    for ack in acks {
-                        // A caller that stopped waiting is no error of ours.
-                        let _ = ack.send(result.clone().map_err(LogError::Poisoned));
+            // Group commit: every request queued by now is covered by one fsync, which starts
+            // after their writes because each request is sent after its write.
+            let mut acks = Vec::new();
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(request) = next {
+                match request {
+                    SyncRequest::Sync(ack) => acks.push(ack),
+                    SyncRequest::Close(ack) => {
+                        close = Some(ack);
+                        break;
                     }
                 }
-                Command::Compact { live, ack } => {
-                    let _ = ack.send(self.compact(live));
+                next = rx.try_recv().ok();
+            }
+            if !acks.is_empty() {
+                let result = self.sync();
+                for ack in acks {
+                    // A caller that stopped waiting is no error of ours.
+                    let _ = ack.send(result.clone());
                 }
-                Command::Close { ack } => {
-                    let result = self.sync_if_dirty().map_err(LogError::Poisoned);
-                    // Close the file before the caller hears back, so it can reopen at once.
-                    drop(self);
-                    let _ = ack.send(result);
-                    return;
-                }
+            }
+            if let Some(ack) = close {
+                let _ = ack.send(self.close_file());
+                return;
             }
         }
         // Every handle was dropped without `close`.
-        if let Err(reason) = self.sync_if_dirty() {
+        if let Err(reason) = self.close_file() {
             tracing::error!(%reason, "final log sync failed");
         }
     }
 
-    /// The next command; under `Interval`, syncs while waiting whenever a sync comes due.
-    /// `None` once every handle is gone.
-    fn recv(&mut self) -> Option<Command> {
-        loop {
-            let period = match self.policy {
-                FsyncPolicy::Interval(period) if self.dirty => period,
-                _ => return self.rx.recv().ok(),
-            };
-            let wait = (self.last_sync + period).saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(wait) {
-                Ok(command) => return Some(command),
-                // A failure poisons the writer, and the next command reports it.
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.sync();
-                }
-                Err(RecvTimeoutError::Disconnected) => return None,
-            }
+    /// Rewrites the log to `live` plus everything appended from byte `start` on. Blocking.
+    fn compact(&self, start: u64, live: &[Record]) -> Result<CompactStats, LogError> {
+        let after = compaction::write_compacted(&self.dir, live)?;
+        let switched = self.switch_to_compacted(start, after);
+        if switched.is_err() {
+            // Best effort, as in `write_compacted`; after a successful rename there is nothing here.
+            let _ = fs::remove_file(self.dir.join(super::COMPACT_FILE));
         }
-    }
-
-    /// Writes one group of encoded frames and syncs as the policy says.
-    fn write(&mut self, batch: &[Vec<u8>]) -> Result<(), String> {
-        if let Some(reason) = &self.poisoned {
-            return Err(reason.clone());
-        }
-        match write_coalesced(&mut self.file, batch) {
-            Ok(written) => {
-                self.shared.size.fetch_add(written, Ordering::Relaxed);
-                self.dirty = true;
-            }
-            Err(e) => return Err(self.poison("log write failed", e)),
-        }
-        match self.policy {
-            FsyncPolicy::Always => self.sync(),
-            FsyncPolicy::Interval(period) if self.last_sync.elapsed() >= period => self.sync(),
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
-        }
-    }
-
-    fn sync(&mut self) -> Result<(), String> {
-        if let Some(reason) = &self.poisoned {
-            return Err(reason.clone());
-        }
-        let synced = failpoint("log-before-fsync")
-            .and_then(|()| self.file.sync_data().map_err(LogError::from));
-        match synced {
-            Ok(()) => {
-                self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-                self.dirty = false;
-                self.last_sync = Instant::now();
-                Ok(())
-            }
-            Err(e) => Err(self.poison("log fsync failed", e)),
-        }
-    }
-
-    fn sync_if_dirty(&mut self) -> Result<(), String> {
-        match &self.poisoned {
-            Some(reason) => Err(reason.clone()),
-            None if self.dirty => self.sync(),
-            None => Ok(()),
-        }
-    }
-
-    fn compact(&mut self, live: Vec<Record>) -> Result<CompactStats, LogError> {
-        if let Some(reason) = &self.poisoned {
-            return Err(LogError::Poisoned(reason.clone()));
-        }
-        let before = self.shared.size.load(Ordering::Relaxed);
-        let after = compaction::write_compacted(&self.dir, &live)?;
-        compaction::install(&self.dir)?;
-        // `ringkv.log` is now the new file and `self.file` the unlinked old one. Switch first; if
-        // switching or making the rename durable fails, appends could land where a crash loses
-        // them, so the log is poisoned.
-        match open_for_append(&self.dir) {
-            Ok(file) => self.file = file,
-            Err(e) => {
-                return Err(LogError::Poisoned(
-                    self.poison("reopening the compacted log", e),
-                ))
-            }
-        }
-        self.shared.size.store(after, Ordering::Relaxed);
-        // Unsynced appends went to the old file; the caller's live set holds them, synced.
-        self.dirty = false;
-        if let Err(e) = compaction::finish(&self.dir) {
-            return Err(LogError::Poisoned(
-                self.poison("syncing the directory after compaction", e),
-            ));
-        }
+        let (before, after) = switched?;
         tracing::info!(before, after, records = live.len(), "log compacted");
         Ok(CompactStats {
             before_bytes: before,
@@ -428,42 +491,61 @@ impl Writer {
         })
     }
 
-    /// Refuses all further writes and returns the reason.
-    fn poison(&mut self, what: &str, err: impl fmt::Display) -> String {
-        let reason = format!("{what}: {err}");
-        tracing::error!(%reason, "log poisoned; reopen to recover");
-        self.poisoned = Some(reason.clone());
-        // Nothing will be synced again; stop the interval timer from retrying.
-        self.dirty = false;
-        reason
+    /// Copies the bytes appended since `start` into the written and synced compact file, then
+    /// installs it and switches appends to it. `written` is the compact file's length so far.
+    /// Returns the lengths of the old log and of the new one.
+    fn switch_to_compacted(&self, start: u64, written: u64) -> Result<(u64, u64), LogError> {
+        // Only compaction renames the log, and compactions run one at a time: until the rename
+        // below, this is the file appends are going to.
+        let mut old = File::open(self.dir.join(LOG_FILE))?;
+        old.seek(SeekFrom::Start(start))?;
+        let mut new = compaction::open_compacted(&self.dir)?;
+        let mut copied = start;
+        // Most of what was appended meanwhile is copied while appends go on...
+        let end = self.writable_size()?;
+        copy_exact(&mut old, &mut new, end - copied)?;
+        copied = end;
+        // ...and the rest under the lock, with the switch.
+        let mut state = self.lock();
+        state.writable()?;
+        let end = self.size.load(Ordering::Relaxed);
+        copy_exact(&mut old, &mut new, end - copied)?;
+        new.sync_data()?;
+        drop(new);
+        compaction::install(&self.dir)?;
+        // The old log is now unlinked: from here on a failure leaves appends nowhere safe to go.
+        let file = match open_for_append(&self.dir) {
+            Ok(file) => file,
+            Err(e) => {
+                return Err(LogError::Poisoned(
+                    state.poison("reopening the compacted log", e),
+                ))
+            }
+        };
+        if let Err(e) = compaction::finish(&self.dir) {
+            return Err(LogError::Poisoned(
+                state.poison("syncing the directory after compaction", e),
+            ));
+        }
+        state.file = Some(Arc::new(file));
+        // Everything in the new file is synced, the carried-over appends included.
+        state.dirty = false;
+        let after = written + (end - start);
+        self.size.store(after, Ordering::Relaxed);
+        Ok((end, after))
     }
 }
 
-/// Writes `batch` in order, coalescing small frames into writes of up to [`MAX_WRITE_CHUNK`];
-/// returns the bytes written.
-fn write_coalesced(file: &mut File, batch: &[Vec<u8>]) -> io::Result<u64> {
-    if let [only] = batch {
-        file.write_all(only)?;
-        return Ok(only.len() as u64);
+/// Copies exactly `len` bytes from `from`'s position to `to`.
+fn copy_exact(from: &mut File, to: &mut File, len: u64) -> io::Result<()> {
+    let copied = io::copy(&mut io::Read::take(&mut *from, len), to)?;
+    if copied != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the log ended before its recorded length",
+        ));
     }
-    let mut joined = Vec::new();
-    let mut written = 0;
-    for frames in batch {
-        if joined.len() + frames.len() > MAX_WRITE_CHUNK && !joined.is_empty() {
-            file.write_all(&joined)?;
-            joined.clear();
-        }
-        if frames.len() > MAX_WRITE_CHUNK {
-            file.write_all(frames)?;
-        } else {
-            joined.extend_from_slice(frames);
-        }
-        written += frames.len() as u64;
-    }
-    if !joined.is_empty() {
-        file.write_all(&joined)?;
-    }
-    Ok(written)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -582,10 +664,7 @@ mod tests {
             log.append(put(b"k", 2, b"v")).await,
             Err(LogError::Closed)
         ));
-        assert!(matches!(
-            log.compact(Vec::new()).await,
-            Err(LogError::Closed)
-        ));
+        assert!(matches!(log.compact(Vec::new).await, Err(LogError::Closed)));
     }
 
     #[tokio::test]
@@ -610,22 +689,6 @@ mod tests {
         log.close().await.unwrap();
         let (_log, got, _) = open(dir.path(), FsyncPolicy::Always);
         assert_eq!(got, vec![ok]);
-    }
-
-    #[test]
-    fn coalesced_writes_keep_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let mut file = File::create(&path).unwrap();
-        let batch = vec![
-            vec![1; 10],
-            vec![2; MAX_WRITE_CHUNK + 1],
-            vec![3; MAX_WRITE_CHUNK - 5],
-            vec![4; 10],
-        ];
-        let n = write_coalesced(&mut file, &batch).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), batch.concat());
-        assert_eq!(n, batch.concat().len() as u64);
     }
 
     #[test]

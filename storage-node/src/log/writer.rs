@@ -505,6 +505,9 @@ impl Inner {
         let end = self.writable_size()?;
         copy_exact(&mut old, &mut new, end - copied)?;
         copied = end;
+        // ...and synced before the lock is taken, so that appends wait only for the sync of
+        // the little that arrives during the copy...
+        new.sync_data()?;
         // ...and the rest under the lock, with the switch.
         let mut state = self.lock();
         state.writable()?;

@@ -9,7 +9,8 @@
 //! by itself, the owner makes a new one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,8 +70,36 @@ impl CallError {
 
 type Slot = oneshot::Sender<Reply>;
 
-/// `None` once the connection is gone, so late callers fail instead of waiting forever.
-type InFlight = Mutex<Option<HashMap<u64, Slot>>>;
+/// Hashes request ids, which are distinct sequential integers: one multiplication spreads
+/// them well enough, where the default SipHash costs more than the rest of the lookup.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type SlotMap = HashMap<u64, Slot, BuildHasherDefault<IdHasher>>;
+
+/// The calls waiting for an answer, and whether the connection is gone.
+struct InFlight {
+    /// `None` once the connection is gone, so late callers fail instead of waiting forever.
+    slots: Mutex<Option<SlotMap>>,
+    /// Set together with `slots` becoming `None`; read without the lock.
+    closed: AtomicBool,
+}
 
 struct Inner {
     addr: String,
@@ -109,17 +138,24 @@ impl Client {
         );
         let (mut sink, mut frames) = framed.split();
         let (tx, mut rx) = mpsc::channel::<Envelope<Request>>(SEND_QUEUE);
-        let in_flight: Arc<InFlight> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let in_flight = Arc::new(InFlight {
+            slots: Mutex::new(Some(SlotMap::default())),
+            closed: AtomicBool::new(false),
+        });
         let stop = CancellationToken::new();
 
         // Writer: coalesce whatever is queued into one flush.
         let writer_stop = stop.clone();
         let writer_in_flight = in_flight.clone();
         tokio::spawn(async move {
+            let mut stopped = std::pin::pin!(writer_stop.cancelled());
             loop {
+                // Queued requests first: the stop signal is only polled (and its locks taken)
+                // when there is nothing to send.
                 let first = tokio::select! {
-                    _ = writer_stop.cancelled() => break,
+                    biased;
                     first = rx.recv() => match first { Some(f) => f, None => break },
+                    _ = &mut stopped => break,
                 };
                 let mut ok = sink.feed(first).await.is_ok();
                 // Drain what is queued, let the tasks that are ready to run queue theirs
@@ -149,16 +185,18 @@ impl Client {
         let reader_stop = stop.clone();
         let reader_in_flight = in_flight.clone();
         tokio::spawn(async move {
+            let mut stopped = std::pin::pin!(reader_stop.cancelled());
             loop {
                 let frame = tokio::select! {
-                    _ = reader_stop.cancelled() => break,
+                    biased;
                     frame = frames.next() => frame,
+                    _ = &mut stopped => break,
                 };
                 let Some(Ok(Ok(env))) = frame else {
                     // EOF, a broken stream or a frame we cannot read: the connection is done.
                     break;
                 };
-                let slot = match reader_in_flight.lock() {
+                let slot = match reader_in_flight.slots.lock() {
                     Ok(mut guard) => guard.as_mut().and_then(|m| m.remove(&env.id)),
                     Err(_) => None,
                 };
@@ -210,10 +248,7 @@ impl Client {
 
     /// Whether the connection is gone (every call would fail).
     pub fn is_closed(&self) -> bool {
-        match self.inner.in_flight.lock() {
-            Ok(guard) => guard.is_none(),
-            Err(_) => true,
-        }
+        self.inner.in_flight.closed.load(Ordering::Acquire)
     }
 
     /// Send `req` and wait for its answer, however long it takes.
@@ -228,7 +263,7 @@ impl Client {
         match tokio::time::timeout(after, self.send(id, req, rx)).await {
             Ok(result) => result,
             Err(_) => {
-                if let Ok(mut guard) = self.inner.in_flight.lock() {
+                if let Ok(mut guard) = self.inner.in_flight.slots.lock() {
                     if let Some(map) = guard.as_mut() {
                         map.remove(&id);
                     }
@@ -244,7 +279,7 @@ impl Client {
     fn register(&self) -> Result<(u64, oneshot::Receiver<Reply>), CallError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let mut guard = self.inner.in_flight.lock().map_err(|_| self.lost())?;
+        let mut guard = self.inner.in_flight.slots.lock().map_err(|_| self.lost())?;
         match guard.as_mut() {
             Some(map) => {
                 map.insert(id, tx);
@@ -260,14 +295,16 @@ impl Client {
         req: Request,
         rx: oneshot::Receiver<Reply>,
     ) -> Result<Response, CallError> {
-        if self
-            .inner
-            .requests
-            .send(Envelope { id, msg: req })
-            .await
-            .is_err()
-        {
-            return Err(self.lost());
+        // The queue is rarely full: try the plain push first; waiting for room is boxed so
+        // that every call's future stays small.
+        match self.inner.requests.try_send(Envelope { id, msg: req }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(env)) => {
+                if Box::pin(self.inner.requests.send(env)).await.is_err() {
+                    return Err(self.lost());
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.lost()),
         }
         match rx.await {
             Ok(Ok(resp)) => Ok(resp),
@@ -283,8 +320,11 @@ impl Client {
 
 /// Fail every call in flight and refuse new ones.
 fn fail_all(in_flight: &InFlight) {
-    if let Ok(mut guard) = in_flight.lock() {
-        // Dropping the senders wakes every waiter with `ConnectionLost`.
-        guard.take();
-    }
+    in_flight.closed.store(true, Ordering::Release);
+    let taken = match in_flight.slots.lock() {
+        Ok(mut guard) => guard.take(),
+        Err(p) => p.into_inner().take(),
+    };
+    // Dropping the senders (outside the lock) wakes every waiter with `ConnectionLost`.
+    drop(taken);
 }

@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::CoordinatorConfig;
-pub use state::Coordinator;
+pub use state::{Coordinator, ReadyGate};
 
 use crate::metadata::Metadata;
 use crate::repair::RepairQueue;
@@ -76,7 +76,7 @@ pub async fn run(
         locks: KeyLocks::default(),
         repairs: RepairQueue::default(),
         shutdown: shutdown.clone(),
-        ready: CancellationToken::new(),
+        ready: ReadyGate::default(),
         tasks: TaskTracker::new(),
     });
 
@@ -113,7 +113,7 @@ pub async fn run(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     info!(%addr, nodes = expected.len(), "coordinator ready");
-    coord.ready.cancel();
+    coord.ready.open();
     on_ready(addr);
 
     // Resume decommissions a previous run did not finish.

@@ -4,12 +4,15 @@
 //! slot in the in-flight map; a writer task coalesces queued requests into few socket writes
 //! (it yields once before each flush, so callers that are about to send join the batch) and a
 //! reader task routes each answer to its slot by id, in whatever order answers come.
+//! Timeouts are kept by a sweep over the in-flight map every [`TIMEOUT_TICK`], not by a timer
+//! per call: a call then costs no timer registration and no clock read.
 //! When the connection drops, every call still in flight fails with
 //! [`CallError::ConnectionLost`], and so does every later call: a `Client` never reconnects
 //! by itself, the owner makes a new one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +28,10 @@ use crate::protocol::{Envelope, Reply, Request, Response, Role, PROTOCOL_VERSION
 
 /// Requests queued for the writer before callers wait.
 const SEND_QUEUE: usize = 4096;
+
+/// How often overdue calls are looked for: a call with a timeout fails between its timeout
+/// and its timeout plus two ticks.
+pub const TIMEOUT_TICK: Duration = Duration::from_millis(10);
 
 /// How long [`Client::connect`] waits for the TCP connection and the handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -67,19 +74,62 @@ impl CallError {
     }
 }
 
-type Slot = oneshot::Sender<Reply>;
+/// What a waiting call receives: the server's reply, or the sweep's verdict that it is overdue.
+type Outcome = Result<Reply, CallError>;
 
-/// `None` once the connection is gone, so late callers fail instead of waiting forever.
-type InFlight = Mutex<Option<HashMap<u64, Slot>>>;
+/// One call waiting for its answer.
+struct Pending {
+    slot: oneshot::Sender<Outcome>,
+    /// The sweep at which the call is overdue (`u64::MAX`: never).
+    deadline: u64,
+    after: Duration,
+}
+
+/// Hashes request ids, which are distinct sequential integers: one multiplication spreads
+/// them well enough, where the default SipHash costs more than the rest of the lookup.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type CallMap = HashMap<u64, Pending, BuildHasherDefault<IdHasher>>;
+
+/// The calls waiting for an answer, and whether the connection is gone.
+struct InFlight {
+    /// `None` once the connection is gone, so late callers fail instead of waiting forever.
+    calls: Mutex<Option<CallMap>>,
+    /// Set together with `calls` becoming `None`; read without the lock.
+    closed: AtomicBool,
+    /// Sweeps done so far: deadlines are counted in sweeps.
+    sweeps: AtomicU64,
+}
 
 struct Inner {
     addr: String,
     next_id: AtomicU64,
     in_flight: Arc<InFlight>,
     requests: mpsc::Sender<Envelope<Request>>,
-    /// Cancels the reader and writer when the last `Client` clone is dropped.
+    /// Cancels the reader, writer and sweep when the last `Client` clone is dropped.
     _stop: DropGuard,
 }
+
+/// A request waiting for room in a full queue (rare, so boxed).
+type WaitForRoom<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CallError>> + Send + 'a>>;
 
 /// A cheap-to-clone handle to one pipelined connection.
 #[derive(Clone)]
@@ -109,17 +159,25 @@ impl Client {
         );
         let (mut sink, mut frames) = framed.split();
         let (tx, mut rx) = mpsc::channel::<Envelope<Request>>(SEND_QUEUE);
-        let in_flight: Arc<InFlight> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let in_flight = Arc::new(InFlight {
+            calls: Mutex::new(Some(CallMap::default())),
+            closed: AtomicBool::new(false),
+            sweeps: AtomicU64::new(0),
+        });
         let stop = CancellationToken::new();
 
         // Writer: coalesce whatever is queued into one flush.
         let writer_stop = stop.clone();
         let writer_in_flight = in_flight.clone();
         tokio::spawn(async move {
+            let mut stopped = std::pin::pin!(writer_stop.cancelled());
             loop {
+                // Queued requests first: the stop signal is only polled (and its locks taken)
+                // when there is nothing to send.
                 let first = tokio::select! {
-                    _ = writer_stop.cancelled() => break,
+                    biased;
                     first = rx.recv() => match first { Some(f) => f, None => break },
+                    _ = &mut stopped => break,
                 };
                 let mut ok = sink.feed(first).await.is_ok();
                 // Drain what is queued, let the tasks that are ready to run queue theirs
@@ -149,22 +207,24 @@ impl Client {
         let reader_stop = stop.clone();
         let reader_in_flight = in_flight.clone();
         tokio::spawn(async move {
+            let mut stopped = std::pin::pin!(reader_stop.cancelled());
             loop {
                 let frame = tokio::select! {
-                    _ = reader_stop.cancelled() => break,
+                    biased;
                     frame = frames.next() => frame,
+                    _ = &mut stopped => break,
                 };
                 let Some(Ok(Ok(env))) = frame else {
                     // EOF, a broken stream or a frame we cannot read: the connection is done.
                     break;
                 };
-                let slot = match reader_in_flight.lock() {
+                let pending = match reader_in_flight.calls.lock() {
                     Ok(mut guard) => guard.as_mut().and_then(|m| m.remove(&env.id)),
                     Err(_) => None,
                 };
-                match slot {
-                    Some(slot) => {
-                        let _ = slot.send(env.msg);
+                match pending {
+                    Some(pending) => {
+                        let _ = pending.slot.send(Ok(env.msg));
                     }
                     None if env.id == 0 => {
                         // A connection-level error from the server (e.g. oversized frame);
@@ -178,6 +238,23 @@ impl Client {
             }
             fail_all(&reader_in_flight);
             reader_stop.cancel();
+        });
+
+        // Sweep: fail the calls that are overdue.
+        let sweep_stop = stop.clone();
+        let sweep_in_flight = in_flight.clone();
+        let sweep_addr = addr.to_string();
+        tokio::spawn(async move {
+            let mut stopped = std::pin::pin!(sweep_stop.cancelled());
+            let mut ticks = tokio::time::interval(TIMEOUT_TICK);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped => break,
+                    _ = ticks.tick() => sweep(&sweep_in_flight, &sweep_addr),
+                }
+            }
         });
 
         let client = Client {
@@ -210,69 +287,109 @@ impl Client {
 
     /// Whether the connection is gone (every call would fail).
     pub fn is_closed(&self) -> bool {
-        match self.inner.in_flight.lock() {
-            Ok(guard) => guard.is_none(),
-            Err(_) => true,
-        }
+        self.inner.in_flight.closed.load(Ordering::Acquire)
     }
 
     /// Send `req` and wait for its answer, however long it takes.
     pub async fn call(&self, req: Request) -> Result<Response, CallError> {
-        let (id, rx) = self.register()?;
-        self.send(id, req, rx).await
+        let (id, rx, room) = self.start(req, None)?;
+        self.finish(id, rx, room).await
     }
 
-    /// Send `req` and wait at most `after` for its answer.
+    /// Send `req` and wait at most `after` (plus up to two [`TIMEOUT_TICK`]s) for its answer.
     pub async fn call_timeout(&self, req: Request, after: Duration) -> Result<Response, CallError> {
-        let (id, rx) = self.register()?;
-        match tokio::time::timeout(after, self.send(id, req, rx)).await {
-            Ok(result) => result,
-            Err(_) => {
-                if let Ok(mut guard) = self.inner.in_flight.lock() {
-                    if let Some(map) = guard.as_mut() {
-                        map.remove(&id);
-                    }
-                }
-                Err(CallError::Timeout {
-                    addr: self.inner.addr.clone(),
-                    after,
-                })
-            }
-        }
+        let (id, rx, room) = self.start(req, Some(after))?;
+        self.finish(id, rx, room).await
     }
 
-    fn register(&self) -> Result<(u64, oneshot::Receiver<Reply>), CallError> {
+    /// Register a call and queue its request, without waiting. When the queue is full, the
+    /// wait for room (within the call's timeout) is returned too.
+    fn start(
+        &self,
+        req: Request,
+        after: Option<Duration>,
+    ) -> Result<(u64, oneshot::Receiver<Outcome>, Option<WaitForRoom<'_>>), CallError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let mut guard = self.inner.in_flight.lock().map_err(|_| self.lost())?;
-        match guard.as_mut() {
-            Some(map) => {
-                map.insert(id, tx);
-                Ok((id, rx))
-            }
-            None => Err(self.lost()),
+        let (slot, rx) = oneshot::channel();
+        let in_flight = &self.inner.in_flight;
+        let deadline = match after {
+            // The sweep now under way may be about to end: count one more.
+            Some(after) => in_flight
+                .sweeps
+                .load(Ordering::Relaxed)
+                .saturating_add(sweeps_in(after))
+                .saturating_add(1),
+            None => u64::MAX,
+        };
+        let pending = Pending {
+            slot,
+            deadline,
+            after: after.unwrap_or(Duration::MAX),
+        };
+        {
+            let mut guard = in_flight.calls.lock().map_err(|_| self.lost())?;
+            guard
+                .as_mut()
+                .ok_or_else(|| self.lost())?
+                .insert(id, pending);
         }
+        let room = match self.inner.requests.try_send(Envelope { id, msg: req }) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(env)) => {
+                let wait: WaitForRoom<'_> = Box::pin(async move {
+                    let send = self.inner.requests.send(env);
+                    let sent = match after {
+                        Some(after) => tokio::time::timeout(after, send)
+                            .await
+                            .map_err(|_| self.timed_out(after))?,
+                        None => send.await,
+                    };
+                    sent.map_err(|_| self.lost())
+                });
+                Some(wait)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.forget(id);
+                return Err(self.lost());
+            }
+        };
+        Ok((id, rx, room))
     }
 
-    async fn send(
+    /// Wait for room in the queue if needed, then for the answer.
+    async fn finish(
         &self,
         id: u64,
-        req: Request,
-        rx: oneshot::Receiver<Reply>,
+        rx: oneshot::Receiver<Outcome>,
+        room: Option<WaitForRoom<'_>>,
     ) -> Result<Response, CallError> {
-        if self
-            .inner
-            .requests
-            .send(Envelope { id, msg: req })
-            .await
-            .is_err()
-        {
-            return Err(self.lost());
+        if let Some(room) = room {
+            if let Err(e) = room.await {
+                self.forget(id);
+                return Err(e);
+            }
         }
         match rx.await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(CallError::Remote(e)),
+            Ok(Ok(Ok(resp))) => Ok(resp),
+            Ok(Ok(Err(e))) => Err(CallError::Remote(e)),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(self.lost()),
+        }
+    }
+
+    /// Drop the slot of a call that will not wait for its answer.
+    fn forget(&self, id: u64) {
+        if let Ok(mut guard) = self.inner.in_flight.calls.lock() {
+            if let Some(map) = guard.as_mut() {
+                map.remove(&id);
+            }
+        }
+    }
+
+    fn timed_out(&self, after: Duration) -> CallError {
+        CallError::Timeout {
+            addr: self.inner.addr.clone(),
+            after,
         }
     }
 
@@ -283,8 +400,42 @@ impl Client {
 
 /// Fail every call in flight and refuse new ones.
 fn fail_all(in_flight: &InFlight) {
-    if let Ok(mut guard) = in_flight.lock() {
-        // Dropping the senders wakes every waiter with `ConnectionLost`.
-        guard.take();
+    in_flight.closed.store(true, Ordering::Release);
+    let taken = match in_flight.calls.lock() {
+        Ok(mut guard) => guard.take(),
+        Err(p) => p.into_inner().take(),
+    };
+    // Dropping the senders (outside the lock) wakes every waiter with `ConnectionLost`.
+    drop(taken);
+}
+
+/// Sweeps that make up `after`, rounded up.
+fn sweeps_in(after: Duration) -> u64 {
+    let tick = TIMEOUT_TICK.as_nanos();
+    u64::try_from(after.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX)
+}
+
+/// Count one sweep and fail every call whose deadline it reaches.
+fn sweep(in_flight: &InFlight, addr: &str) {
+    let now = in_flight.sweeps.fetch_add(1, Ordering::Relaxed) + 1;
+    let overdue: Vec<Pending> = match in_flight.calls.lock() {
+        Ok(mut guard) => match guard.as_mut() {
+            Some(map) => {
+                let ids: Vec<u64> = map
+                    .iter()
+                    .filter(|(_, p)| p.deadline <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.iter().filter_map(|id| map.remove(id)).collect()
+            }
+            None => return,
+        },
+        Err(_) => return,
+    };
+    for pending in overdue {
+        let _ = pending.slot.send(Err(CallError::Timeout {
+            addr: addr.to_string(),
+            after: pending.after,
+        }));
     }
 }

@@ -109,6 +109,10 @@ pub async fn serve_connection<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), ConnectionError> {
     let _ = stream.set_nodelay(true);
+    // The request loop polls its shutdown signal on every wake-up; a child token of its own
+    // keeps those polls from contending with every other connection for the shared token's
+    // locks.
+    let shutdown = shutdown.child_token();
     let mut framed = Framed::new(stream, ServerCodec::new(max_frame_len));
     let result = match handshake(&mut framed).await {
         Ok(Some(role)) => serve_requests(&mut framed, handler, role, &shutdown).await,

@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::CoordinatorConfig;
-pub use state::Coordinator;
+pub use state::{Coordinator, ReadyGate};
 
 use crate::metadata::Metadata;
 use crate::repair::RepairQueue;
@@ -85,7 +85,7 @@ pub async fn run(
         locks: KeyLocks::default(),
         repairs: RepairQueue::default(),
         shutdown: shutdown.clone(),
-        ready: CancellationToken::new(),
+        ready: ReadyGate::default(),
         tasks: TaskTracker::new(),
     });
 
@@ -132,7 +132,7 @@ pub async fn run(
         futures::future::join_all(nodes).await;
     }
     info!(%addr, nodes = expected.len(), "coordinator ready");
-    coord.ready.cancel();
+    coord.ready.open();
     on_ready(addr);
 
     // Resume decommissions a previous run did not finish.

@@ -141,9 +141,10 @@ impl Coordinator {
             .into_iter()
             .filter(|n| !targets.contains(n))
             .collect();
+        let acked_count = acked.len();
         let meta = KeyMeta {
             version,
-            replicas: acked.clone(),
+            replicas: acked,
             tombstone,
         };
         self.meta
@@ -153,8 +154,32 @@ impl Coordinator {
         fail::fail_point!("coordinator-after-meta-commit", |arg| crash_point(arg));
 
         // Late replicas: record them when they answer; the repair loop covers the rest.
+        // Usually every replica has answered by now and there is nothing left to do.
+        if !pending.is_empty() || !superseded.is_empty() || late_failure {
+            self.finish_write(key, version, pending, superseded, late_failure);
+        }
+
+        if acked_count < quorum {
+            return Err(WireError::Indeterminate(format!(
+                "version {version} reached {acked_count} of the {quorum} replicas a write needs"
+            )));
+        }
+        Ok(Response::Written { version })
+    }
+
+    /// The background part of a write: forget the copies on former replicas, record replicas
+    /// that answer after the metadata commit, and queue the key for repair if any failed.
+    fn finish_write<F>(
+        self: &Arc<Self>,
+        late_key: Bytes,
+        version: Version,
+        mut pending: FuturesUnordered<F>,
+        superseded: Vec<NodeId>,
+        late_failure: bool,
+    ) where
+        F: std::future::Future<Output = (NodeId, StoreOutcome)> + Send + 'static,
+    {
         let this = self.clone();
-        let late_key = key.clone();
         self.background(async move {
             // Copies of older versions on nodes that are no longer replicas of the key.
             for node in superseded {
@@ -185,14 +210,6 @@ impl Coordinator {
                 this.repairs.push(late_key);
             }
         });
-
-        if acked.len() < quorum {
-            return Err(WireError::Indeterminate(format!(
-                "version {version} reached {} of the {quorum} replicas a write needs",
-                acked.len()
-            )));
-        }
-        Ok(Response::Written { version })
     }
 
     async fn store_on(&self, node: NodeId, req: Request, version: Version) -> StoreOutcome {
@@ -228,12 +245,10 @@ impl Coordinator {
                     value: None,
                 });
             }
-            // Up replicas first (one membership lookup each), starting at a key-dependent
+            // Up replicas first (one membership lookup for all), starting at a key-dependent
             // offset to spread the load.
-            let (mut candidates, down): (Vec<NodeId>, Vec<NodeId>) =
-                meta.replicas.iter().partition(|n| self.members.is_up(**n));
-            let up = candidates.len();
-            candidates.extend(down);
+            let mut candidates = meta.replicas;
+            let up = self.members.up_first(&mut candidates);
             if up > 1 {
                 let shift = (ringkv_common::ring::key_hash(&key) as usize) % up;
                 if let Some(head) = candidates.get_mut(..up) {
@@ -243,7 +258,7 @@ impl Coordinator {
             let mut stale = false;
             let mut newer = false;
             let last = candidates.len().saturating_sub(1);
-            for (i, node) in candidates.into_iter().enumerate() {
+            for (i, &node) in candidates.iter().enumerate() {
                 let req = Request::Fetch { key: key.clone() };
                 // A fetch is a memory lookup: if it takes long, the node is paused or
                 // overloaded, so move on to the next replica; only the last gets the full timeout.

@@ -262,6 +262,21 @@ impl Membership {
             .count()
     }
 
+    /// Reorder `nodes` so that the up ones come first (in their order), and return how many
+    /// are up. One lock for all of them.
+    pub fn up_first(&self, nodes: &mut [NodeId]) -> usize {
+        let inner = self.read();
+        let is_up = |id: &NodeId| {
+            inner
+                .nodes
+                .get(id)
+                .is_some_and(|e| e.state == NodeState::Up)
+        };
+        // Stable: false (up) sorts before true (not up).
+        nodes.sort_by_key(|id| !is_up(id));
+        nodes.iter().take_while(|id| is_up(id)).count()
+    }
+
     /// The first `n` up nodes clockwise from `key`.
     pub fn preference_list(&self, key: &[u8], n: usize) -> Vec<NodeId> {
         let inner = self.read();
@@ -320,6 +335,13 @@ impl Membership {
         Ok(client)
     }
 
+    /// The open connection to `id`, if there is one.
+    fn open_client(&self, id: NodeId) -> Option<Client> {
+        let inner = self.read();
+        let client = inner.nodes.get(&id)?.client.as_ref()?;
+        (!client.is_closed()).then(|| client.clone())
+    }
+
     /// Send `req` to node `id` and wait at most `timeout`.
     pub async fn call(
         &self,
@@ -327,12 +349,16 @@ impl Membership {
         req: Request,
         timeout: Duration,
     ) -> Result<Response, CallError> {
-        let client = tokio::time::timeout(timeout, self.client(id))
-            .await
-            .map_err(|_| CallError::Connect {
-                addr: format!("node {id}"),
-                reason: "connect timed out".into(),
-            })??;
+        let client = match self.open_client(id) {
+            Some(client) => client,
+            // Connecting is rare: boxed, so every call's future stays small.
+            None => Box::pin(tokio::time::timeout(timeout, self.client(id)))
+                .await
+                .map_err(|_| CallError::Connect {
+                    addr: format!("node {id}"),
+                    reason: "connect timed out".into(),
+                })??,
+        };
         client.call_timeout(req, timeout).await
     }
 }

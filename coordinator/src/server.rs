@@ -12,9 +12,11 @@ impl Handler for Coordinator {
     async fn handle(self: Arc<Self>, req: Request, role: Role) -> Reply {
         // Until the nodes have registered after a start, client requests wait rather than
         // fail for want of replicas (nodes must be served: their registration is the wait).
-        if role != Role::Node && !self.ready.is_cancelled() {
-            let _ = tokio::time::timeout(self.config.startup_timeout, self.ready.cancelled()).await;
+        if role != Role::Node && !self.ready.is_open() {
+            Box::pin(self.ready.wait(self.config.startup_timeout)).await;
         }
+        // Every request's future is as large as the largest arm, so the rare requests with
+        // large futures are boxed and the data path's stay small.
         match (role, req) {
             (
                 Role::Node,
@@ -24,16 +26,16 @@ impl Handler for Coordinator {
                     pid,
                     data_dir,
                 },
-            ) => self.register(node, addr, pid, data_dir).await,
+            ) => Box::pin(self.register(node, addr, pid, data_dir)).await,
             (Role::Node, Request::Heartbeat { node, stats }) => self.heartbeat(node, stats),
             (_, Request::Put { key, value }) => self.write(key, Some(value)).await,
             (_, Request::Delete { key }) => self.write(key, None).await,
             (_, Request::Get { key }) => self.read(key).await,
-            (_, Request::Locate { key }) => self.locate(key).await,
+            (_, Request::Locate { key }) => Box::pin(self.locate(key)).await,
             (_, Request::Status) => Ok(Response::Status(self.status())),
-            (_, Request::Check) => self.check().await.map(Response::Checked),
-            (_, Request::NodeAdd) => self.add_node().await,
-            (_, Request::NodeRemove { node }) => self.remove_node(node).await,
+            (_, Request::Check) => Box::pin(self.check()).await.map(Response::Checked),
+            (_, Request::NodeAdd) => Box::pin(self.add_node()).await,
+            (_, Request::NodeRemove { node }) => Box::pin(self.remove_node(node)).await,
             (_, Request::NodeSignal { node, signal }) => self.signal_node(node, signal),
             (_, other) => Err(WireError::BadRequest(format!(
                 "the coordinator does not answer {} from a {role:?} peer",

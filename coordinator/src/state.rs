@@ -1,6 +1,8 @@
 //! The coordinator's shared state: one value, shared by every connection and background task.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ringkv_common::NodeId;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +25,8 @@ pub struct Coordinator {
     pub repairs: RepairQueue,
     /// Fires when the coordinator shuts down.
     pub shutdown: CancellationToken,
-    /// Fires once the nodes expected at start-up have registered; client requests wait for it.
-    pub ready: CancellationToken,
+    /// Opens once the nodes expected at start-up have registered; client requests wait for it.
+    pub ready: ReadyGate,
     /// Background work (late acknowledgements, repairs); waited for at shutdown.
     pub tasks: TaskTracker,
 }
@@ -46,5 +48,33 @@ impl Coordinator {
             .filter(|r| r.spawned && !r.removed)
             .map(|r| r.id)
             .collect()
+    }
+}
+
+/// A one-way gate: closed at start-up, open for good once [`ReadyGate::open`] is called.
+/// Checking an open gate is one atomic load, cheap enough for every request.
+#[derive(Default)]
+pub struct ReadyGate {
+    open: AtomicBool,
+    opened: CancellationToken,
+}
+
+impl ReadyGate {
+    /// Open the gate and release every waiter.
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        self.opened.cancel();
+    }
+
+    /// Whether the gate is open.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Wait at most `limit` for the gate to open.
+    pub async fn wait(&self, limit: Duration) {
+        if !self.is_open() {
+            let _ = tokio::time::timeout(limit, self.opened.cancelled()).await;
+        }
     }
 }

@@ -11,6 +11,10 @@ use ringkv_coordinator::supervisor::NodeLaunch;
 use ringkv_coordinator::CoordinatorConfig;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: about 15% less CPU per request than the system allocator (bench/README.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// RingKV coordinator: owns the hash ring and the metadata, spawns and watches the storage
 /// nodes, keeps three replicas of every key, and serves clients.
 ///

@@ -1,8 +1,8 @@
-//! Metadata DB throughput with and without group commit.
+//! Metadata journal throughput with and without group commit.
 //!
 //! Runs `--writers` concurrent tasks, each committing single-key updates back to back for
-//! `--seconds`, first with group commit off (one transaction, one fsync per update) and then
-//! on (the writer thread folds whatever is queued into one transaction). Prints updates per
+//! `--seconds`, first with group commit off (one journal write and one fsync per update) and then
+//! on (the writer thread folds whatever is queued into one write and one fsync). Prints updates per
 //! second and the mean batch size.
 //!
 //!     cargo run --release -p ringkv-coordinator --example meta_bench -- --writers 64 --seconds 5
@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
         "metadata commits, {writers} concurrent writers, {seconds} s each, fsync on every commit"
     );
     println!("{:<28} {:>12}", "mode", "updates/s");
-    println!("{:<28} {:>12.0}", "one transaction per update", single);
+    println!("{:<28} {:>12.0}", "one write per update", single);
     println!("{:<28} {:>12.0}", "group commit", grouped);
     println!("speed-up: {:.1}x", grouped / single.max(1.0));
     Ok(())

@@ -55,7 +55,8 @@ pub enum MetaFsync {
     /// Sync every group before acknowledging it: a change survives a power loss.
     Always,
     /// Write every group before acknowledging it, sync only on rewrite and close: a change
-    /// survives a crash of the coordinator process, not of the machine.
+    /// survives a crash of the coordinator process; a machine crash can take it from the
+    /// journal, and the reconciliation after an unclean stop learns it back from the nodes.
     Never,
 }
 

@@ -124,12 +124,38 @@ pub async fn run(
     if coord.meta.may_lack_changes() {
         // Changes may be missing from the journal: learn them from the nodes before a client
         // can read a key whose newest version the metadata no longer knows about.
+        // Every registered node counts, spawned or joined by hand; a scan that fails is
+        // retried a few times. Client requests meanwhile wait, then get `unavailable`.
         warn!("metadata may lack recent changes; reconciling every node before serving clients");
-        let nodes = expected
-            .iter()
-            .filter(|id| coord.members.is_registered(**id))
-            .map(|id| coord.reconcile_node(*id));
-        futures::future::join_all(nodes).await;
+        use ringkv_common::NodeState;
+        let mut nodes: Vec<_> = [NodeState::Up, NodeState::Suspect, NodeState::Leaving]
+            .into_iter()
+            .flat_map(|s| coord.members.in_state(s))
+            .filter(|id| coord.members.is_registered(*id))
+            .collect();
+        for attempt in 1..=5 {
+            let scans = nodes.iter().map(|id| {
+                let coord = coord.clone();
+                let id = *id;
+                async move { (id, coord.reconcile_node(id).await) }
+            });
+            nodes = futures::future::join_all(scans)
+                .await
+                .into_iter()
+                .filter_map(|(id, done)| (!done).then_some(id))
+                .collect();
+            if nodes.is_empty() || shutdown.is_cancelled() {
+                break;
+            }
+            warn!(
+                ?nodes,
+                attempt, "could not reconcile some nodes; trying again"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        if !nodes.is_empty() {
+            warn!(?nodes, "serving without having reconciled these nodes");
+        }
     }
     info!(%addr, nodes = expected.len(), "coordinator ready");
     coord.ready.open();

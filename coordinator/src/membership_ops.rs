@@ -21,6 +21,9 @@ const DETECTOR_TICK: Duration = Duration::from_millis(100);
 /// How often a decommission checks whether the leaving node still holds anything.
 const DECOMMISSION_POLL: Duration = Duration::from_millis(200);
 
+/// Longest address or data directory a node may register with.
+const MAX_REGISTRY_FIELD: usize = 4096;
+
 impl Coordinator {
     /// A node (re)registered. Unknown ids are refused; a node without an id gets a new one.
     pub async fn register(
@@ -30,6 +33,14 @@ impl Coordinator {
         pid: u32,
         data_dir: String,
     ) -> Reply {
+        // A node record is journaled whole: bound what a peer can make it hold.
+        if addr.len() > MAX_REGISTRY_FIELD || data_dir.len() > MAX_REGISTRY_FIELD {
+            return Err(WireError::TooLarge {
+                what: "node address or data directory".into(),
+                size: addr.len().max(data_dir.len()) as u64,
+                max: MAX_REGISTRY_FIELD as u64,
+            });
+        }
         let id = match node {
             Some(id) => {
                 if self.members.state(id) == Some(NodeState::Removed) {

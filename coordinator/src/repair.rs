@@ -341,7 +341,8 @@ impl Coordinator {
     /// Bring the metadata in line with what `node` reports holding: adopt versions newer
     /// than the metadata knows (they reached a replica before a crash), re-list current
     /// copies, and drop stale ones so they are never served or copied.
-    pub async fn reconcile_node(self: &Arc<Self>, node: NodeId) {
+    /// Returns whether the node could be scanned to the end.
+    pub async fn reconcile_node(self: &Arc<Self>, node: NodeId) -> bool {
         let mut after: Option<Bytes> = None;
         let mut stats = (0u64, 0u64, 0u64); // adopted, relisted, dropped
         let mut seen: HashSet<Bytes> = HashSet::new();
@@ -355,11 +356,11 @@ impl Coordinator {
                 Ok(Response::Scanned { entries, next }) => (entries, next),
                 Ok(other) => {
                     warn!(%node, ?other, "unexpected answer to scan");
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     warn!(%node, error = %e, "cannot scan node for reconciliation");
-                    return;
+                    return false;
                 }
             };
             for entry in entries {
@@ -385,6 +386,7 @@ impl Coordinator {
             }
         }
         info!(%node, adopted = stats.0, relisted = stats.1, dropped = stats.2, unlisted, "node reconciled");
+        true
     }
 
     /// Remove `node` from `key`'s replicas if it does not hold the listed version.

@@ -14,6 +14,13 @@ impl Handler for Coordinator {
         // fail for want of replicas (nodes must be served: their registration is the wait).
         if role != Role::Node && !self.ready.is_open() {
             Box::pin(self.ready.wait(self.config.startup_timeout)).await;
+            if !self.ready.is_open() {
+                // Still starting (reconciling nodes after an unclean stop): answering now
+                // could serve what the metadata has not yet learnt back.
+                return Err(WireError::Unavailable(
+                    "the coordinator is still starting; try again".into(),
+                ));
+            }
         }
         // Every request's future is as large as the largest arm, so the rare requests with
         // large futures are boxed and the data path's stay small.

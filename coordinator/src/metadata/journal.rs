@@ -119,6 +119,8 @@ pub struct Journal {
     fsync: MetaFsync,
     rewrite_min_bytes: u64,
     buf: Vec<u8>,
+    /// A rewrite failed after its rename (see [`Journal::is_broken`]).
+    broken: bool,
 }
 
 impl Journal {
@@ -180,6 +182,7 @@ impl Journal {
                 fsync,
                 rewrite_min_bytes,
                 buf: Vec::with_capacity(64 * 1024),
+                broken: false,
             },
             report,
         ))
@@ -248,14 +251,30 @@ impl Journal {
         }
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
-        fs::rename(&tmp, self.dir.join(JOURNAL_FILE)).map_err(io)?;
-        sync_dir(&self.dir).map_err(io)?;
         let mut file = file;
         file.seek(SeekFrom::End(0)).map_err(io)?;
+        fs::rename(&tmp, self.dir.join(JOURNAL_FILE)).map_err(io)?;
+        // From here on the journal is the new file: appends must go to it, never to the
+        // unlinked old one.
         self.file = file;
         self.len = len;
         self.base = len;
+        if let Err(e) = sync_dir(&self.dir) {
+            // The rename may not survive a power loss; nothing more may be acknowledged.
+            self.broken = true;
+            return Err(io(e));
+        }
         Ok(())
+    }
+
+    /// Whether a rewrite failed after its rename, so that the journal must not be written again.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Put off the next rewrite until the file has doubled again (after a failed one).
+    pub fn defer_rewrite(&mut self) {
+        self.base = self.len;
     }
 
     /// Current size of the file in bytes.
@@ -342,9 +361,22 @@ fn move_tail_aside(dir: &Path, file: &mut File, valid: u64) -> io::Result<PathBu
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let aside = dir.join(format!("{JOURNAL_FILE}.discarded-{stamp}"));
+    let (aside, mut out) = (0..1000)
+        .find_map(|n| {
+            let name = match n {
+                0 => format!("{JOURNAL_FILE}.discarded-{stamp}"),
+                n => format!("{JOURNAL_FILE}.discarded-{stamp}-{n}"),
+            };
+            let path = dir.join(name);
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .ok()
+                .map(|f| (path, f))
+        })
+        .ok_or_else(|| io::Error::other("no free name for the discarded tail"))?;
     file.seek(SeekFrom::Start(valid))?;
-    let mut out = File::create(&aside)?;
     io::copy(file, &mut out)?;
     out.sync_all()?;
     file.set_len(valid)?;

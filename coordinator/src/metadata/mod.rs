@@ -129,7 +129,7 @@ impl Default for MetaOptions {
 /// Handle to the metadata store; cheap to share.
 pub struct Metadata {
     /// Changes may be missing since the last open: the journal had a torn or damaged tail,
-    /// or it was not closed cleanly and key changes are not synced.
+    /// or it was not closed cleanly.
     may_lack_changes: bool,
     shards: Arc<Vec<Shard>>,
     writer: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
@@ -203,6 +203,16 @@ impl Metadata {
             ?fsync,
             "metadata loaded"
         );
+        // After anything but a graceful close, changes may be missing (a damaged tail, or the
+        // unsynced end of the file under `never`, whatever this run's policy is), and a
+        // reconciliation an earlier start began may not have finished.
+        let may_lack_changes = report.discarded_bytes > 0 || (!report.clean && report.entries > 0);
+        if report.clean {
+            // The clean marker must not stay last: a crash of this run must not pass for a
+            // graceful close. A synced no-op entry after it says the journal is open again.
+            journal.append(&EntryRef::Ceiling(ceiling))?;
+            journal.commit(true)?;
+        }
         let shards = Arc::new(shards);
         let records: Vec<NodeRecord> = nodes.values().cloned().collect();
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -220,8 +230,7 @@ impl Metadata {
                 .spawn(move || writer.run(rx, max_group))?
         };
         let meta = Metadata {
-            may_lack_changes: report.discarded_bytes > 0
-                || (!report.clean && report.entries > 0 && fsync == MetaFsync::Never),
+            may_lack_changes,
             shards,
             writer: Mutex::new(Some(tx)),
             // Start at the old ceiling: nothing at or above it was ever handed out.
@@ -236,8 +245,8 @@ impl Metadata {
 
     /// Whether the metadata may lack changes the nodes hold, so that every node must be
     /// reconciled before clients are served: the journal had a torn or damaged tail, or it
-    /// was not closed cleanly while key changes are not synced (a machine crash may have
-    /// taken the unsynced end of the file).
+    /// was not closed cleanly (under `never` a machine crash may have taken its unsynced end,
+    /// whatever policy this run uses, and an earlier reconciliation may not have finished).
     pub fn may_lack_changes(&self) -> bool {
         self.may_lack_changes
     }
@@ -401,8 +410,16 @@ impl Writer {
                         after = self.journal.size(),
                         "metadata journal rewritten"
                     ),
-                    // The old file is intact (the rename is the switch-over): carry on with it.
-                    Err(e) => warn!(error = %e, "metadata journal rewrite failed"),
+                    Err(e) if self.journal.is_broken() => {
+                        error!(error = %e, "metadata journal rewrite failed after its rename; refusing further changes");
+                        self.failed = Some(e.to_string());
+                    }
+                    // The old file is intact (the rename is the switch-over): carry on with
+                    // it, and try again only once it has doubled again.
+                    Err(e) => {
+                        warn!(error = %e, "metadata journal rewrite failed");
+                        self.journal.defer_rewrite();
+                    }
                 }
             }
         }
@@ -455,6 +472,9 @@ impl Writer {
         changed.dedup();
         for key in &changed {
             if let Some(meta) = touched.get(key) {
+                // A deletion cannot be learnt back from the nodes (they drop tombstones when
+                // they replay their logs), so it is synced whatever the policy.
+                registry_changed |= meta.as_ref().is_some_and(|m| m.tombstone);
                 self.journal.append(&EntryRef::Key {
                     key,
                     meta: meta.as_ref(),
@@ -696,5 +716,44 @@ mod tests {
         assert_eq!(nodes.len(), 1);
         // The lease ceiling survived the rewrites: new versions are above every old one.
         assert!(m.next_version().await.unwrap() > Version(10_100));
+    }
+
+    #[tokio::test]
+    async fn only_a_graceful_close_spares_the_next_start_a_reconciliation() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Bytes::from_static(b"k");
+        for fsync in [MetaFsync::Always, MetaFsync::Never] {
+            let options = MetaOptions {
+                fsync,
+                ..Default::default()
+            };
+            let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+            m.update(vec![(k.clone(), KeyUpdate::Set(meta(1, &[1])))])
+                .await
+                .unwrap();
+            m.close();
+            drop(m);
+            // Closed gracefully: nothing can be missing.
+            let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+            assert!(!m.may_lack_changes(), "{fsync:?}");
+            // A crash right after a clean start (no change written since) still counts as
+            // unclean: the clean marker is no longer last.
+            std::mem::forget(m);
+            let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+            assert!(m.may_lack_changes(), "{fsync:?}");
+            // Whatever this run's policy, an unclean stop means reconciling first.
+            let other = MetaOptions {
+                fsync: match fsync {
+                    MetaFsync::Always => MetaFsync::Never,
+                    MetaFsync::Never => MetaFsync::Always,
+                },
+                ..Default::default()
+            };
+            std::mem::forget(m);
+            let (m, _) = Metadata::open_with(dir.path(), other).unwrap();
+            assert!(m.may_lack_changes(), "{fsync:?} then {other:?}");
+            assert_eq!(m.get(b"k"), Some(meta(1, &[1])));
+            m.close();
+        }
     }
 }

@@ -143,7 +143,12 @@ impl Coordinator {
     async fn new_spawned_node(
         self: &Arc<Self>,
     ) -> Result<(NodeId, std::path::PathBuf), crate::metadata::MetaError> {
-        let id = self.members.next_id();
+        // Skip ids whose data directory exists: a registry that lost its tail (a damaged
+        // journal) may not know every node that was ever spawned.
+        let mut id = self.members.next_id();
+        while self.config.node_dir(id).exists() {
+            id = NodeId(id.0 + 1);
+        }
         let dir = self.config.node_dir(id);
         let record = NodeRecord {
             id,

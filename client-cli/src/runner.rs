@@ -10,19 +10,12 @@ use crate::cli::GlobalArgs;
 use crate::commands::exit;
 use crate::interpreter::Interpreter;
 use crate::progress::ProgressMode;
-use crate::session::Session;
+use crate::session::{session_runtime, Session};
 
 /// Run the script at `path` against the coordinator in `global`; returns the exit code.
 pub fn main(global: &GlobalArgs, path: &Path) -> u8 {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: internal: cannot start the async runtime: {e}");
-            return exit::FAILED;
-        }
+    let Some(runtime) = session_runtime(&mut tokio::runtime::Builder::new_current_thread()) else {
+        return exit::FAILED;
     };
     let session = Session::new(&global.coordinator, global.timeout);
     let mut interpreter = Interpreter::new(session, global.json, ProgressMode::detect());

@@ -168,6 +168,17 @@ impl Session {
     }
 }
 
+/// Build the async runtime a shell or script session runs on; on failure, say why on stderr.
+pub fn session_runtime(builder: &mut tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(runtime) => Some(runtime),
+        Err(e) => {
+            eprintln!("error: internal: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

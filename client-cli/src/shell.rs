@@ -33,7 +33,7 @@ use crate::commands::exit;
 use crate::completion;
 use crate::interpreter::{Flow, Interpreter};
 use crate::progress::ProgressMode;
-use crate::session::Session;
+use crate::session::{session_runtime, Session};
 
 /// The environment variable naming the history file; empty turns the history file off.
 pub const HISTORY_ENV: &str = "RINGKV_HISTORY";
@@ -53,16 +53,10 @@ const COMPLETION_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Run the shell until `exit` or end of input; returns the process's exit code.
 pub fn main(global: &GlobalArgs) -> u8 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: internal: cannot start the async runtime: {e}");
-            return exit::FAILED;
-        }
+    let Some(runtime) =
+        session_runtime(tokio::runtime::Builder::new_multi_thread().worker_threads(1))
+    else {
+        return exit::FAILED;
     };
     let session = Session::new(&global.coordinator, global.timeout);
     if io::stdin().is_terminal() {

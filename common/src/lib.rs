@@ -10,11 +10,13 @@
 //! - [`client`]: a pipelining client over one connection.
 //! - [`config`]: parsers shared by the binaries' flags.
 //! - [`signals`]: SIGTERM and ctrl-c as a shutdown token.
+//! - [`process`]: finding local processes by their command line.
 
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod process;
 pub mod protocol;
 pub mod ring;
 pub mod server;

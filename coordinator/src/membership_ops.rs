@@ -198,7 +198,6 @@ impl Coordinator {
             let this = self.clone();
             let remaining = tokio::task::spawn_blocking(move || this.meta.keys_on_node(id))
                 .await
-                .map_err(|e| WireError::Internal(e.to_string()))?
                 .map_err(|e| WireError::Internal(e.to_string()))?;
             let live: Vec<_> = remaining
                 .into_iter()

@@ -216,13 +216,9 @@ impl Coordinator {
     pub async fn queue_node_keys(self: &Arc<Self>, node: NodeId, kind: JobKind) {
         let this = self.clone();
         let keys = match tokio::task::spawn_blocking(move || this.meta.keys_on_node(node)).await {
-            Ok(Ok(keys)) => keys,
-            Ok(Err(e)) => {
-                warn!(%node, error = %e, "cannot read the node index");
-                return;
-            }
+            Ok(keys) => keys,
             Err(e) => {
-                warn!(%node, error = %e, "node index task failed");
+                warn!(%node, error = %e, "listing the node's keys failed");
                 return;
             }
         };
@@ -375,10 +371,9 @@ impl Coordinator {
         // Keys the metadata says the node holds but it did not report (its log lost them,
         // or a crash came between a forget and its metadata update): unlist them.
         let this = self.clone();
-        let listed = match tokio::task::spawn_blocking(move || this.meta.keys_on_node(node)).await {
-            Ok(Ok(keys)) => keys,
-            _ => Vec::new(),
-        };
+        let listed: Vec<Bytes> = tokio::task::spawn_blocking(move || this.meta.keys_on_node(node))
+            .await
+            .unwrap_or_default();
         let mut unlisted = 0u64;
         for key in listed.into_iter().filter(|k| !seen.contains(k)) {
             if self.unlist_if_missing(node, key).await {

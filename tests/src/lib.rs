@@ -389,31 +389,10 @@ fn wait_child(child: &mut Child, timeout: Duration) -> anyhow::Result<std::proce
     }
 }
 
-/// Pids of live processes whose command line contains `path`.
+/// Pids of live processes (other than this one) whose command line contains `path`.
 pub fn processes_mentioning(path: &Path) -> Vec<u32> {
-    let needle = path.as_os_str().as_encoded_bytes().to_vec();
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            if cmdline
-                .windows(needle.len())
-                .any(|w| w == needle.as_slice())
-            {
-                out.push(pid);
-            }
-        }
-    }
-    out
+    let needle = path.as_os_str().as_encoded_bytes();
+    ringkv_common::process::pids_where(|cmdline| ringkv_common::process::contains(cmdline, needle))
 }
 
 /// The pid of node `id` per `status`.

@@ -147,7 +147,7 @@ impl OwnedCluster {
         // The argument ends at a NUL in /proc/PID/cmdline, so `node-1` does not match `node-10`.
         let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
         needle.push(0);
-        if let Some(pid) = ringkv_processes_with(&needle).into_iter().next() {
+        if let Some(pid) = ringkv_processes_with(&needle).first().copied() {
             return Ok(pid);
         }
         if !dir.is_dir() {
@@ -330,32 +330,11 @@ pub fn ringkv_processes_mentioning(path: &Path) -> Vec<u32> {
 /// Pids of live `ringkv-node` and `ringkv-coordinator` processes, other than this one, whose
 /// NUL-separated command line contains `needle`.
 fn ringkv_processes_with(needle: &[u8]) -> Vec<u32> {
-    let me = std::process::id();
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me || needle.is_empty() {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
+    ringkv_common::process::pids_where(|cmdline| {
         let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
         let ours = argv0.ends_with(b"ringkv-node") || argv0.ends_with(b"ringkv-coordinator");
-        if ours && cmdline.windows(needle.len()).any(|w| w == needle) {
-            out.push(pid);
-        }
-    }
-    out
+        ours && ringkv_common::process::contains(cmdline, needle)
+    })
 }
 
 /// Send SIGCONT to `pid` (a paused node that the coordinator could not resume).

@@ -66,7 +66,7 @@ struct Args {
     #[arg(long, default_value = "always")]
     node_fsync: String,
     /// When key changes in the metadata journal are synced: `always` (before the write is
-    /// acknowledged) or `never` (written before the acknowledgement, not synced). After a
+    /// acknowledged) or `never` (buffered, written within 10 ms, not synced). After a
     /// start that did not follow a clean shutdown, `never` reconciles every node before
     /// serving, so with `--node-fsync always` acknowledged writes still survive a machine
     /// crash once all nodes are back.

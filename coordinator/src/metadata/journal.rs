@@ -198,6 +198,11 @@ impl Journal {
         encode_frame(&mut self.buf, entry)
     }
 
+    /// Bytes appended but not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Write what was appended since the last commit, and sync it under `Always` (or when
     /// `force_sync`).
     pub fn commit(&mut self, force_sync: bool) -> Result<(), JournalError> {

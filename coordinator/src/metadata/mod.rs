@@ -3,10 +3,18 @@
 //!
 //! Everything lives in memory, in a sharded map that serves reads, and is persisted in the
 //! [`journal`] (`meta.log` in the coordinator's data directory), an append-only file of
-//! changes that is rewritten as a snapshot when it grows. All writes go through one writer
-//! thread that drains its queue into a single journal write (group commit): a burst of N
-//! changes costs one `write` and, under `--meta-fsync always`, one fsync. The map is updated
-//! only after the write, so nothing is ever visible that a crash could take back.
+//! changes that is rewritten as a snapshot when it grows. The journal and the map change
+//! together under one lock, so the file's order is the map's order.
+//!
+//! Changes that must be synced (every change under `--meta-fsync always`; node records,
+//! lease ceilings and deletions under either policy) go through a writer thread that drains
+//! its queue into a single journal write and fsync (group commit): a burst of N changes
+//! costs one `write` and one fsync, and the map is updated only after the sync, so nothing
+//! is visible that a crash could take back. The other changes under `never` are committed by
+//! the calling task itself: it appends them to the journal's buffer and publishes them at
+//! once, and the buffer reaches the file when it fills or within [`FLUSH_EVERY`]. That spares
+//! each write a hand-off to another thread and back; what a crash takes from the end of the
+//! file is learnt back from the nodes by the reconciliation every unclean start runs.
 //!
 //! "Which keys did node N hold" is answered by a scan of the in-memory map: it is asked only
 //! when a node leaves or returns, and keeping a second index would cost memory on every key.
@@ -133,6 +141,10 @@ pub struct Metadata {
     may_lack_changes: bool,
     shards: Arc<Vec<Shard>>,
     writer: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    /// The journal and the registry; the writer thread and inline committers share it.
+    state: Arc<Mutex<Writer>>,
+    /// Jobs committed by their own callers (under `never`, for changes that need no sync).
+    inline: Option<Arc<InlineQueue>>,
     lease: Mutex<VersionLease>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -216,23 +228,28 @@ impl Metadata {
         let shards = Arc::new(shards);
         let records: Vec<NodeRecord> = nodes.values().cloned().collect();
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let state = Arc::new(Mutex::new(Writer {
+            journal,
+            shards: shards.clone(),
+            nodes,
+            ceiling,
+            failed: None,
+            closed: false,
+        }));
+        let inline = (fsync == MetaFsync::Never).then(|| Arc::new(InlineQueue::default()));
         let thread = {
-            let shards = shards.clone();
-            let mut writer = Writer {
-                journal,
-                shards,
-                nodes,
-                ceiling,
-                failed: None,
-            };
+            let state = state.clone();
+            let inline = inline.clone();
             std::thread::Builder::new()
                 .name("meta-writer".into())
-                .spawn(move || writer.run(rx, max_group))?
+                .spawn(move || run_writer(&state, inline.as_deref(), &rx, max_group))?
         };
         let meta = Metadata {
             may_lack_changes,
             shards,
             writer: Mutex::new(Some(tx)),
+            state,
+            inline,
             // Start at the old ceiling: nothing at or above it was ever handed out.
             lease: Mutex::new(VersionLease {
                 next: ceiling,
@@ -339,10 +356,25 @@ impl Metadata {
 
     async fn submit(&self, ops: Vec<Op>) -> Result<(), MetaError> {
         let (done, rx) = oneshot::channel();
-        {
-            let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = guard.as_ref().ok_or(MetaError::Closed)?;
-            tx.send(Job { ops, done }).map_err(|_| MetaError::Closed)?;
+        let job = Job { ops, done };
+        match &self.inline {
+            Some(queue) if !job.needs_sync() => {
+                lock(&queue.jobs).push(job);
+                if commit_inline(&self.state, queue) == Some(true) {
+                    // Rewriting takes a while: wake the writer thread to do it.
+                    if let Some(tx) = lock(&self.writer).as_ref() {
+                        let _ = tx.send(Job {
+                            ops: Vec::new(),
+                            done: oneshot::channel().0,
+                        });
+                    }
+                }
+            }
+            _ => {
+                let guard = lock(&self.writer);
+                let tx = guard.as_ref().ok_or(MetaError::Closed)?;
+                tx.send(job).map_err(|_| MetaError::Closed)?;
+            }
         }
         match rx.await {
             Ok(Ok(())) => Ok(()),
@@ -369,6 +401,119 @@ impl Drop for Metadata {
 /// Largest number of queued jobs folded into one journal write; bounds commit latency.
 const MAX_GROUP: usize = 4096;
 
+/// Longest an inline-committed change waits in the journal's buffer before it is written.
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Buffered journal bytes at which an inline committer writes them out itself.
+const INLINE_FLUSH_BYTES: usize = 256 * 1024;
+
+/// Jobs waiting for whoever holds the writer state next.
+#[derive(Default)]
+struct InlineQueue {
+    jobs: Mutex<Vec<Job>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Job {
+    /// Whether this job must be synced whatever the policy: node records and lease ceilings,
+    /// and deletions, none of which can be learnt back from the nodes (they drop tombstones
+    /// when they replay their logs). A change to an entry that is already a tombstone needs
+    /// no sync: losing it leaves the synced tombstone.
+    fn needs_sync(&self) -> bool {
+        self.ops.iter().any(|op| match op {
+            Op::Node(_) | Op::Ceiling(_) => true,
+            Op::Key(_, KeyUpdate::Set(meta)) => meta.tombstone,
+            Op::Key(..) => false,
+        })
+    }
+}
+
+/// Commit the inline queue if the writer state is free; whoever holds it now commits the
+/// queue before letting go (see [`drain_inline`]). Returns `Some(true)` when the journal
+/// has grown enough to be rewritten.
+fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
+    let mut wants_rewrite = None;
+    loop {
+        let mut writer = match state.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // Held: the holder drains the queue after it lets go.
+            Err(std::sync::TryLockError::WouldBlock) => return wants_rewrite,
+        };
+        let jobs = std::mem::take(&mut *lock(&queue.jobs));
+        if !jobs.is_empty() {
+            writer.answer(jobs, false);
+            wants_rewrite = Some(writer.failed.is_none() && writer.journal.wants_rewrite());
+        }
+        drop(writer);
+        // A job queued after the take, while the state was still held, found it busy: look
+        // again now that it is free, so that no job is left waiting for a holder.
+        if lock(&queue.jobs).is_empty() {
+            return wants_rewrite;
+        }
+    }
+}
+
+/// The writer thread: synced changes in groups, rewrites, the periodic flush of what inline
+/// committers buffered, and the clean close.
+fn run_writer(
+    state: &Mutex<Writer>,
+    inline: Option<&InlineQueue>,
+    rx: &std::sync::mpsc::Receiver<Job>,
+    max_group: usize,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let first = match rx.recv_timeout(FLUSH_EVERY) {
+            Ok(job) => Some(job),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut jobs: Vec<Job> = first.into_iter().collect();
+        while !jobs.is_empty() && jobs.len() < max_group {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        {
+            let mut writer = lock(state);
+            if let Some(queue) = inline {
+                // Jobs queued inline first: they were queued before anything sent after.
+                let queued = std::mem::take(&mut *lock(&queue.jobs));
+                if !queued.is_empty() {
+                    writer.answer(queued, false);
+                }
+            }
+            if !jobs.is_empty() {
+                writer.answer(jobs, true);
+            } else {
+                writer.flush();
+            }
+            writer.maybe_rewrite();
+        }
+        if let Some(queue) = inline {
+            let _ = commit_inline(state, queue);
+        }
+    }
+    let mut writer = lock(state);
+    if let Some(queue) = inline {
+        let queued = std::mem::take(&mut *lock(&queue.jobs));
+        if !queued.is_empty() {
+            writer.answer(queued, false);
+        }
+    }
+    writer.closed = true;
+    if writer.failed.is_none() {
+        if let Err(e) = writer.journal.close() {
+            error!(error = %e, "metadata journal sync at close failed");
+        }
+    }
+}
+
 /// The writer thread's state: the journal, and what a rewrite needs besides the key map.
 struct Writer {
     journal: Journal,
@@ -378,65 +523,78 @@ struct Writer {
     /// Set by the first failed journal write. The file may then end in a partial group, so
     /// nothing more is written: everything later fails until a restart replays the journal.
     failed: Option<String>,
+    /// The journal was closed with its clean marker: nothing more may be written.
+    closed: bool,
 }
 
 impl Writer {
-    fn run(&mut self, rx: std::sync::mpsc::Receiver<Job>, max_group: usize) {
-        while let Ok(first) = rx.recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < max_group {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-            let outcome = match &self.failed {
+    /// Commit `jobs` as one group and answer each. `write_now` writes the group to the file
+    /// (and syncs it as the policy or the content requires); otherwise it stays in the
+    /// journal's buffer until that fills or the next flush, unless it must be synced.
+    fn answer(&mut self, jobs: Vec<Job>, write_now: bool) {
+        let outcome = if self.closed {
+            Err("metadata writer has stopped".to_string())
+        } else {
+            match &self.failed {
                 Some(e) => Err(e.clone()),
-                None => self.commit_group(&jobs).map_err(|e| {
-                    error!(error = %e, "metadata write failed; refusing further changes");
-                    let e = e.to_string();
-                    self.failed = Some(e.clone());
-                    e
-                }),
-            };
-            for job in jobs {
-                let _ = job.done.send(outcome.clone());
+                None => self.commit_group(&jobs, write_now).map_err(|e| self.fail(e)),
             }
-            if self.failed.is_none() && self.journal.wants_rewrite() {
-                let before = self.journal.size();
-                match self.rewrite() {
-                    Ok(()) => info!(
-                        before,
-                        after = self.journal.size(),
-                        "metadata journal rewritten"
-                    ),
-                    Err(e) if self.journal.is_broken() => {
-                        error!(error = %e, "metadata journal rewrite failed after its rename; refusing further changes");
-                        self.failed = Some(e.to_string());
-                    }
-                    // The old file is intact (the rename is the switch-over): carry on with
-                    // it, and try again only once it has doubled again.
-                    Err(e) => {
-                        warn!(error = %e, "metadata journal rewrite failed");
-                        self.journal.defer_rewrite();
-                    }
-                }
+        };
+        for job in jobs {
+            let _ = job.done.send(outcome.clone());
+        }
+    }
+
+    /// Write out what inline commits buffered.
+    fn flush(&mut self) {
+        if self.failed.is_none() && !self.closed {
+            if let Err(e) = self.journal.commit(false) {
+                self.fail(e.into());
             }
         }
-        if self.failed.is_none() {
-            if let Err(e) = self.journal.close() {
-                error!(error = %e, "metadata journal sync at close failed");
+    }
+
+    /// Note a failed journal write: the file may end in a partial group, so nothing more is
+    /// written until a restart replays the journal.
+    fn fail(&mut self, e: MetaError) -> String {
+        error!(error = %e, "metadata write failed; refusing further changes");
+        let e = e.to_string();
+        self.failed = Some(e.clone());
+        e
+    }
+
+    /// Rewrite the journal if it has grown enough.
+    fn maybe_rewrite(&mut self) {
+        if self.failed.is_some() || self.closed || !self.journal.wants_rewrite() {
+            return;
+        }
+        let before = self.journal.size();
+        match self.rewrite() {
+            Ok(()) => info!(
+                before,
+                after = self.journal.size(),
+                "metadata journal rewritten"
+            ),
+            Err(e) if self.journal.is_broken() => {
+                error!(error = %e, "metadata journal rewrite failed after its rename; refusing further changes");
+                self.failed = Some(e.to_string());
+            }
+            // The old file is intact (the rename is the switch-over): carry on with it, and
+            // try again only once it has doubled again.
+            Err(e) => {
+                warn!(error = %e, "metadata journal rewrite failed");
+                self.journal.defer_rewrite();
             }
         }
     }
 
     /// One journal write for a group of jobs, then publish the new entries to the map.
-    fn commit_group(&mut self, jobs: &[Job]) -> Result<(), MetaError> {
+    fn commit_group(&mut self, jobs: &[Job], write_now: bool) -> Result<(), MetaError> {
         // Working copy of the entries this group touches, starting from the map (which
         // equals what the journal holds: only this thread writes either).
         let mut touched: HashMap<Bytes, Option<KeyMeta>> = HashMap::new();
         let mut changed: Vec<Bytes> = Vec::new();
-        let mut registry_changed = false;
+        let mut registry_changed = jobs.iter().any(Job::needs_sync);
         for job in jobs {
             for op in &job.ops {
                 match op {
@@ -472,18 +630,17 @@ impl Writer {
         changed.dedup();
         for key in &changed {
             if let Some(meta) = touched.get(key) {
-                // A deletion cannot be learnt back from the nodes (they drop tombstones when
-                // they replay their logs), so it is synced whatever the policy.
-                registry_changed |= meta.as_ref().is_some_and(|m| m.tombstone);
                 self.journal.append(&EntryRef::Key {
                     key,
                     meta: meta.as_ref(),
                 })?;
             }
         }
-        // Node records and lease ceilings are rare and cannot be learnt back from the nodes:
-        // they are synced whatever the policy for key changes.
-        self.journal.commit(registry_changed)?;
+        // Node records, lease ceilings and deletions cannot be learnt back from the nodes:
+        // they are synced whatever the policy for key changes (see `Job::needs_sync`).
+        if write_now || registry_changed || self.journal.buffered() >= INLINE_FLUSH_BYTES {
+            self.journal.commit(registry_changed)?;
+        }
         for key in changed {
             if let (Some(meta), Some(shard)) =
                 (touched.remove(&key), self.shards.get(shard_of(&key)))
@@ -622,6 +779,88 @@ mod tests {
             m.close();
         }
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    /// Under `never`, puts are committed inline and deletions through the writer thread, at
+    /// the same time and to the same keys: the journal must replay to exactly the map.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn inline_and_synced_changes_interleave_in_one_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = MetaOptions {
+            fsync: MetaFsync::Never,
+            ..MetaOptions::default()
+        };
+        let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+        let m = Arc::new(m);
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let m = m.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..300u64 {
+                    let key = Bytes::from(format!("key-{}", i % 37));
+                    let version = 1 + i * 8 + t;
+                    let mut new = meta(version, &[t, t + 1]);
+                    new.tombstone = i % 5 == 0;
+                    let update = if i % 7 == 3 {
+                        KeyUpdate::AddReplica {
+                            version: Version(version - 1),
+                            node: NodeId(9),
+                        }
+                    } else {
+                        KeyUpdate::Set(new)
+                    };
+                    m.update(vec![(key, update)]).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut before = BTreeMap::new();
+        m.for_each(|k, v| {
+            before.insert(k.clone(), v.clone());
+        });
+        m.close();
+        drop(m);
+        let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+        let mut after = BTreeMap::new();
+        m.for_each(|k, v| {
+            after.insert(k.clone(), v.clone());
+        });
+        assert_eq!(before.len(), 37);
+        assert_eq!(before, after);
+    }
+
+    /// An inline commit is acknowledged before it is written; the writer thread writes it
+    /// out within `FLUSH_EVERY`, without a close.
+    #[tokio::test]
+    async fn inline_commits_reach_the_file_without_a_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = MetaOptions {
+            fsync: MetaFsync::Never,
+            ..MetaOptions::default()
+        };
+        let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+        let file = dir.path().join("meta.log");
+        let size = || std::fs::metadata(&file).map(|f| f.len()).unwrap_or(0);
+        let empty = size();
+        m.update(vec![(Bytes::from("k"), KeyUpdate::Set(meta(5, &[1])))])
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while size() == empty {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the change never reached the file"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // What reached the file replays (a copy, read while the journal is still open).
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(&file, copy.path().join("meta.log")).unwrap();
+        let (reopened, _) = Metadata::open_with(copy.path(), options).unwrap();
+        assert_eq!(reopened.get(b"k"), Some(meta(5, &[1])));
+        assert!(reopened.may_lack_changes(), "no clean marker was written");
     }
 
     #[tokio::test]

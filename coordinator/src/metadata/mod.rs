@@ -537,7 +537,9 @@ impl Writer {
         } else {
             match &self.failed {
                 Some(e) => Err(e.clone()),
-                None => self.commit_group(&jobs, write_now).map_err(|e| self.fail(e)),
+                None => self
+                    .commit_group(&jobs, write_now)
+                    .map_err(|e| self.fail(e)),
             }
         };
         for job in jobs {

@@ -19,8 +19,8 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::Framed;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio::task::AbortHandle;
+use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::FrameCodec;
 use crate::error::WireError;
@@ -123,8 +123,18 @@ struct Inner {
     next_id: AtomicU64,
     in_flight: Arc<InFlight>,
     requests: mpsc::Sender<Envelope<Request>>,
-    /// Cancels the reader, writer and sweep when the last `Client` clone is dropped.
-    _stop: DropGuard,
+    /// The reader, writer and sweep tasks, stopped when the last `Client` clone is dropped.
+    /// Aborting them costs their loops nothing, where a stop signal would be polled on
+    /// every wake-up.
+    tasks: [AbortHandle; 3],
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 /// A request waiting for room in a full queue (rare, so boxed).
@@ -153,32 +163,41 @@ impl Client {
             .map_err(|_| connect_err("timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let framed = Framed::new(
-            stream,
+        // Owned halves: the reader and the writer each own theirs, with no lock between.
+        let (read_half, write_half) = stream.into_split();
+        let mut sink = FramedWrite::new(
+            write_half,
             FrameCodec::<Envelope<Request>, Envelope<Reply>>::new(max_frame_len),
         );
-        let (mut sink, mut frames) = framed.split();
+        let mut frames = FramedRead::new(
+            read_half,
+            FrameCodec::<Envelope<Request>, Envelope<Reply>>::new(max_frame_len),
+        );
         let (tx, mut rx) = mpsc::channel::<Envelope<Request>>(SEND_QUEUE);
         let in_flight = Arc::new(InFlight {
             calls: Mutex::new(Some(CallMap::default())),
             closed: AtomicBool::new(false),
             sweeps: AtomicU64::new(0),
         });
-        let stop = CancellationToken::new();
 
-        // Writer: coalesce whatever is queued into one flush.
-        let writer_stop = stop.clone();
-        let writer_in_flight = in_flight.clone();
-        tokio::spawn(async move {
-            let mut stopped = std::pin::pin!(writer_stop.cancelled());
+        // Sweep: fail the calls that are overdue.
+        let sweep_in_flight = in_flight.clone();
+        let sweep_addr = addr.to_string();
+        let sweeper = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(TIMEOUT_TICK);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                // Queued requests first: the stop signal is only polled (and its locks taken)
-                // when there is nothing to send.
-                let first = tokio::select! {
-                    biased;
-                    first = rx.recv() => match first { Some(f) => f, None => break },
-                    _ = &mut stopped => break,
-                };
+                ticks.tick().await;
+                sweep(&sweep_in_flight, &sweep_addr);
+            }
+        })
+        .abort_handle();
+
+        // Writer: coalesce whatever is queued into one flush. It ends when the `Client` is
+        // dropped (the queue closes) or a write fails.
+        let writer_in_flight = in_flight.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
                 let mut ok = sink.feed(first).await.is_ok();
                 // Drain what is queued, let the tasks that are ready to run queue theirs
                 // too, and drain again: one write then carries a whole round of callers'
@@ -196,28 +215,20 @@ impl Client {
                 }
                 if !ok || sink.flush().await.is_err() {
                     fail_all(&writer_in_flight);
-                    writer_stop.cancel();
                     break;
                 }
             }
             let _ = sink.close().await;
-        });
+        })
+        .abort_handle();
 
-        // Reader: route answers by id.
-        let reader_stop = stop.clone();
+        // Reader: route answers by id. When the connection ends, everything in flight fails
+        // and the other two tasks stop.
         let reader_in_flight = in_flight.clone();
-        tokio::spawn(async move {
-            let mut stopped = std::pin::pin!(reader_stop.cancelled());
-            loop {
-                let frame = tokio::select! {
-                    biased;
-                    frame = frames.next() => frame,
-                    _ = &mut stopped => break,
-                };
-                let Some(Ok(Ok(env))) = frame else {
-                    // EOF, a broken stream or a frame we cannot read: the connection is done.
-                    break;
-                };
+        let (reader_stops_writer, reader_stops_sweeper) = (writer.clone(), sweeper.clone());
+        let reader = tokio::spawn(async move {
+            // EOF, a broken stream or a frame we cannot read: the connection is done.
+            while let Some(Ok(Ok(env))) = frames.next().await {
                 let pending = match reader_in_flight.calls.lock() {
                     Ok(mut guard) => guard.as_mut().and_then(|m| m.remove(&env.id)),
                     Err(_) => None,
@@ -237,25 +248,10 @@ impl Client {
                 }
             }
             fail_all(&reader_in_flight);
-            reader_stop.cancel();
-        });
-
-        // Sweep: fail the calls that are overdue.
-        let sweep_stop = stop.clone();
-        let sweep_in_flight = in_flight.clone();
-        let sweep_addr = addr.to_string();
-        tokio::spawn(async move {
-            let mut stopped = std::pin::pin!(sweep_stop.cancelled());
-            let mut ticks = tokio::time::interval(TIMEOUT_TICK);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut stopped => break,
-                    _ = ticks.tick() => sweep(&sweep_in_flight, &sweep_addr),
-                }
-            }
-        });
+            reader_stops_writer.abort();
+            reader_stops_sweeper.abort();
+        })
+        .abort_handle();
 
         let client = Client {
             inner: Arc::new(Inner {
@@ -263,7 +259,7 @@ impl Client {
                 next_id: AtomicU64::new(1),
                 in_flight,
                 requests: tx,
-                _stop: stop.drop_guard(),
+                tasks: [reader, writer, sweeper],
             }),
         };
         let hello = Request::Hello {

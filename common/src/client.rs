@@ -193,39 +193,12 @@ impl Client {
         })
         .abort_handle();
 
-        // Writer: coalesce whatever is queued into one flush. It ends when the `Client` is
-        // dropped (the queue closes) or a write fails.
-        let writer_in_flight = in_flight.clone();
-        let writer = tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut ok = sink.feed(first).await.is_ok();
-                // Drain what is queued, let the tasks that are ready to run queue theirs
-                // too, and drain again: one write then carries a whole round of callers'
-                // requests instead of one, at the cost of one pass of the scheduler.
-                for round in 0..2 {
-                    if round == 1 && ok {
-                        tokio::task::yield_now().await;
-                    }
-                    while ok {
-                        match rx.try_recv() {
-                            Ok(more) => ok = sink.feed(more).await.is_ok(),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                if !ok || sink.flush().await.is_err() {
-                    fail_all(&writer_in_flight);
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        })
-        .abort_handle();
-
         // Reader: route answers by id. When the connection ends, everything in flight fails
-        // and the other two tasks stop.
+        // and the other two tasks stop (the writer's handle is filled in once it is spawned).
         let reader_in_flight = in_flight.clone();
-        let (reader_stops_writer, reader_stops_sweeper) = (writer.clone(), sweeper.clone());
+        let writer_slot = Arc::new(std::sync::OnceLock::<AbortHandle>::new());
+        let reader_stops_writer = writer_slot.clone();
+        let reader_stops_sweeper = sweeper.clone();
         let reader = tokio::spawn(async move {
             // EOF, a broken stream or a frame we cannot read: the connection is done.
             while let Some(Ok(Ok(env))) = frames.next().await {
@@ -248,10 +221,49 @@ impl Client {
                 }
             }
             fail_all(&reader_in_flight);
-            reader_stops_writer.abort();
+            if let Some(writer) = reader_stops_writer.get() {
+                writer.abort();
+            }
             reader_stops_sweeper.abort();
         })
         .abort_handle();
+
+        // Writer: coalesce whatever is queued into one flush. It ends when the `Client` is
+        // dropped (the queue closes) or a write fails, which stops the other two as well.
+        let writer_in_flight = in_flight.clone();
+        let (writer_stops_reader, writer_stops_sweeper) = (reader.clone(), sweeper.clone());
+        let writer = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut ok = sink.feed(first).await.is_ok();
+                // Drain what is queued, let the tasks that are ready to run queue theirs
+                // too, and drain again: one write then carries a whole round of callers'
+                // requests instead of one, at the cost of one pass of the scheduler.
+                for round in 0..2 {
+                    if round == 1 && ok {
+                        tokio::task::yield_now().await;
+                    }
+                    while ok {
+                        match rx.try_recv() {
+                            Ok(more) => ok = sink.feed(more).await.is_ok(),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                if !ok || sink.flush().await.is_err() {
+                    fail_all(&writer_in_flight);
+                    writer_stops_reader.abort();
+                    writer_stops_sweeper.abort();
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        })
+        .abort_handle();
+        let _ = writer_slot.set(writer.clone());
+        if in_flight.closed.load(Ordering::Acquire) {
+            // The reader ended before the writer's handle was there to stop.
+            writer.abort();
+        }
 
         let client = Client {
             inner: Arc::new(Inner {
@@ -433,5 +445,109 @@ fn sweep(in_flight: &InFlight, addr: &str) {
             addr: addr.to_string(),
             after: pending.after,
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::ServerCodec;
+    use bytes::Bytes;
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Framed;
+
+    type Peer = Framed<TcpStream, ServerCodec>;
+
+    /// A peer that answers the handshake and then does only what the test tells it.
+    async fn connected(max_frame_len: usize) -> (Client, Peer) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let peer = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut peer = Framed::new(stream, ServerCodec::new(1 << 20));
+            let hello = peer.next().await.unwrap().unwrap().unwrap();
+            let answer = Response::Hello {
+                protocol: PROTOCOL_VERSION,
+                role: Role::Client,
+            };
+            peer.send(Envelope {
+                id: hello.id,
+                msg: Ok(answer),
+            })
+            .await
+            .unwrap();
+            peer
+        });
+        let client = Client::connect(&addr, Role::Client, max_frame_len)
+            .await
+            .unwrap();
+        (client, peer.await.unwrap())
+    }
+
+    /// Wait (with a deadline) until only `base` tasks are alive on this runtime.
+    async fn tasks_end(base: usize) {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while metrics.num_alive_tasks() > base {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} client tasks still alive",
+                metrics.num_alive_tasks() - base
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_connection_fails_calls_in_flight_and_later_and_stops_the_tasks() {
+        let base = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        let (client, mut peer) = connected(1 << 20).await;
+        let caller = client.clone();
+        let in_flight = tokio::spawn(async move { caller.call(Request::Status).await });
+        assert!(peer.next().await.is_some(), "the request arrives");
+        drop(peer);
+        let outcome = in_flight.await.unwrap();
+        assert!(
+            matches!(outcome, Err(CallError::ConnectionLost(_))),
+            "{outcome:?}"
+        );
+        let later = client.call(Request::Status).await;
+        assert!(
+            matches!(later, Err(CallError::ConnectionLost(_))),
+            "{later:?}"
+        );
+        assert!(client.is_closed());
+        tasks_end(base).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_stops_every_task_of_the_connection() {
+        let base = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        let (client, _peer) = connected(1024).await;
+        // Too large for the client's own frame limit: the encoder refuses it, the writer fails.
+        let put = Request::Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from(vec![0u8; 4096]),
+        };
+        assert!(client.call(put).await.is_err());
+        assert!(client.is_closed());
+        // The peer keeps its end open: the client's tasks must stop by themselves.
+        tasks_end(base).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_client_closes_the_socket_and_stops_the_tasks() {
+        let base = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        let (client, mut peer) = connected(1 << 20).await;
+        drop(client);
+        let next = tokio::time::timeout(Duration::from_secs(5), peer.next()).await;
+        assert!(matches!(next, Ok(None)), "the peer sees EOF");
+        tasks_end(base).await;
     }
 }

@@ -54,9 +54,10 @@ pub const REWRITE_MIN_BYTES: u64 = 32 * 1024 * 1024;
 pub enum MetaFsync {
     /// Sync every group before acknowledging it: a change survives a power loss.
     Always,
-    /// Write every group before acknowledging it, sync only on rewrite and close: a change
-    /// survives a crash of the coordinator process; a machine crash can take it from the
-    /// journal, and the reconciliation after an unclean stop learns it back from the nodes.
+    /// Buffer key changes and write them within 10 ms, sync only on rewrite and close (node
+    /// records, lease ceilings and deletions are still synced before they are acknowledged):
+    /// a crash of the coordinator or of the machine can take the last key changes from the
+    /// journal, and the reconciliation after an unclean stop learns them back from the nodes.
     Never,
 }
 

@@ -432,7 +432,8 @@ impl Job {
 }
 
 /// Commit the inline queue if the writer state is free; whoever holds it now commits the
-/// queue before letting go (see [`drain_inline`]). Returns `Some(true)` when the journal
+/// queue before letting go (this function and [`run_writer`] both look again after they
+/// release it). Returns `Some(true)` when the journal
 /// has grown enough to be rewritten.
 fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
     let mut wants_rewrite = None;
@@ -511,6 +512,12 @@ fn run_writer(
         if let Err(e) = writer.journal.close() {
             error!(error = %e, "metadata journal sync at close failed");
         }
+    }
+    drop(writer);
+    // Jobs queued inline while the journal was closing found the state held: answer them
+    // (with an error, now that it is closed) rather than leave them waiting.
+    if let Some(queue) = inline {
+        let _ = commit_inline(state, queue);
     }
 }
 
@@ -831,6 +838,100 @@ mod tests {
         });
         assert_eq!(before.len(), 37);
         assert_eq!(before, after);
+    }
+
+    /// Updates racing `close()` get an answer (the error, once closed), never a hang.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn updates_racing_close_are_answered() {
+        let options = MetaOptions {
+            fsync: MetaFsync::Never,
+            ..MetaOptions::default()
+        };
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().unwrap();
+            let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+            let m = Arc::new(m);
+            let writers: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let m = m.clone();
+                    tokio::spawn(async move {
+                        for i in 1.. {
+                            let key = Bytes::from(format!("k{t}-{}", i % 50));
+                            let update = m.update(vec![(key, KeyUpdate::Set(meta(i, &[t])))]);
+                            let answer =
+                                tokio::time::timeout(std::time::Duration::from_secs(5), update)
+                                    .await
+                                    .expect("an update was left waiting");
+                            if answer.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            let closing = m.clone();
+            tokio::task::spawn_blocking(move || closing.close())
+                .await
+                .unwrap();
+            for w in writers {
+                w.await.unwrap();
+            }
+        }
+    }
+
+    /// Under `never`, a deletion is in the file (as a process crash would leave it) once it
+    /// is acknowledged, while inline puts to the same keys go on around it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_acknowledged_deletion_is_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = MetaOptions {
+            fsync: MetaFsync::Never,
+            ..MetaOptions::default()
+        };
+        let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+        let m = Arc::new(m);
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let version = {
+            let next = next.clone();
+            move || next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
+        let puts: Vec<_> = (0..3)
+            .map(|_| {
+                let (m, version) = (m.clone(), version.clone());
+                tokio::spawn(async move {
+                    for _ in 0..2000 {
+                        let v = version();
+                        let key = Bytes::from(format!("k{}", v % 20));
+                        m.update(vec![(key, KeyUpdate::Set(meta(v, &[1])))])
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for i in 0..40u64 {
+            let v = version();
+            let key = Bytes::from(format!("k{}", i % 20));
+            let mut deletion = meta(v, &[2]);
+            deletion.tombstone = true;
+            m.update(vec![(key.clone(), KeyUpdate::Set(deletion))])
+                .await
+                .unwrap();
+            let copy = tempfile::tempdir().unwrap();
+            std::fs::copy(dir.path().join("meta.log"), copy.path().join("meta.log")).unwrap();
+            let (replayed, _) = Metadata::open_with(copy.path(), options).unwrap();
+            let held = replayed
+                .get(&key)
+                .expect("the acknowledged deletion is missing");
+            assert!(
+                held.version.0 >= v,
+                "the file has {held:?}, the deletion was {v}"
+            );
+        }
+        for p in puts {
+            p.await.unwrap();
+        }
     }
 
     /// An inline commit is acknowledged before it is written; the writer thread writes it

@@ -11,10 +11,12 @@
 //! - [`config`]: parsers shared by the binaries' flags.
 //! - [`signals`]: SIGTERM and ctrl-c as a shutdown token.
 //! - [`process`]: finding local processes by their command line.
+//! - [`dir_lock`]: the exclusive lock a process holds on its data directory.
 
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod dir_lock;
 pub mod error;
 pub mod process;
 pub mod protocol;

@@ -61,6 +61,9 @@ pub async fn run(
         "--write-quorum must be between 1 and --rf"
     );
     let addr = listener.local_addr()?;
+    // Held until this function returns: a second coordinator on the same directory would
+    // interleave its journal writes with ours.
+    let _lock = ringkv_common::dir_lock::lock_dir(&config.data_dir)?;
     let dir = config.data_dir.clone();
     let meta_fsync = config.meta_fsync;
     let (meta, records) = tokio::task::spawn_blocking(move || {

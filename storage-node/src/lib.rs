@@ -42,13 +42,15 @@ pub struct NodeConfig {
 }
 
 /// Open the log, serve on `listener` and heartbeat to the coordinator until `shutdown`;
-/// then drain connections and close the log.
+/// then drain connections and close the log. `_lock` is the lock on `config.data_dir`
+/// (taken first by the caller, so that a second process on the directory fails before it
+/// says it is listening), held until this returns.
 pub async fn run(
     config: NodeConfig,
     listener: TcpListener,
+    _lock: ringkv_common::dir_lock::DirLock,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)?;
     let dir = config.data_dir.clone();
     let (fsync, compact) = (config.fsync, config.compact);
     let (log, records, report) =

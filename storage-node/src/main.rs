@@ -66,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let _failpoints = fail::FailScenario::setup();
     let args = Args::parse();
+    // No second process may write this directory's log.
+    let lock = ringkv_common::dir_lock::lock_dir(&args.data_dir)?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
     let config = NodeConfig {
@@ -82,5 +84,5 @@ async fn main() -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));
-    ringkv_node::run(config, listener, shutdown).await
+    ringkv_node::run(config, listener, lock, shutdown).await
 }

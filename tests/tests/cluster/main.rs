@@ -3,5 +3,6 @@
 mod bad_input;
 mod basics;
 mod crash;
+mod data_dir;
 mod failures;
 mod restart;

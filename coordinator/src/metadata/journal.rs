@@ -20,13 +20,19 @@
 //! cut back to the valid prefix before anything new is appended.
 //!
 //! When the file grows to twice its size after the last rewrite (and at least
-//! `rewrite_min_bytes`), the writer rewrites it as a snapshot of the live state: a new file
-//! is written and synced, renamed over the old one, and the directory is synced.
+//! `rewrite_min_bytes`), it is rewritten as a snapshot of the live state, while appends go
+//! on: [`Journal::begin_rewrite`] notes where the file ends, the snapshot is written to a new
+//! file and synced without holding up appends ([`Rewrite`]), and [`Journal::finish_rewrite`]
+//! copies what was appended since the start after the snapshot, syncs, renames the new file
+//! over the old one and syncs the directory. Entries are whole states, so replaying the
+//! changes made during the snapshot after it gives the newest state whatever moment the
+//! snapshot saw each entry at.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -231,40 +237,75 @@ impl Journal {
         self.len >= self.rewrite_min_bytes && self.len >= self.base.saturating_mul(2)
     }
 
-    /// Replace the file with `entries` (the live state): written to a temporary file and
-    /// synced, renamed over the journal, directory synced. Anything appended but not
-    /// committed is committed first.
+    /// Replace the file with `entries` (the live state), in one go: [`Journal::begin_rewrite`],
+    /// every entry, [`Journal::finish_rewrite`].
     pub fn rewrite<'a>(
         &mut self,
         entries: impl Iterator<Item = EntryRef<'a>>,
     ) -> Result<(), JournalError> {
+        let mut rewrite = self.begin_rewrite()?;
+        for entry in entries {
+            rewrite.push(&entry)?;
+            rewrite.write_out()?;
+        }
+        let snapshot = rewrite.sync()?;
+        self.finish_rewrite(snapshot)
+    }
+
+    /// Start a rewrite: write out what is buffered, note where the file ends (everything
+    /// appended from here on is copied after the snapshot) and create the new file.
+    pub fn begin_rewrite(&mut self) -> Result<Rewrite, JournalError> {
         self.commit(false)?;
         let tmp = self.dir.join(format!("{JOURNAL_FILE}.rewrite"));
         let io = |source| JournalError::Io {
             path: tmp.clone(),
             source,
         };
-        let file = File::create(&tmp).map_err(io)?;
+        // Readable too: once renamed it is the journal, and the next rewrite reads from it.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(MAGIC).map_err(io)?;
-        let mut len = MAGIC.len() as u64;
-        let mut frame = Vec::with_capacity(256);
-        for entry in entries {
-            frame.clear();
-            encode_frame(&mut frame, &entry)?;
-            out.write_all(&frame).map_err(io)?;
-            len += frame.len() as u64;
-        }
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        Ok(Rewrite {
+            start: self.len,
+            len: MAGIC.len() as u64,
+            frame: Vec::with_capacity(256),
+            out,
+            tmp,
+        })
+    }
+
+    /// End a rewrite: copy what was appended since [`Journal::begin_rewrite`] after the
+    /// snapshot, sync it, rename it over the journal and sync the directory. Appends go to
+    /// the new file from the rename on. On an error before the rename the old file is intact
+    /// and stays the journal.
+    pub fn finish_rewrite(&mut self, snapshot: Snapshot) -> Result<(), JournalError> {
+        self.commit(false)?;
+        let Snapshot {
+            mut file,
+            start,
+            copied,
+            len,
+            tmp,
+        } = snapshot;
+        let io = |source| JournalError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        copy_range(&self.file, &mut file, copied, self.len).map_err(io)?;
         file.sync_all().map_err(io)?;
-        let mut file = file;
         file.seek(SeekFrom::End(0)).map_err(io)?;
         fs::rename(&tmp, self.dir.join(JOURNAL_FILE)).map_err(io)?;
         // From here on the journal is the new file: appends must go to it, never to the
         // unlinked old one.
         self.file = file;
-        self.len = len;
-        self.base = len;
+        self.len = len + (self.len - start);
+        self.base = self.len;
         if let Err(e) = sync_dir(&self.dir) {
             // The rename may not survive a power loss; nothing more may be acknowledged.
             self.broken = true;
@@ -283,6 +324,11 @@ impl Journal {
         self.base = self.len;
     }
 
+    /// The directory the journal is in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Current size of the file in bytes.
     pub fn size(&self) -> u64 {
         self.len
@@ -297,6 +343,120 @@ impl Journal {
             source,
         })
     }
+}
+
+/// A snapshot being written by [`Journal::begin_rewrite`]'s caller, while appends go on.
+pub struct Rewrite {
+    start: u64,
+    len: u64,
+    frame: Vec<u8>,
+    out: BufWriter<File>,
+    tmp: PathBuf,
+}
+
+impl Rewrite {
+    /// Add one entry of the live state. It is only encoded, in memory, until
+    /// [`Rewrite::write_out`]: the caller may hold a lock that commits wait for.
+    pub fn push(&mut self, entry: &EntryRef<'_>) -> Result<(), JournalError> {
+        let before = self.frame.len();
+        encode_frame(&mut self.frame, entry)?;
+        self.len += (self.frame.len() - before) as u64;
+        Ok(())
+    }
+
+    /// Write what was pushed since the last call to the new file.
+    pub fn write_out(&mut self) -> Result<(), JournalError> {
+        self.out
+            .write_all(&self.frame)
+            .map_err(|source| JournalError::Io {
+                path: self.tmp.clone(),
+                source,
+            })?;
+        self.frame.clear();
+        if self.frame.capacity() > 16 << 20 {
+            self.frame.shrink_to(1 << 20);
+        }
+        Ok(())
+    }
+
+    /// Write out and sync the snapshot, ready for [`Journal::finish_rewrite`].
+    pub fn sync(mut self) -> Result<Snapshot, JournalError> {
+        self.write_out()?;
+        let Rewrite {
+            start,
+            len,
+            out,
+            tmp,
+            ..
+        } = self;
+        let io = |source| JournalError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(Snapshot {
+            file,
+            start,
+            copied: start,
+            len,
+            tmp,
+        })
+    }
+
+    /// Give up: remove the new file.
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// A synced snapshot, waiting for [`Journal::finish_rewrite`].
+pub struct Snapshot {
+    file: File,
+    start: u64,
+    /// The journal's bytes up to here are already copied after the snapshot.
+    copied: u64,
+    len: u64,
+    tmp: PathBuf,
+}
+
+impl Snapshot {
+    /// Copy the journal's bytes up to `upto` (its size, read a moment ago: every byte below
+    /// it is written and never changes) after the snapshot, and sync them, so that
+    /// [`Journal::finish_rewrite`] has only the rest to copy. Needs no access to the
+    /// journal, so appends go on meanwhile.
+    pub fn catch_up(&mut self, journal: &Path, upto: u64) -> Result<(), JournalError> {
+        let io = |source| JournalError::Io {
+            path: self.tmp.clone(),
+            source,
+        };
+        let old = File::open(journal.join(JOURNAL_FILE)).map_err(io)?;
+        copy_range(&old, &mut self.file, self.copied, upto).map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        self.copied = self.copied.max(upto);
+        Ok(())
+    }
+
+    /// Give up: remove the new file.
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// Append bytes `from..to` of `source` to `dest`.
+fn copy_range(source: &File, dest: &mut File, from: u64, to: u64) -> io::Result<()> {
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at)
+            .unwrap_or(usize::MAX)
+            .min(chunk.len());
+        let part = chunk.get_mut(..n).ok_or(io::ErrorKind::InvalidInput)?;
+        source.read_exact_at(part, at)?;
+        dest.write_all(part)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn encode_frame(buf: &mut Vec<u8>, entry: &EntryRef<'_>) -> Result<(), JournalError> {
@@ -538,6 +698,83 @@ mod tests {
         fs::write(dir.path().join(JOURNAL_FILE), b"not a journal at all").unwrap();
         let err = Journal::open(dir.path(), MetaFsync::Always, REWRITE_MIN_BYTES, |_| {}).err();
         assert!(matches!(err, Some(JournalError::NotAJournal(_))), "{err:?}");
+    }
+
+    #[test]
+    fn changes_appended_during_a_rewrite_follow_the_snapshot_twice_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) =
+            Journal::open(dir.path(), MetaFsync::Never, REWRITE_MIN_BYTES, |_| {}).unwrap();
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        let key = |key, v| Entry::Key {
+            key,
+            meta: Some(meta(v)),
+        };
+        j.append(&EntryRef::Key {
+            key: &a,
+            meta: Some(&meta(1)),
+        })
+        .unwrap();
+        j.commit(false).unwrap();
+        // Two rewrites in a row (the second reads the file the first made), each with a
+        // change appended while its snapshot is written, and a snapshot that saw the older
+        // state of `a`.
+        for round in 0..2u64 {
+            let mut rewrite = j.begin_rewrite().unwrap();
+            j.append(&EntryRef::Key {
+                key: &a,
+                meta: Some(&meta(10 + round)),
+            })
+            .unwrap();
+            j.commit(false).unwrap();
+            rewrite
+                .push(&EntryRef::Key {
+                    key: &a,
+                    meta: Some(&meta(1)),
+                })
+                .unwrap();
+            let mut snapshot = rewrite.sync().unwrap();
+            if round == 1 {
+                // The second one copies what came so far ahead of its end, and a change
+                // after that is copied at the end.
+                snapshot.catch_up(dir.path(), j.size()).unwrap();
+                j.append(&EntryRef::Key {
+                    key: &a,
+                    meta: Some(&meta(12)),
+                })
+                .unwrap();
+                j.commit(false).unwrap();
+            }
+            j.finish_rewrite(snapshot).unwrap();
+        }
+        j.append(&EntryRef::Key {
+            key: &b,
+            meta: Some(&meta(20)),
+        })
+        .unwrap();
+        j.commit(false).unwrap();
+        let size = j.size();
+        drop(j);
+        assert_eq!(
+            std::fs::metadata(dir.path().join(JOURNAL_FILE))
+                .unwrap()
+                .len(),
+            size,
+            "the journal's idea of its length is the file's"
+        );
+        let (seen, report) = replay(dir.path());
+        assert_eq!(report.discarded_bytes, 0);
+        assert_eq!(
+            seen,
+            // The second snapshot replaced the first file: its own entry, then what was
+            // appended during it (before and after its catch-up), then after it.
+            vec![
+                key(a.clone(), 1),
+                key(a.clone(), 11),
+                key(a.clone(), 12),
+                key(b.clone(), 20)
+            ]
+        );
     }
 
     #[test]

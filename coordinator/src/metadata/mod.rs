@@ -42,7 +42,7 @@ use journal::{Entry, EntryRef, Journal, JournalError};
 const VERSION_LEASE: u64 = 1_000_000;
 
 /// Shards of the in-memory mirror, to keep lock contention low under many connections.
-const SHARDS: usize = 64;
+const SHARDS: usize = 256;
 
 /// What the metadata knows about one key.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -235,6 +235,8 @@ impl Metadata {
             ceiling,
             failed: None,
             closed: false,
+            rewriting: false,
+            rewrites: 0,
         }));
         let inline = (fsync == MetaFsync::Never).then(|| Arc::new(InlineQueue::default()));
         let thread = {
@@ -242,7 +244,7 @@ impl Metadata {
             let inline = inline.clone();
             std::thread::Builder::new()
                 .name("meta-writer".into())
-                .spawn(move || run_writer(&state, inline.as_deref(), &rx, max_group))?
+                .spawn(move || run_writer(state, inline.as_deref(), &rx, max_group))?
         };
         let meta = Metadata {
             may_lack_changes,
@@ -383,6 +385,11 @@ impl Metadata {
         }
     }
 
+    /// Journal rewrites finished since open.
+    pub fn rewrites(&self) -> u64 {
+        lock(&self.state).rewrites
+    }
+
     /// Stop the writer after it commits what is queued. Blocking; idempotent.
     pub fn close(&self) {
         self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -447,7 +454,9 @@ fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
         let jobs = std::mem::take(&mut *lock(&queue.jobs));
         if !jobs.is_empty() {
             writer.answer(jobs, false);
-            wants_rewrite = Some(writer.failed.is_none() && writer.journal.wants_rewrite());
+            wants_rewrite = Some(
+                writer.failed.is_none() && !writer.rewriting && writer.journal.wants_rewrite(),
+            );
         }
         drop(writer);
         // A job queued after the take, while the state was still held, found it busy: look
@@ -461,12 +470,14 @@ fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
 /// The writer thread: synced changes in groups, rewrites, the periodic flush of what inline
 /// committers buffered, and the clean close.
 fn run_writer(
-    state: &Mutex<Writer>,
+    state: Arc<Mutex<Writer>>,
     inline: Option<&InlineQueue>,
     rx: &std::sync::mpsc::Receiver<Job>,
     max_group: usize,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
+    let state = &state;
+    let mut rewriter: Option<std::thread::JoinHandle<()>> = None;
     loop {
         let first = match rx.recv_timeout(FLUSH_EVERY) {
             Ok(job) => Some(job),
@@ -494,11 +505,30 @@ fn run_writer(
             } else {
                 writer.flush();
             }
-            writer.maybe_rewrite();
+            if let Some(rewrite) = writer.start_rewrite() {
+                let state = state.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("meta-rewrite".into())
+                    .spawn(move || rewrite.run(&state));
+                match spawned {
+                    Ok(handle) => rewriter = Some(handle),
+                    Err(e) => {
+                        // Try again once the journal has doubled again (the next rewrite
+                        // truncates the file this one left).
+                        warn!(error = %e, "cannot start the metadata journal rewrite");
+                        writer.rewriting = false;
+                        writer.journal.defer_rewrite();
+                    }
+                }
+            }
         }
         if let Some(queue) = inline {
             let _ = commit_inline(state, queue);
         }
+    }
+    // A rewrite under way finishes first (it needs the state to switch files).
+    if let Some(handle) = rewriter.take() {
+        let _ = handle.join();
     }
     let mut writer = lock(state);
     if let Some(queue) = inline {
@@ -532,6 +562,10 @@ struct Writer {
     failed: Option<String>,
     /// The journal was closed with its clean marker: nothing more may be written.
     closed: bool,
+    /// A [`BackgroundRewrite`] is under way.
+    rewriting: bool,
+    /// Rewrites finished since open.
+    rewrites: u64,
 }
 
 impl Writer {
@@ -572,27 +606,28 @@ impl Writer {
         e
     }
 
-    /// Rewrite the journal if it has grown enough.
-    fn maybe_rewrite(&mut self) {
-        if self.failed.is_some() || self.closed || !self.journal.wants_rewrite() {
-            return;
+    /// Start a rewrite if the journal has grown enough and none is under way: the new
+    /// file is created and the registry copied here, under the state lock; the snapshot of
+    /// the keys is then written by [`BackgroundRewrite::run`] without it.
+    fn start_rewrite(&mut self) -> Option<BackgroundRewrite> {
+        if self.failed.is_some() || self.closed || self.rewriting || !self.journal.wants_rewrite() {
+            return None;
         }
-        let before = self.journal.size();
-        match self.rewrite() {
-            Ok(()) => info!(
-                before,
-                after = self.journal.size(),
-                "metadata journal rewritten"
-            ),
-            Err(e) if self.journal.is_broken() => {
-                error!(error = %e, "metadata journal rewrite failed after its rename; refusing further changes");
-                self.failed = Some(e.to_string());
+        match self.journal.begin_rewrite() {
+            Ok(rewrite) => {
+                self.rewriting = true;
+                Some(BackgroundRewrite {
+                    rewrite,
+                    shards: self.shards.clone(),
+                    nodes: self.nodes.values().cloned().collect(),
+                    ceiling: self.ceiling,
+                    before: self.journal.size(),
+                })
             }
-            // The old file is intact (the rename is the switch-over): carry on with it, and
-            // try again only once it has doubled again.
             Err(e) => {
-                warn!(error = %e, "metadata journal rewrite failed");
+                warn!(error = %e, "metadata journal rewrite failed to start");
                 self.journal.defer_rewrite();
+                None
             }
         }
     }
@@ -663,26 +698,106 @@ impl Writer {
         }
         Ok(())
     }
+}
 
-    /// Rewrite the journal as the live state: every key, every node record, the ceiling.
-    fn rewrite(&mut self) -> Result<(), MetaError> {
-        let guards: Vec<_> = self
-            .shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()))
-            .collect();
-        let keys = guards.iter().flat_map(|g| {
-            g.iter().map(|(key, meta)| EntryRef::Key {
-                key,
-                meta: Some(meta),
+/// A journal rewrite under way on its own thread, so that neither commits nor the writer
+/// thread wait for it: the keys are written shard by shard (each under its read lock only),
+/// then the state lock is taken for the short end (see [`journal::Journal::finish_rewrite`]).
+struct BackgroundRewrite {
+    rewrite: journal::Rewrite,
+    shards: Arc<Vec<Shard>>,
+    nodes: Vec<NodeRecord>,
+    ceiling: u64,
+    before: u64,
+}
+
+impl BackgroundRewrite {
+    fn run(self, state: &Mutex<Writer>) {
+        let BackgroundRewrite {
+            mut rewrite,
+            shards,
+            nodes,
+            ceiling,
+            before,
+        } = self;
+        let mut written = Ok(());
+        for shard in shards.iter() {
+            // Encode under the shard's read lock, write after releasing it: a commit to the
+            // shard waits for the encoding only, never for the disk.
+            {
+                let guard = shard.read().unwrap_or_else(|p| p.into_inner());
+                written = guard.iter().try_for_each(|(key, meta)| {
+                    rewrite.push(&EntryRef::Key {
+                        key,
+                        meta: Some(meta),
+                    })
+                });
+            }
+            written = written.and_then(|()| rewrite.write_out());
+            if written.is_err() {
+                break;
+            }
+        }
+        let snapshot = written
+            .and_then(|()| {
+                nodes
+                    .iter()
+                    .try_for_each(|n| rewrite.push(&EntryRef::Node(n)))
             })
+            .and_then(|()| rewrite.push(&EntryRef::Ceiling(ceiling)));
+        let snapshot = match snapshot {
+            Ok(()) => rewrite.sync(),
+            Err(e) => {
+                rewrite.abandon();
+                Err(e)
+            }
+        };
+        // Copy what was appended meanwhile without the state lock, twice (the second pass
+        // takes what came during the first), so that the end under the lock is short.
+        let snapshot = snapshot.and_then(|mut snapshot| {
+            for _ in 0..2 {
+                let (dir, upto) = {
+                    let writer = lock(state);
+                    (writer.journal.dir().to_path_buf(), writer.journal.size())
+                };
+                snapshot.catch_up(&dir, upto)?;
+            }
+            Ok(snapshot)
         });
-        let nodes = self.nodes.values().map(EntryRef::Node);
-        let entries = keys
-            .chain(nodes)
-            .chain(std::iter::once(EntryRef::Ceiling(self.ceiling)));
-        self.journal.rewrite(entries)?;
-        Ok(())
+        let mut writer = lock(state);
+        writer.rewriting = false;
+        let snapshot = match snapshot {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                warn!(error = %e, "metadata journal rewrite failed");
+                writer.journal.defer_rewrite();
+                return;
+            }
+        };
+        if writer.failed.is_some() || writer.closed {
+            snapshot.abandon();
+            return;
+        }
+        match writer.journal.finish_rewrite(snapshot) {
+            Ok(()) => {
+                writer.rewrites += 1;
+                info!(
+                    before,
+                    after = writer.journal.size(),
+                    "metadata journal rewritten"
+                );
+            }
+            Err(e) if writer.journal.is_broken() => {
+                error!(error = %e, "metadata journal rewrite failed after its rename; refusing further changes");
+                writer.failed = Some(e.to_string());
+            }
+            // The old file is intact (the rename is the switch-over): carry on with it, and
+            // try again only once it has doubled again.
+            Err(e) => {
+                warn!(error = %e, "metadata journal rewrite failed");
+                writer.journal.defer_rewrite();
+            }
+        }
     }
 }
 
@@ -795,8 +910,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn inline_and_synced_changes_interleave_in_one_order() {
         let dir = tempfile::tempdir().unwrap();
+        // A small rewrite threshold: rewrites run in the background while the changes go
+        // on, and what they copy must replay to the same state too.
         let options = MetaOptions {
             fsync: MetaFsync::Never,
+            rewrite_min_bytes: 8192,
             ..MetaOptions::default()
         };
         let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
@@ -830,6 +948,7 @@ mod tests {
             before.insert(k.clone(), v.clone());
         });
         m.close();
+        assert!(m.rewrites() > 0, "no rewrite ran during the changes");
         drop(m);
         let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
         let mut after = BTreeMap::new();
@@ -1017,7 +1136,7 @@ mod tests {
             ..Default::default()
         };
         let path = dir.path().join(journal::JOURNAL_FILE);
-        let mut largest = 0;
+        let largest;
         {
             let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
             // 20 keys overwritten 100 times: far more history than live state.
@@ -1029,8 +1148,15 @@ mod tests {
                         .await
                         .unwrap();
                 }
-                largest = largest.max(std::fs::metadata(&path).unwrap().len());
             }
+            // The writer writes the buffer out within FLUSH_EVERY and then rewrites the
+            // journal, off the commit path: wait for it, with a deadline.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while m.rewrites() == 0 || std::fs::metadata(&path).unwrap().len() >= 20_000 {
+                assert!(std::time::Instant::now() < deadline, "no rewrite");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            largest = std::fs::metadata(&path).unwrap().len();
             m.save_node(NodeRecord {
                 id: NodeId(2),
                 addr: "a".into(),
@@ -1047,7 +1173,10 @@ mod tests {
         }
         let size = std::fs::metadata(&path).unwrap().len();
         // Without rewrites the file would hold all 2,000 updates (well over 40 KB).
-        assert!(largest < 20_000, "journal grew to {largest} bytes");
+        assert!(
+            largest < 20_000,
+            "journal is {largest} bytes after a rewrite"
+        );
         assert!(size < 20_000, "journal is {size} bytes");
         let (m, nodes) = Metadata::open_with(dir.path(), options).unwrap();
         assert_eq!(m.len(), 20);

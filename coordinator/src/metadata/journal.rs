@@ -150,6 +150,8 @@ impl Journal {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
+        // A rewrite interrupted by a crash leaves its new file, never the journal itself.
+        let _ = fs::remove_file(dir.join(format!("{JOURNAL_FILE}.rewrite")));
         let total = file.metadata().map_err(io)?.len();
         let mut report = ReplayReport::default();
         let valid = if total < MAGIC.len() as u64 {
@@ -220,9 +222,17 @@ impl Journal {
             path: self.dir.join(JOURNAL_FILE),
             source,
         };
-        self.file.write_all(&self.buf).map_err(io)?;
+        // After a failed write the file may end in part of a group, and after a failed sync
+        // the kernel may have dropped what it held: either way nothing more may be written.
+        if let Err(e) = self.file.write_all(&self.buf) {
+            self.broken = true;
+            return Err(io(e));
+        }
         if self.fsync == MetaFsync::Always || force_sync {
-            self.file.sync_data().map_err(io)?;
+            if let Err(e) = self.file.sync_data() {
+                self.broken = true;
+                return Err(io(e));
+            }
         }
         self.len += self.buf.len() as u64;
         self.buf.clear();
@@ -285,7 +295,10 @@ impl Journal {
     /// the new file from the rename on. On an error before the rename the old file is intact
     /// and stays the journal.
     pub fn finish_rewrite(&mut self, snapshot: Snapshot) -> Result<(), JournalError> {
-        self.commit(false)?;
+        if let Err(e) = self.commit(false) {
+            snapshot.abandon();
+            return Err(e);
+        }
         let Snapshot {
             mut file,
             start,
@@ -297,15 +310,22 @@ impl Journal {
             path: tmp.clone(),
             source,
         };
-        copy_range(&self.file, &mut file, copied, self.len).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        file.seek(SeekFrom::End(0)).map_err(io)?;
-        fs::rename(&tmp, self.dir.join(JOURNAL_FILE)).map_err(io)?;
+        let before_rename = copy_range(&self.file, &mut file, copied, self.len)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()))
+            .and_then(|()| fs::rename(&tmp, self.dir.join(JOURNAL_FILE)));
+        if let Err(e) = before_rename {
+            // The old file is still the journal; the new one is of no use.
+            let _ = fs::remove_file(&tmp);
+            return Err(io(e));
+        }
         // From here on the journal is the new file: appends must go to it, never to the
         // unlinked old one.
         self.file = file;
         self.len = len + (self.len - start);
-        self.base = self.len;
+        // The next rewrite is measured against the snapshot, the live part; what was copied
+        // after it is history already.
+        self.base = len;
         if let Err(e) = sync_dir(&self.dir) {
             // The rename may not survive a power loss; nothing more may be acknowledged.
             self.broken = true;
@@ -314,7 +334,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Whether a rewrite failed after its rename, so that the journal must not be written again.
+    /// Whether a write or sync failed (the file may end in part of a group), or a rewrite
+    /// failed after its rename: the journal must not be written again.
     pub fn is_broken(&self) -> bool {
         self.broken
     }
@@ -393,8 +414,17 @@ impl Rewrite {
             path: tmp.clone(),
             source,
         };
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
+        let synced = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all().map(|()| file));
+        let file = match synced {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(io(e));
+            }
+        };
         Ok(Snapshot {
             file,
             start,

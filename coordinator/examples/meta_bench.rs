@@ -7,6 +7,9 @@
 //!
 //!     cargo run --release -p ringkv-coordinator --example meta_bench -- --writers 64 --seconds 5
 
+mod common;
+use common::arg;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,15 +17,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ringkv_common::NodeId;
 use ringkv_coordinator::metadata::{KeyMeta, KeyUpdate, MetaOptions, Metadata};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn run(max_group: usize, writers: u64, seconds: u64) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;

@@ -7,21 +7,15 @@
 //!
 //!     cargo run --release -p ringkv-coordinator --example meta_rewrite_stall -- --keys 1000000 --seconds 20
 
+mod common;
+use common::arg;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_common::{NodeId, Version};
 use ringkv_coordinator::metadata::{KeyMeta, KeyUpdate, MetaFsync, MetaOptions, Metadata};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn update(key: u64, version: u64) -> Vec<(Bytes, KeyUpdate)> {
     let meta = KeyMeta {

@@ -42,7 +42,7 @@ use journal::{Entry, EntryRef, Journal, JournalError};
 const VERSION_LEASE: u64 = 1_000_000;
 
 /// Shards of the in-memory mirror, to keep lock contention low under many connections.
-const SHARDS: usize = 256;
+const SHARDS: usize = 64;
 
 /// What the metadata knows about one key.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -725,18 +725,25 @@ impl BackgroundRewrite {
             before,
         } = self;
         let mut written = Ok(());
+        let mut copy: Vec<(Bytes, KeyMeta)> = Vec::new();
         for shard in shards.iter() {
-            // Encode under the shard's read lock, write after releasing it: a commit to the
-            // shard waits for the encoding only, never for the disk.
-            {
-                let guard = shard.read().unwrap_or_else(|p| p.into_inner());
-                written = guard.iter().try_for_each(|(key, meta)| {
-                    rewrite.push(&EntryRef::Key {
-                        key,
-                        meta: Some(meta),
-                    })
-                });
-            }
+            // Copy the shard under its read lock (a reference count and a short list per
+            // key), then encode and write without it: a commit to the shard waits for the
+            // copy only, never for the encoding or the disk.
+            copy.clear();
+            copy.extend(
+                shard
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|(key, meta)| (key.clone(), meta.clone())),
+            );
+            written = copy.iter().try_for_each(|(key, meta)| {
+                rewrite.push(&EntryRef::Key {
+                    key,
+                    meta: Some(meta),
+                })
+            });
             written = written.and_then(|()| rewrite.write_out());
             if written.is_err() {
                 break;

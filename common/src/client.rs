@@ -484,15 +484,21 @@ mod tests {
         (client, peer.await.unwrap())
     }
 
+    /// Tasks alive on this runtime.
+    fn alive_tasks() -> usize {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    }
+
     /// Wait (with a deadline) until only `base` tasks are alive on this runtime.
     async fn tasks_end(base: usize) {
-        let metrics = tokio::runtime::Handle::current().metrics();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while metrics.num_alive_tasks() > base {
+        while alive_tasks() > base {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{} client tasks still alive",
-                metrics.num_alive_tasks() - base
+                alive_tasks() - base
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -500,9 +506,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_connection_fails_calls_in_flight_and_later_and_stops_the_tasks() {
-        let base = tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks();
+        let base = alive_tasks();
         let (client, mut peer) = connected(1 << 20).await;
         let caller = client.clone();
         let in_flight = tokio::spawn(async move { caller.call(Request::Status).await });
@@ -524,9 +528,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_stops_every_task_of_the_connection() {
-        let base = tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks();
+        let base = alive_tasks();
         let (client, _peer) = connected(1024).await;
         // Too large for the client's own frame limit: the encoder refuses it, the writer fails.
         let put = Request::Put {
@@ -541,9 +543,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_the_client_closes_the_socket_and_stops_the_tasks() {
-        let base = tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks();
+        let base = alive_tasks();
         let (client, mut peer) = connected(1 << 20).await;
         drop(client);
         let next = tokio::time::timeout(Duration::from_secs(5), peer.next()).await;

@@ -375,7 +375,11 @@ impl Drop for Cluster {
     }
 }
 
-fn wait_child(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+/// Wait for `child` to exit, polling against a deadline; kill it if it overruns.
+pub fn wait_child(
+    child: &mut Child,
+    timeout: Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {

@@ -139,10 +139,7 @@ impl Journal {
         mut apply: impl FnMut(Entry),
     ) -> Result<(Journal, ReplayReport), JournalError> {
         let path = dir.join(JOURNAL_FILE);
-        let io = |source| JournalError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = io_error(&path);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -218,6 +215,7 @@ impl Journal {
         if self.buf.is_empty() {
             return Ok(());
         }
+        // The path is built only on an error: this runs for every group.
         let io = |source| JournalError::Io {
             path: self.dir.join(JOURNAL_FILE),
             source,
@@ -267,10 +265,7 @@ impl Journal {
     pub fn begin_rewrite(&mut self) -> Result<Rewrite, JournalError> {
         self.commit(false)?;
         let tmp = self.dir.join(format!("{JOURNAL_FILE}.rewrite"));
-        let io = |source| JournalError::Io {
-            path: tmp.clone(),
-            source,
-        };
+        let io = io_error(&tmp);
         // Readable too: once renamed it is the journal, and the next rewrite reads from it.
         let file = OpenOptions::new()
             .read(true)
@@ -306,10 +301,7 @@ impl Journal {
             len,
             tmp,
         } = snapshot;
-        let io = |source| JournalError::Io {
-            path: tmp.clone(),
-            source,
-        };
+        let io = io_error(&tmp);
         let before_rename = copy_range(&self.file, &mut file, copied, self.len)
             .and_then(|()| file.sync_all())
             .and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()))
@@ -410,10 +402,7 @@ impl Rewrite {
             tmp,
             ..
         } = self;
-        let io = |source| JournalError::Io {
-            path: tmp.clone(),
-            source,
-        };
+        let io = io_error(&tmp);
         let synced = out
             .into_inner()
             .map_err(|e| e.into_error())
@@ -456,10 +445,7 @@ impl Snapshot {
     /// [`Journal::finish_rewrite`] has only the rest to copy. Needs no access to the
     /// journal, so appends go on meanwhile.
     pub fn catch_up(&mut self, journal: &Path, upto: u64) -> Result<(), JournalError> {
-        let io = |source| JournalError::Io {
-            path: self.tmp.clone(),
-            source,
-        };
+        let io = io_error(&self.tmp);
         let old = File::open(journal.join(JOURNAL_FILE)).map_err(io)?;
         copy_range(&old, &mut self.file, self.copied, upto).map_err(io)?;
         self.file.sync_data().map_err(io)?;
@@ -487,6 +473,14 @@ fn copy_range(source: &File, dest: &mut File, from: u64, to: u64) -> io::Result<
         at += n as u64;
     }
     Ok(())
+}
+
+/// Maps an I/O error on `path` to a [`JournalError`].
+fn io_error(path: &Path) -> impl Fn(io::Error) -> JournalError + Copy + '_ {
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn encode_frame(buf: &mut Vec<u8>, entry: &EntryRef<'_>) -> Result<(), JournalError> {

@@ -319,7 +319,7 @@ impl Metadata {
     pub async fn next_version(&self) -> Result<Version, MetaError> {
         loop {
             let needed = {
-                let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+                let mut lease = lock(&self.lease);
                 if lease.next < lease.ceiling {
                     let v = lease.next;
                     lease.next += 1;
@@ -329,7 +329,7 @@ impl Metadata {
             };
             // Persist a higher ceiling before handing out anything below it.
             self.submit(vec![Op::Ceiling(needed)]).await?;
-            let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+            let mut lease = lock(&self.lease);
             lease.ceiling = lease.ceiling.max(needed);
         }
     }
@@ -339,7 +339,7 @@ impl Metadata {
     /// even when a damaged journal lost a lease, since every version that reached a node is
     /// seen by the reconciliation of that node.
     pub fn observe_version(&self, version: Version) {
-        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lease = lock(&self.lease);
         if version.0 >= lease.next {
             lease.next = version.0.saturating_add(1);
         }
@@ -392,8 +392,8 @@ impl Metadata {
 
     /// Stop the writer after it commits what is queued. Blocking; idempotent.
     pub fn close(&self) {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        lock(&self.writer).take();
+        if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
     }
@@ -440,8 +440,7 @@ impl Job {
 
 /// Commit the inline queue if the writer state is free; whoever holds it now commits the
 /// queue before letting go (this function and [`run_writer`] both look again after they
-/// release it). Returns `Some(true)` when the journal
-/// has grown enough to be rewritten.
+/// release it). Returns `Some(true)` when the journal has grown enough to be rewritten.
 fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
     let mut wants_rewrite = None;
     loop {
@@ -451,12 +450,8 @@ fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
             // Held: the holder drains the queue after it lets go.
             Err(std::sync::TryLockError::WouldBlock) => return wants_rewrite,
         };
-        let jobs = std::mem::take(&mut *lock(&queue.jobs));
-        if !jobs.is_empty() {
-            writer.answer(jobs, false);
-            wants_rewrite = Some(
-                writer.failed.is_none() && !writer.rewriting && writer.journal.wants_rewrite(),
-            );
+        if writer.answer_queued(Some(queue)) {
+            wants_rewrite = Some(writer.rewrite_due());
         }
         drop(writer);
         // A job queued after the take, while the state was still held, found it busy: look
@@ -493,13 +488,8 @@ fn run_writer(
         }
         {
             let mut writer = lock(state);
-            if let Some(queue) = inline {
-                // Jobs queued inline first: they were queued before anything sent after.
-                let queued = std::mem::take(&mut *lock(&queue.jobs));
-                if !queued.is_empty() {
-                    writer.answer(queued, false);
-                }
-            }
+            // Jobs queued inline first: they were queued before anything sent after.
+            writer.answer_queued(inline);
             if !jobs.is_empty() {
                 writer.answer(jobs, true);
             } else {
@@ -531,12 +521,7 @@ fn run_writer(
         let _ = handle.join();
     }
     let mut writer = lock(state);
-    if let Some(queue) = inline {
-        let queued = std::mem::take(&mut *lock(&queue.jobs));
-        if !queued.is_empty() {
-            writer.answer(queued, false);
-        }
-    }
+    writer.answer_queued(inline);
     writer.closed = true;
     if writer.failed.is_none() {
         if let Err(e) = writer.journal.close() {
@@ -588,6 +573,25 @@ impl Writer {
         }
     }
 
+    /// Commit and answer whatever is in the inline queue (left in the journal's buffer);
+    /// whether there was anything.
+    fn answer_queued(&mut self, queue: Option<&InlineQueue>) -> bool {
+        let jobs = queue.map(|q| std::mem::take(&mut *lock(&q.jobs)));
+        match jobs {
+            Some(jobs) if !jobs.is_empty() => {
+                self.answer(jobs, false);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a rewrite should start: the journal has doubled, none is under way, and the
+    /// journal may still be written.
+    fn rewrite_due(&self) -> bool {
+        self.failed.is_none() && !self.closed && !self.rewriting && self.journal.wants_rewrite()
+    }
+
     /// Write out what inline commits buffered.
     fn flush(&mut self) {
         if self.failed.is_none() && !self.closed {
@@ -610,7 +614,7 @@ impl Writer {
     /// file is created and the registry copied here, under the state lock; the snapshot of
     /// the keys is then written by [`BackgroundRewrite::run`] without it.
     fn start_rewrite(&mut self) -> Option<BackgroundRewrite> {
-        if self.failed.is_some() || self.closed || self.rewriting || !self.journal.wants_rewrite() {
+        if !self.rewrite_due() {
             return None;
         }
         match self.journal.begin_rewrite() {

@@ -2,12 +2,12 @@
 //! directory in use is refused with a clear error, and the running one is undisturbed.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ringkv_tests::{bin_dir, Cluster};
+use ringkv_tests::{bin_dir, wait_child, Cluster};
 
-/// Run `cmd` to completion within a deadline (killing it if it overruns), returning whether
-/// it succeeded and what it printed on stderr.
+/// Run `cmd` to completion within a deadline (killed if it overruns), returning whether it
+/// succeeded and what it printed on stderr.
 fn run_briefly(cmd: &mut Command) -> (bool, String) {
     let mut child = cmd
         .stdin(Stdio::null())
@@ -15,18 +15,8 @@ fn run_briefly(cmd: &mut Command) -> (bool, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running on a directory in use");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_child(&mut child, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("still running on a directory in use: {e}"));
     let mut stderr = String::new();
     if let Some(mut err) = child.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut err, &mut stderr);

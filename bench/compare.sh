@@ -24,104 +24,12 @@ KEYS=${KEYS:-10000}
 NODES=${NODES:-5}
 VALUE_SIZES=${VALUE_SIZES:-"100 1024"}
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${BIN:-$ROOT/target/release}
-
-if [ -z "${SKIP_BUILD:-}" ]; then
-    (cd "$ROOT" && cargo build --release --bins -q)
-fi
-for b in ringkv ringkv-coordinator ringkv-node; do
-    [ -x "$BIN/$b" ] || { echo "missing $BIN/$b (build with cargo build --release)" >&2; exit 2; }
-done
-
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "redis-server not found; installing Debian's redis-server package" >&2
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
-fi
-
-WORK=$(mktemp -d -t ringkv-compare.XXXXXX)
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+need_redis
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
-PIDS=()
-
-stop_pid() {
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-cleanup() {
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    # Nodes stop with their coordinator; any left over (the coordinator died) mention $WORK.
-    for cmdline in /proc/[0-9]*/cmdline; do
-        if grep -qF -- "$WORK/" "$cmdline" 2>/dev/null; then
-            pid=${cmdline#/proc/}
-            kill -KILL "${pid%/cmdline}" 2>/dev/null || true
-        fi
-    done
-    if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT"; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# A TCP port on 127.0.0.1 that nothing listens on right now.
-free_port() {
-    local port
-    for _ in $(seq 100); do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-    echo "no free port found" >&2
-    exit 1
-}
-
-# start_redis NAME EXTRA-ARGS...: start a Redis server, set REDIS_ADDR and REDIS_PID.
-start_redis() {
-    local name=$1
-    shift
-    local port dir
-    port=$(free_port)
-    dir="$WORK/$name"
-    mkdir -p "$dir"
-    redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --save '' \
-        --daemonize no --logfile "$dir/redis.log" "$@" &
-    REDIS_PID=$!
-    PIDS+=("$REDIS_PID")
-    REDIS_ADDR="127.0.0.1:$port"
-    for _ in $(seq 100); do
-        if redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then return; fi
-        sleep 0.1
-    done
-    echo "redis ($name) did not start; log:" >&2
-    cat "$dir/redis.log" >&2
-    exit 1
-}
-
-# start_ringkv NAME FSYNC: start a coordinator with NODES nodes, set RINGKV_ADDR and RINGKV_PID.
-# FSYNC is both the nodes' log policy and the metadata journal's (always or never).
-start_ringkv() {
-    local name=$1 fsync=$2
-    local dir="$WORK/$name"
-    mkdir -p "$dir"
-    "$BIN/ringkv-coordinator" --listen 127.0.0.1:0 --data-dir "$dir/data" --nodes "$NODES" \
-        --node-fsync "$fsync" --meta-fsync "$fsync" --node-binary "$BIN/ringkv-node" \
-        > "$dir/stdout" 2> "$dir/coordinator.log" &
-    RINGKV_PID=$!
-    PIDS+=("$RINGKV_PID")
-    for _ in $(seq 600); do
-        RINGKV_ADDR=$(sed -n 's/^listening on //p' "$dir/stdout" | head -n1)
-        if [ -n "$RINGKV_ADDR" ]; then return; fi
-        kill -0 "$RINGKV_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "ringkv ($name) did not start; log:" >&2
-    tail -n 30 "$dir/coordinator.log" >&2
-    exit 1
-}
+on_exit() { if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT"; fi; }
 
 # run LABEL TARGET-ARGS... -- BENCH-ARGS...: one bench run, its JSON appended to RESULTS.
 run() {

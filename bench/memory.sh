@@ -19,43 +19,15 @@ NODES=${NODES:-5}
 # Every benchmark key is `bench:` and ten digits.
 KEY_LEN=16
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${BIN:-$ROOT/target/release}
-if [ -z "${SKIP_BUILD:-}" ]; then
-    (cd "$ROOT" && cargo build --release --bins -q)
-fi
-
-WORK=$(mktemp -d -t ringkv-memory.XXXXXX)
-COORD_PID=""
-cleanup() {
-    if [ -n "$COORD_PID" ]; then
-        kill "$COORD_PID" 2>/dev/null || true
-        wait "$COORD_PID" 2>/dev/null || true
-    fi
-    for cmdline in /proc/[0-9]*/cmdline; do
-        if grep -qF -- "$WORK/" "$cmdline" 2>/dev/null; then
-            pid=${cmdline#/proc/}
-            kill -KILL "${pid%/cmdline}" 2>/dev/null || true
-        fi
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-"$BIN/ringkv-coordinator" --listen 127.0.0.1:0 --data-dir "$WORK/data" --nodes "$NODES" \
-    --node-fsync never --meta-fsync never --node-binary "$BIN/ringkv-node" \
-    > "$WORK/stdout" 2> "$WORK/coordinator.log" &
-COORD_PID=$!
-ADDR=""
-for _ in $(seq 600); do
-    ADDR=$(sed -n 's/^listening on //p' "$WORK/stdout" | head -n1)
-    [ -n "$ADDR" ] && break
-    sleep 0.1
-done
-[ -n "$ADDR" ] || { echo "coordinator did not start" >&2; tail -n 30 "$WORK/coordinator.log" >&2; exit 1; }
+start_ringkv memory never
+COORD_PID=$RINGKV_PID
+ADDR=$RINGKV_ADDR
+DATA="$WORK/memory/data"
 ringkv() { "$BIN/ringkv" --coordinator "$ADDR" "$@"; }
 
 NODE_PIDS=$(ringkv --json status | jq -r '.nodes[] | "\(.id) \(.pid)"')
@@ -85,11 +57,11 @@ report() { # NAME KEYS DELTA_KIB PAYLOAD DISK_BYTES
         printf "| %s | %d | %.1f MiB | %.0f | %.0f | %.0f |\n", n, k, d / 1024, per, per - p, disk / k
     }'
 }
-meta_bytes=$(du -sb "$WORK/data/meta.log" | cut -f1)
+meta_bytes=$(du -sb "$DATA/meta.log" | cut -f1)
 report coordinator "$KEYS" $(( $(rss_kib "$COORD_PID") - BEFORE[coordinator] )) "$KEY_LEN" "$meta_bytes"
 while read -r id pid; do
     held=$(echo "$STATUS" | jq --argjson id "$id" '.nodes[] | select(.id == $id) | .keys')
-    disk=$(du -sb "$WORK/data/nodes/node-$id" | cut -f1)
+    disk=$(du -sb "$DATA/nodes/node-$id" | cut -f1)
     report "node $id" "$held" $(( $(rss_kib "$pid") - BEFORE[$id] )) $(( KEY_LEN + VALUE_SIZE )) "$disk"
 done <<< "$NODE_PIDS"
 echo

@@ -1,0 +1,120 @@
+# Shared by the benchmark scripts (sourced, not run): release binaries, a work directory that
+# is removed on exit together with every process started in it, and starting a RingKV cluster
+# or a Redis server on a free loopback port.
+#
+# Before sourcing, set NODES (nodes per cluster). After it: ROOT, BIN, WORK, and the functions
+# below. SKIP_BUILD=1 reuses target/release; BIN=DIR takes the binaries from DIR.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${BIN:-$ROOT/target/release}
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    (cd "$ROOT" && cargo build --release --bins -q)
+fi
+for b in ringkv ringkv-coordinator ringkv-node; do
+    [ -x "$BIN/$b" ] || { echo "missing $BIN/$b (build with cargo build --release)" >&2; exit 2; }
+done
+
+# need_redis: install Debian's redis-server package unless redis-server is on the PATH.
+need_redis() {
+    if ! command -v redis-server >/dev/null 2>&1; then
+        echo "redis-server not found; installing Debian's redis-server package" >&2
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo=sudo
+        $sudo apt-get update -qq && $sudo apt-get install -y -qq redis-server >/dev/null
+    fi
+}
+
+WORK=$(mktemp -d -t ringkv-bench.XXXXXX)
+PIDS=()
+
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# Runs on exit: stop what was started, kill anything left that mentions $WORK (nodes stop with
+# their coordinator, unless it died), and remove $WORK. A script may define on_exit to keep
+# something first.
+cleanup() {
+    if declare -F on_exit >/dev/null; then on_exit || true; fi
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    for cmdline in /proc/[0-9]*/cmdline; do
+        if grep -qF -- "$WORK/" "$cmdline" 2>/dev/null; then
+            pid=${cmdline#/proc/}
+            kill -KILL "${pid%/cmdline}" 2>/dev/null || true
+        fi
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A TCP port on 127.0.0.1 that nothing listens on right now.
+free_port() {
+    local port
+    for _ in $(seq 100); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+    echo "no free port found" >&2
+    exit 1
+}
+
+# start_redis NAME EXTRA-ARGS...: start a Redis server, set REDIS_ADDR and REDIS_PID.
+start_redis() {
+    local name=$1
+    shift
+    local port dir
+    port=$(free_port)
+    dir="$WORK/$name"
+    mkdir -p "$dir"
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --save '' \
+        --daemonize no --logfile "$dir/redis.log" "$@" &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    REDIS_ADDR="127.0.0.1:$port"
+    for _ in $(seq 100); do
+        if redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then return; fi
+        sleep 0.1
+    done
+    echo "redis ($name) did not start; log:" >&2
+    cat "$dir/redis.log" >&2
+    exit 1
+}
+
+# start_ringkv NAME FSYNC: start a coordinator with NODES nodes, set RINGKV_ADDR and RINGKV_PID.
+# FSYNC is both the nodes' log policy and the metadata journal's (always or never). Returns
+# once every node has registered, so the first measurement does not race the start.
+start_ringkv() {
+    local name=$1 fsync=$2
+    local dir="$WORK/$name"
+    mkdir -p "$dir"
+    "$BIN/ringkv-coordinator" --listen 127.0.0.1:0 --data-dir "$dir/data" --nodes "$NODES" \
+        --node-fsync "$fsync" --meta-fsync "$fsync" --node-binary "$BIN/ringkv-node" \
+        > "$dir/stdout" 2> "$dir/coordinator.log" &
+    RINGKV_PID=$!
+    PIDS+=("$RINGKV_PID")
+    RINGKV_ADDR=""
+    for _ in $(seq 600); do
+        RINGKV_ADDR=$(sed -n 's/^listening on //p' "$dir/stdout" | head -n1)
+        if [ -n "$RINGKV_ADDR" ]; then break; fi
+        kill -0 "$RINGKV_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ -n "$RINGKV_ADDR" ]; then
+        for _ in $(seq 600); do
+            local up
+            up=$("$BIN/ringkv" --coordinator "$RINGKV_ADDR" --json nodes 2>/dev/null \
+                | jq '[.nodes[] | select(.state == "up")] | length' 2>/dev/null || echo 0)
+            if [ "${up:-0}" -ge "$NODES" ]; then return; fi
+            sleep 0.1
+        done
+    fi
+    echo "ringkv ($name) did not start; log:" >&2
+    tail -n 30 "$dir/coordinator.log" >&2
+    exit 1
+}

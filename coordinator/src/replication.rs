@@ -132,7 +132,7 @@ impl Coordinator {
 
         // Whatever reached a replica is recorded, so a later read or repair can never be
         // surprised by a version the metadata does not know.
-        fail::fail_point!("coordinator-before-meta-commit", |arg| crash_point(arg));
+        fail::fail_point!("coordinator-before-meta-commit", crash_point);
         let superseded: Vec<NodeId> = self
             .meta
             .get(&key)
@@ -151,7 +151,7 @@ impl Coordinator {
             .update(vec![(key.clone(), KeyUpdate::Set(meta))])
             .await
             .map_err(|e| WireError::Indeterminate(format!("metadata commit failed: {e}")))?;
-        fail::fail_point!("coordinator-after-meta-commit", |arg| crash_point(arg));
+        fail::fail_point!("coordinator-after-meta-commit", crash_point);
 
         // Late replicas: record them when they answer; the repair loop covers the rest.
         // Usually every replica has answered by now and there is nothing left to do.

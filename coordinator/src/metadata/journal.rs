@@ -220,6 +220,15 @@ impl Journal {
             path: self.dir.join(JOURNAL_FILE),
             source,
         };
+        // A write that fails part-way through the group, as on a full disk (tests inject it).
+        fail::fail_point!("meta-journal-write", |_| {
+            let half = self.buf.get(..self.buf.len() / 2).unwrap_or_default();
+            let _ = self.file.write_all(half);
+            self.broken = true;
+            Err(io(io::Error::other(
+                "failpoint meta-journal-write injected an error",
+            )))
+        });
         // After a failed write the file may end in part of a group, and after a failed sync
         // the kernel may have dropped what it held: either way nothing more may be written.
         if let Err(e) = self.file.write_all(&self.buf) {

@@ -470,3 +470,95 @@ fn unsynced_metadata_lost_in_a_machine_crash_is_rebuilt_from_synced_nodes() {
     }
     c.wait_settled(Duration::from_secs(60));
 }
+
+/// A metadata journal write that fails part-way through a group (as on a full disk) stops the
+/// coordinator from accepting changes, with a typed error, while reads go on; after a restart
+/// the torn group is cut off and every acknowledged write is still there.
+#[test]
+fn failed_metadata_journal_write_refuses_changes_and_loses_nothing_acknowledged() {
+    let mut c = Cluster::start_with(Options {
+        nodes: 3,
+        env: vec![(
+            "FAILPOINTS".into(),
+            "meta-journal-write=100*off->1*return->off".into(),
+        )],
+        ..Options::default()
+    });
+    let rt = runtime();
+    let value = |i: usize| Bytes::from(format!("v{i}"));
+    // One write at a time, so each is its own group, until the injected failure surfaces.
+    let (acked, failure) = rt.block_on(async {
+        let client = c.client().await;
+        let mut acked = Vec::new();
+        for i in 0..2000 {
+            let req = Request::Put {
+                key: Bytes::from(format!("jw{i}")),
+                value: value(i),
+            };
+            match client.call(req).await {
+                Ok(Response::Written { .. }) => acked.push(i),
+                Ok(other) => panic!("jw{i}: unexpected answer {other:?}"),
+                Err(e) => return (acked, Some(e)),
+            }
+        }
+        (acked, None)
+    });
+    let failure = failure.expect("the injected journal failure reaches a writer");
+    assert!(
+        matches!(failure.class(), "indeterminate" | "unavailable"),
+        "a typed error, not {failure:?}"
+    );
+    assert!(
+        acked.len() >= 20,
+        "only {} writes before the failure",
+        acked.len()
+    );
+
+    // No further change is accepted, and none is acknowledged; reads are still served.
+    let out = c.ringkv(&["--json", "put", "after", "x"]);
+    assert!(
+        !out.status.success(),
+        "a write after the failure was acknowledged"
+    );
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON error");
+    let refused_class = err["error"]["class"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        matches!(refused_class.as_str(), "indeterminate" | "unavailable"),
+        "{err}"
+    );
+    assert_eq!(c.json(&["get", "jw0"])["value"], "v0");
+
+    // Restart without the failpoint: the half-written group is moved aside, and the nodes
+    // fill in whatever the journal lacks before clients are served.
+    c.kill_coordinator();
+    c.opts.env.clear();
+    c.restart();
+    let aside = std::fs::read_dir(c.data_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("meta.log.discarded-")
+        })
+        .count();
+    assert_eq!(aside, 1, "the torn group is kept aside");
+    for &i in &acked {
+        assert_eq!(
+            c.json(&["get", &format!("jw{i}")])["value"],
+            format!("v{i}"),
+            "acknowledged write jw{i} lost"
+        );
+    }
+    if refused_class == "unavailable" {
+        // Definitely not applied: it must not appear after the restart either.
+        assert!(c.json(&["get", "after"])["value"].is_null());
+    }
+    // The journal takes changes again.
+    c.json(&["put", "after", "y"]);
+    assert_eq!(c.json(&["get", "after"])["value"], "y");
+    c.wait_settled(Duration::from_secs(60));
+}

@@ -330,6 +330,19 @@ fn coordinator_killed_under_writes_without_any_fsync_loses_nothing() {
     assert_acked_readable(&rt, &c.addr, &log);
 }
 
+/// How many torn or damaged journal tails the coordinator has moved aside.
+fn discarded_journal_tails(c: &Cluster) -> usize {
+    std::fs::read_dir(c.data_dir())
+        .expect("data directory")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("meta.log.discarded-")
+        })
+        .count()
+}
+
 /// Run `reqs` against the coordinator at `addr`, 64 at a time, and return the answers in order.
 async fn client_calls(addr: &str, reqs: Vec<Request>) -> Vec<Response> {
     use futures::StreamExt;
@@ -372,15 +385,7 @@ fn damaged_metadata_journal_is_cut_and_rebuilt_from_the_nodes() {
     bytes[at] ^= 0x04;
     std::fs::write(&journal, &bytes).unwrap();
     c.restart();
-    let aside = std::fs::read_dir(c.data_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("meta.log.discarded-")
-        })
-        .count();
+    let aside = discarded_journal_tails(&c);
     assert_eq!(aside, 1, "the damaged tail is kept aside");
     // Clients are served only once the nodes were reconciled: from the first read on, every
     // key and every deletion is back.
@@ -536,15 +541,7 @@ fn failed_metadata_journal_write_refuses_changes_and_loses_nothing_acknowledged(
     c.kill_coordinator();
     c.opts.env.clear();
     c.restart();
-    let aside = std::fs::read_dir(c.data_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("meta.log.discarded-")
-        })
-        .count();
+    let aside = discarded_journal_tails(&c);
     assert_eq!(aside, 1, "the torn group is kept aside");
     for &i in &acked {
         assert_eq!(

@@ -12,6 +12,7 @@
 //! - [`signals`]: SIGTERM and ctrl-c as a shutdown token.
 //! - [`process`]: finding local processes by their command line.
 //! - [`dir_lock`]: the exclusive lock a process holds on its data directory.
+//! - [`runtime`]: the server binaries' async runtime and its worker count.
 
 pub mod client;
 pub mod codec;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod process;
 pub mod protocol;
 pub mod ring;
+pub mod runtime;
 pub mod server;
 pub mod signals;
 pub mod types;

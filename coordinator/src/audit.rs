@@ -51,6 +51,15 @@ impl Coordinator {
         }
     }
 
+    /// [`Coordinator::status`] on a blocking thread: it walks every key, and the async workers
+    /// (one on a small machine) keep serving requests meanwhile.
+    pub async fn status_off_workers(self: &Arc<Self>) -> Result<ClusterStatus, WireError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.status())
+            .await
+            .map_err(|e| WireError::Internal(format!("status failed: {e}")))
+    }
+
     /// Verify every live key against what the up nodes actually hold.
     pub async fn check(self: &Arc<Self>) -> Result<CheckReport, WireError> {
         let mut held: HashMap<NodeId, HashMap<Bytes, Version>> = HashMap::new();

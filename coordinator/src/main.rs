@@ -75,10 +75,13 @@ struct Args {
     /// The `ringkv-node` executable (default: next to this one, else on PATH).
     #[arg(long)]
     node_binary: Option<PathBuf>,
+    /// Async worker threads (default: half the cores, at least 1, leaving the rest to the
+    /// spawned nodes and the clients on the same machine).
+    #[arg(long)]
+    worker_threads: Option<std::num::NonZeroUsize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -113,11 +116,17 @@ async fn main() -> anyhow::Result<()> {
             args.node_fsync,
         ],
     };
-    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));
-    ringkv_coordinator::run(config, listener, shutdown, |addr| {
-        println!("listening on {addr}");
+    let workers = args
+        .worker_threads
+        .map_or_else(ringkv_common::runtime::default_worker_threads, |n| n.get());
+    let runtime = ringkv_common::runtime::server_runtime(workers, "coordinator")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));
+        ringkv_coordinator::run(config, listener, shutdown, |addr| {
+            println!("listening on {addr}");
+        })
+        .await
     })
-    .await
 }

@@ -78,7 +78,7 @@ impl Coordinator {
         let this = self.clone();
         self.background(async move {
             this.reconcile_node(id).await;
-            this.sweep(JobKind::Migrate);
+            this.sweep_off_workers(JobKind::Migrate).await;
         });
         Ok(Response::Registered { node: id })
     }
@@ -109,7 +109,7 @@ impl Coordinator {
             (NodeState::Down, NodeState::Up) => {
                 self.background(async move {
                     this.reconcile_node(t.node).await;
-                    this.sweep(JobKind::Migrate);
+                    this.sweep_off_workers(JobKind::Migrate).await;
                 });
             }
             _ => {}

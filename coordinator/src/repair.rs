@@ -212,6 +212,18 @@ impl Coordinator {
         n
     }
 
+    /// [`Coordinator::sweep`] on a blocking thread: it walks every key, and the async workers
+    /// (one on a small machine) keep serving requests meanwhile.
+    pub async fn sweep_off_workers(self: &Arc<Self>, kind: JobKind) -> usize {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.sweep(kind))
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "sweep failed");
+                0
+            })
+    }
+
     /// Queue every key `node` held, most endangered first (after it went down).
     pub async fn queue_node_keys(self: &Arc<Self>, node: NodeId, kind: JobKind) {
         let this = self.clone();
@@ -528,7 +540,7 @@ pub async fn run_sweeper(coord: Arc<Coordinator>) {
             _ = ticker.tick() => {}
         }
         if coord.repairs.is_empty() {
-            let n = coord.sweep(JobKind::Repair);
+            let n = coord.sweep_off_workers(JobKind::Repair).await;
             if n > 0 {
                 debug!(keys = n, "sweep queued misplaced keys");
             }

@@ -50,14 +50,17 @@ struct Args {
     /// Largest frame accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN)]
     max_frame_len: usize,
+    /// Async worker threads (default: half the cores, at least 1, leaving the rest to the
+    /// other nodes and the coordinator on the same machine).
+    #[arg(long)]
+    worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     ringkv_common::parse_duration(s)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -68,6 +71,14 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // No second process may write this directory's log.
     let lock = ringkv_common::dir_lock::lock_dir(&args.data_dir)?;
+    let workers = args
+        .worker_threads
+        .map_or_else(ringkv_common::runtime::default_worker_threads, |n| n.get());
+    let runtime = ringkv_common::runtime::server_runtime(workers, "node")?;
+    runtime.block_on(serve(args, lock))
+}
+
+async fn serve(args: Args, lock: ringkv_common::dir_lock::DirLock) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
     let config = NodeConfig {

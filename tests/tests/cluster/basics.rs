@@ -143,3 +143,21 @@ async fn pipelined_client_writes_land_on_three_nodes() {
         }
     }
 }
+
+/// `--worker-threads` sizes the coordinator's runtime; a zero is refused at parse time.
+#[test]
+fn coordinator_runs_with_an_explicit_worker_count() {
+    let c = ringkv_tests::Cluster::start_with(ringkv_tests::Options {
+        nodes: 3,
+        extra_args: vec!["--worker-threads".into(), "3".into()],
+        ..ringkv_tests::Options::default()
+    });
+    c.json(&["put", "k", "v"]);
+    assert_eq!(c.json(&["get", "k"])["value"], "v");
+    let out = std::process::Command::new(ringkv_tests::bin_dir().join("ringkv-coordinator"))
+        .args(["--worker-threads", "0", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--worker-threads"));
+}

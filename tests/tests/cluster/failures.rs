@@ -310,3 +310,61 @@ fn node_started_by_hand_joins_and_receives_its_share() {
         "status shows the hand-started process"
     );
 }
+
+/// Pause two of `key`'s three replicas, put a new value, resume them, and return the put's
+/// `--json` answer. Only one replica can store the value while the put is in flight.
+fn put_with_two_replicas_paused(c: &Cluster, key: &str) -> Value {
+    c.json(&["put", key, "before"]);
+    c.wait_healthy(Duration::from_secs(30));
+    let status = c.status();
+    let paused: Vec<u32> = replicas(c, key)
+        .iter()
+        .skip(1)
+        .map(|&id| node_pid(&status, id).expect("replica pid"))
+        .collect();
+    assert_eq!(paused.len(), 2);
+    for &pid in &paused {
+        signal(pid, Signal::SIGSTOP);
+    }
+    let out = c.ringkv(&["--json", "put", key, "after"]);
+    for &pid in &paused {
+        signal(pid, Signal::SIGCONT);
+    }
+    serde_json::from_slice(&out.stdout).expect("put prints JSON")
+}
+
+/// A write is acknowledged only once a quorum of two replicas stored it: with two of three
+/// paused it is not, and it reports that it may have been applied.
+#[test]
+fn write_is_not_acknowledged_by_one_replica() {
+    let c = Cluster::start(3);
+    let answer = put_with_two_replicas_paused(&c, "quorum");
+    assert!(
+        answer.get("version").is_none(),
+        "acknowledged with one replica: {answer}"
+    );
+    assert_eq!(answer["error"]["class"], "indeterminate", "{answer}");
+    // Either outcome is allowed for an indeterminate write, and the replicas agree again.
+    c.wait_healthy(Duration::from_secs(60));
+    let value = c.json(&["get", "quorum"])["value"].clone();
+    assert!(value == "before" || value == "after", "{value}");
+}
+
+/// The check above has teeth: a coordinator armed to acknowledge after one replica (the
+/// `bug-ack-after-one-replica` failpoint) fails it.
+#[test]
+fn acknowledging_after_one_replica_is_caught() {
+    let c = Cluster::start_with(ringkv_tests::Options {
+        nodes: 3,
+        env: vec![(
+            "FAILPOINTS".into(),
+            "bug-ack-after-one-replica=return".into(),
+        )],
+        ..ringkv_tests::Options::default()
+    });
+    let answer = put_with_two_replicas_paused(&c, "quorum");
+    assert!(
+        answer.get("version").is_some(),
+        "the broken build should acknowledge: {answer}"
+    );
+}

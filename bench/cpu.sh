@@ -37,6 +37,10 @@ ROWS="$WORK/rows.tsv"
 cpu_secs() {
     local ticks=0 t
     for pid in "$@"; do
+        if [ ! -r "/proc/$pid/stat" ]; then
+            echo "process $pid is gone: a server died during the run" >&2
+            exit 1
+        fi
         # Fields after "PID (COMM) ": utime and stime are the 12th and 13th.
         t=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{ print $12 + $13 }')
         ticks=$((ticks + t))
@@ -77,7 +81,11 @@ measure() {
 # runs WORKLOADS SUFFIX: every workload against the running RingKV cluster and Redis server.
 runs() {
     local w workload depth label nodes
-    nodes=$(pgrep -P "$RINGKV_PID" | tr '\n' ' ')
+    nodes=$(pgrep -P "$RINGKV_PID" | tr '\n' ' ' || true)
+    if [ -z "$nodes" ]; then
+        echo "the coordinator has no node processes" >&2
+        exit 1
+    fi
     for w in $1; do
         workload=${w%%:*}
         depth=${w##*:}

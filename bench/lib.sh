@@ -28,9 +28,16 @@ need_redis() {
 WORK=$(mktemp -d -t ringkv-bench.XXXXXX)
 PIDS=()
 
+# stop_pid PID: stop a process started here, wait for it, and forget it (so the exit handler
+# never signals a pid the system may have reused).
 stop_pid() {
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
+    local kept=() pid
+    for pid in "${PIDS[@]}"; do
+        [ "$pid" = "$1" ] || kept+=("$pid")
+    done
+    PIDS=("${kept[@]}")
 }
 
 # Runs on exit: stop what was started, kill anything left that mentions $WORK (nodes stop with
@@ -111,6 +118,7 @@ start_ringkv() {
             up=$("$BIN/ringkv" --coordinator "$RINGKV_ADDR" --json nodes 2>/dev/null \
                 | jq '[.nodes[] | select(.state == "up")] | length' 2>/dev/null || echo 0)
             if [ "${up:-0}" -ge "$NODES" ]; then return; fi
+            kill -0 "$RINGKV_PID" 2>/dev/null || break
             sleep 0.1
         done
     fi

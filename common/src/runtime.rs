@@ -30,12 +30,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_is_half_the_cores_and_never_zero() {
+    fn default_leaves_cores_to_the_other_processes_but_never_zero() {
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         let workers = default_worker_threads();
         assert!(workers >= 1);
-        assert!(workers <= cores);
-        assert_eq!(workers, (cores / 2).max(1));
+        assert!(workers == 1 || workers < cores, "{workers} of {cores} cores");
     }
 
     #[test]

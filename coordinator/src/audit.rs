@@ -53,7 +53,13 @@ impl Coordinator {
 
     /// [`Coordinator::status`] on a blocking thread: it walks every key, and the async workers
     /// (one on a small machine) keep serving requests meanwhile.
+    /// At most one walk runs at a time, however many clients poll.
     pub async fn status_off_workers(self: &Arc<Self>) -> Result<ClusterStatus, WireError> {
+        static WALKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+        let _walk = WALKS
+            .acquire()
+            .await
+            .map_err(|e| WireError::Internal(format!("status failed: {e}")))?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.status())
             .await
@@ -66,32 +72,38 @@ impl Coordinator {
         for node in self.members.in_state(NodeState::Up) {
             held.insert(node, self.scan_all(node).await?);
         }
-        // First pass against the scans. The scans and the metadata are not one snapshot (writes
-        // go on meanwhile), so every key that does not look healthy is looked at again, alone,
-        // under its lock.
-        let mut report = CheckReport::default();
-        let mut suspects: Vec<Bytes> = Vec::new();
-        self.meta.for_each(|key, meta| {
-            if meta.tombstone {
-                return;
-            }
-            report.keys += 1;
-            let mut good = 0usize;
-            let mut stale = false;
-            for node in &meta.replicas {
-                let Some(copies) = held.get(node) else {
-                    continue; // not up
-                };
-                match copies.get(key) {
-                    Some(v) if *v == meta.version => good += 1,
-                    _ => stale = true,
+        // First pass against the scans, on a blocking thread (it walks every key). The scans
+        // and the metadata are not one snapshot (writes go on meanwhile), so every key that
+        // does not look healthy is looked at again, alone, under its lock.
+        let this = self.clone();
+        let (mut report, suspects) = tokio::task::spawn_blocking(move || {
+            let mut report = CheckReport::default();
+            let mut suspects: Vec<Bytes> = Vec::new();
+            this.meta.for_each(|key, meta| {
+                if meta.tombstone {
+                    return;
                 }
-            }
-            match classify(good, stale, self.config.rf) {
-                Health::Healthy => report.healthy += 1,
-                _ => suspects.push(key.clone()),
-            }
-        });
+                report.keys += 1;
+                let mut good = 0usize;
+                let mut stale = false;
+                for node in &meta.replicas {
+                    let Some(copies) = held.get(node) else {
+                        continue; // not up
+                    };
+                    match copies.get(key) {
+                        Some(v) if *v == meta.version => good += 1,
+                        _ => stale = true,
+                    }
+                }
+                match classify(good, stale, this.config.rf) {
+                    Health::Healthy => report.healthy += 1,
+                    _ => suspects.push(key.clone()),
+                }
+            });
+            (report, suspects)
+        })
+        .await
+        .map_err(|e| WireError::Internal(format!("check failed: {e}")))?;
         let mut examples: Vec<String> = Vec::new();
         for key in suspects {
             let health = self.check_key(&key).await;

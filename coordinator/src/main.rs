@@ -79,6 +79,9 @@ struct Args {
     /// spawned nodes and the clients on the same machine).
     #[arg(long)]
     worker_threads: Option<std::num::NonZeroUsize>,
+    /// Async worker threads of each spawned node (default: the node's own, half the cores).
+    #[arg(long)]
+    node_worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,14 +110,18 @@ fn main() -> anyhow::Result<()> {
     config.transfer_concurrency = args.transfer_concurrency;
     config.meta_fsync = args.meta_fsync;
     config.transfer_bytes_per_sec = args.transfer_bytes_per_sec;
+    let mut node_args = vec![
+        "--heartbeat-interval".into(),
+        format!("{}ms", args.heartbeat_interval.as_millis()),
+        "--fsync".into(),
+        args.node_fsync,
+    ];
+    if let Some(n) = args.node_worker_threads {
+        node_args.extend(["--worker-threads".into(), n.to_string()]);
+    }
     config.launch = NodeLaunch {
         binary: args.node_binary.unwrap_or_else(NodeLaunch::default_binary),
-        args: vec![
-            "--heartbeat-interval".into(),
-            format!("{}ms", args.heartbeat_interval.as_millis()),
-            "--fsync".into(),
-            args.node_fsync,
-        ],
+        args: node_args,
     };
     let workers = args
         .worker_threads

@@ -196,13 +196,13 @@ impl Coordinator {
         self.queue_node_keys(id, JobKind::Migrate).await;
         loop {
             let this = self.clone();
-            let remaining = tokio::task::spawn_blocking(move || this.meta.keys_on_node(id))
-                .await
-                .map_err(|e| WireError::Internal(e.to_string()))?;
-            let live: Vec<_> = remaining
-                .into_iter()
-                .filter(|k| self.meta.get(k).is_some_and(|m| !m.tombstone))
-                .collect();
+            let live: Vec<bytes::Bytes> = tokio::task::spawn_blocking(move || {
+                let mut remaining = this.meta.keys_on_node(id);
+                remaining.retain(|k| this.meta.get(k).is_some_and(|m| !m.tombstone));
+                remaining
+            })
+            .await
+            .map_err(|e| WireError::Internal(e.to_string()))?;
             if live.is_empty() {
                 break;
             }

@@ -226,25 +226,29 @@ impl Coordinator {
 
     /// Queue every key `node` held, most endangered first (after it went down).
     pub async fn queue_node_keys(self: &Arc<Self>, node: NodeId, kind: JobKind) {
+        // Listing, scoring and sorting touch every key the node held: off the async workers.
         let this = self.clone();
-        let keys = match tokio::task::spawn_blocking(move || this.meta.keys_on_node(node)).await {
-            Ok(keys) => keys,
-            Err(e) => {
-                warn!(%node, error = %e, "listing the node's keys failed");
-                return;
+        let queued = tokio::task::spawn_blocking(move || {
+            let mut scored: Vec<(usize, Bytes)> = this
+                .meta
+                .keys_on_node(node)
+                .into_iter()
+                .filter_map(|k| {
+                    let meta = this.meta.get(&k)?;
+                    (!meta.tombstone).then(|| (this.live_replicas(&meta), k))
+                })
+                .collect();
+            scored.sort_by_key(|(live, _)| *live);
+            let n = scored.len();
+            for (live, key) in scored {
+                this.repairs.push_kind(key, kind, live <= 1);
             }
-        };
-        let mut scored: Vec<(usize, Bytes)> = keys
-            .into_iter()
-            .filter_map(|k| {
-                let meta = self.meta.get(&k)?;
-                (!meta.tombstone).then(|| (self.live_replicas(&meta), k))
-            })
-            .collect();
-        scored.sort_by_key(|(live, _)| *live);
-        info!(%node, keys = scored.len(), "queued the keys of a node");
-        for (live, key) in scored {
-            self.repairs.push_kind(key, kind, live <= 1);
+            n
+        })
+        .await;
+        match queued {
+            Ok(n) => info!(%node, keys = n, "queued the keys of a node"),
+            Err(e) => warn!(%node, error = %e, "listing the node's keys failed"),
         }
     }
 
@@ -383,11 +387,15 @@ impl Coordinator {
         // Keys the metadata says the node holds but it did not report (its log lost them,
         // or a crash came between a forget and its metadata update): unlist them.
         let this = self.clone();
-        let listed: Vec<Bytes> = tokio::task::spawn_blocking(move || this.meta.keys_on_node(node))
-            .await
-            .unwrap_or_default();
+        let missing: Vec<Bytes> = tokio::task::spawn_blocking(move || {
+            let mut listed = this.meta.keys_on_node(node);
+            listed.retain(|k| !seen.contains(k));
+            listed
+        })
+        .await
+        .unwrap_or_default();
         let mut unlisted = 0u64;
-        for key in listed.into_iter().filter(|k| !seen.contains(k)) {
+        for key in missing {
             if self.unlist_if_missing(node, key).await {
                 unlisted += 1;
             }

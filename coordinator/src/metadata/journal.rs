@@ -220,10 +220,14 @@ impl Journal {
             path: self.dir.join(JOURNAL_FILE),
             source,
         };
-        // A write that fails part-way through the group, as on a full disk (tests inject it).
+        // A write that fails part-way through the group's last frame, as on a full disk
+        // (tests inject it): the file then ends in a torn frame.
         fail::fail_point!("meta-journal-write", |_| {
-            let half = self.buf.get(..self.buf.len() / 2).unwrap_or_default();
-            let _ = self.file.write_all(half);
+            let torn = self
+                .buf
+                .get(..self.buf.len().saturating_sub(1))
+                .unwrap_or_default();
+            let _ = self.file.write_all(torn);
             self.broken = true;
             Err(io(io::Error::other(
                 "failpoint meta-journal-write injected an error",

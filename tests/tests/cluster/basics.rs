@@ -144,20 +144,54 @@ async fn pipelined_client_writes_land_on_three_nodes() {
     }
 }
 
-/// `--worker-threads` sizes the coordinator's runtime; a zero is refused at parse time.
+/// `--worker-threads` sizes the coordinator's runtime and `--node-worker-threads` is handed
+/// to every spawned node; a zero is refused before anything starts.
 #[test]
-fn coordinator_runs_with_an_explicit_worker_count() {
+fn explicit_worker_counts_are_passed_on() {
     let c = ringkv_tests::Cluster::start_with(ringkv_tests::Options {
         nodes: 3,
-        extra_args: vec!["--worker-threads".into(), "3".into()],
+        extra_args: vec![
+            "--worker-threads".into(),
+            "3".into(),
+            "--node-worker-threads".into(),
+            "2".into(),
+        ],
         ..ringkv_tests::Options::default()
     });
     c.json(&["put", "k", "v"]);
     assert_eq!(c.json(&["get", "k"])["value"], "v");
-    let out = std::process::Command::new(ringkv_tests::bin_dir().join("ringkv-coordinator"))
-        .args(["--worker-threads", "0", "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--worker-threads"));
+    let status = c.status();
+    for id in 1..=3 {
+        let pid = ringkv_tests::node_pid(&status, id).expect("node pid");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("node cmdline");
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == b"--worker-threads" && w[1] == b"2"),
+            "node {id}: {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut refused =
+        std::process::Command::new(ringkv_tests::bin_dir().join("ringkv-coordinator"))
+            .args([
+                "--worker-threads",
+                "0",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let status = ringkv_tests::wait_child(&mut refused, std::time::Duration::from_secs(30))
+        .expect("refused at once");
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("--worker-threads"), "{stderr}");
 }

@@ -34,7 +34,10 @@ mod tests {
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         let workers = default_worker_threads();
         assert!(workers >= 1);
-        assert!(workers == 1 || workers < cores, "{workers} of {cores} cores");
+        assert!(
+            workers == 1 || workers < cores,
+            "{workers} of {cores} cores"
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! Versions are unique per write cluster-wide (the coordinator assigns them), so two writes
 //! never share a version.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_common::protocol::ScanEntry;
@@ -27,6 +28,18 @@ pub struct Store {
     map: HashMap<Bytes, Entry>,
     live_keys: u64,
     live_bytes: u64,
+    /// The keys in order, sorted when a scan starts and used by its later pages.
+    scan_order: Option<ScanOrder>,
+}
+
+/// How long a scan's key order serves later pages before it is sorted again.
+const SCAN_ORDER_TTL: Duration = Duration::from_secs(30);
+
+/// Every key, sorted once per scan, so that each page is a binary search and a short walk
+/// instead of a pass over the whole table.
+struct ScanOrder {
+    keys: Vec<Bytes>,
+    sorted_at: Instant,
 }
 
 impl Store {
@@ -89,30 +102,36 @@ impl Store {
 
     /// Up to `limit` entries with keys strictly greater than `after`, in key order, and the
     /// key to continue after (`None` when this page reached the end).
-    pub fn scan(&self, after: Option<&[u8]>, limit: usize) -> (Vec<ScanEntry>, Option<Bytes>) {
+    ///
+    /// A scan from the start sorts the keys once; later pages reuse that order (for up to
+    /// [`SCAN_ORDER_TTL`]), so a whole scan costs one sort, not a pass over the table per
+    /// page. Entries are read from the table when their page is served, so values are
+    /// current; a key written after the scan started may be missed, and a key removed since
+    /// is skipped (a page may then hold fewer than `limit` entries).
+    pub fn scan(&mut self, after: Option<&[u8]>, limit: usize) -> (Vec<ScanEntry>, Option<Bytes>) {
         let limit = limit.max(1);
-        // Keep the `limit` smallest qualifying keys in a max-heap: O(n log limit) per page.
-        let mut heap: BinaryHeap<&Bytes> = BinaryHeap::with_capacity(limit + 1);
-        let mut qualifying = 0usize;
-        for key in self.map.keys() {
-            if after.is_some_and(|a| key.as_ref() <= a) {
-                continue;
-            }
-            qualifying += 1;
-            heap.push(key);
-            if heap.len() > limit {
-                heap.pop();
-            }
+        let reusable = after.is_some()
+            && self
+                .scan_order
+                .as_ref()
+                .is_some_and(|o| o.sorted_at.elapsed() < SCAN_ORDER_TTL);
+        if !reusable {
+            let mut keys: Vec<Bytes> = self.map.keys().cloned().collect();
+            keys.sort_unstable();
+            self.scan_order = Some(ScanOrder {
+                keys,
+                sorted_at: Instant::now(),
+            });
         }
-        let mut keys = heap.into_sorted_vec();
-        keys.truncate(limit);
-        let next = if qualifying > limit {
-            keys.last().map(|k| (*k).clone())
-        } else {
-            None
+        let Some(order) = self.scan_order.as_ref() else {
+            return (Vec::new(), None);
         };
-        let entries = keys
-            .into_iter()
+        let start = after.map_or(0, |a| order.keys.partition_point(|k| k.as_ref() <= a));
+        let page = order.keys.get(start..).unwrap_or_default();
+        let taken = page.len().min(limit);
+        let entries = page
+            .iter()
+            .take(taken)
             .filter_map(|k| {
                 self.map.get(k).map(|e| ScanEntry {
                     key: k.clone(),
@@ -122,6 +141,13 @@ impl Store {
                 })
             })
             .collect();
+        let next = if taken < page.len() {
+            page.get(taken.saturating_sub(1)).cloned()
+        } else {
+            // The scan is done: free the order.
+            self.scan_order = None;
+            None
+        };
         (entries, next)
     }
 
@@ -284,5 +310,61 @@ mod tests {
         }
         let expected: Vec<Bytes> = (0..25).map(|i| b(&format!("k{i:02}"))).collect();
         assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn scan_pages_see_current_versions_and_skip_removed_keys() {
+        let mut s = Store::default();
+        for i in 0..30 {
+            s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
+        }
+        let (first, next) = s.scan(None, 10);
+        assert_eq!(first.len(), 10);
+        // Between pages: one key changes, one is forgotten, one is added after the cursor.
+        s.apply(b("k15"), Version(100), Some(b("new")));
+        s.forget(b"k16", Version(17));
+        s.apply(b("k99"), Version(101), Some(b("late")));
+        let mut after = next;
+        let mut rest: Vec<ScanEntry> = Vec::new();
+        while let Some(cursor) = after {
+            let (page, next) = s.scan(Some(&cursor), 10);
+            assert!(page.len() <= 10);
+            rest.extend(page);
+            after = next;
+        }
+        let keys: Vec<Bytes> = rest.iter().map(|e| e.key.clone()).collect();
+        assert!(!keys.contains(&b("k16")), "a forgotten key is skipped");
+        assert_eq!(keys.len(), 19, "k10..k29 without k16: {keys:?}");
+        let k15 = rest.iter().find(|e| e.key == b("k15")).unwrap();
+        assert_eq!(
+            k15.version,
+            Version(100),
+            "the page reads the current version"
+        );
+        // A new scan starts from a fresh order and sees the late key.
+        let mut all = Vec::new();
+        let mut after: Option<Bytes> = None;
+        loop {
+            let (page, next) = s.scan(after.as_deref(), 7);
+            all.extend(page.into_iter().map(|e| e.key));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(all.len(), 30);
+        assert_eq!(all.last(), Some(&b("k99")));
+    }
+
+    #[test]
+    fn a_cursor_past_every_key_ends_the_scan() {
+        let mut s = Store::default();
+        s.apply(b("a"), Version(1), Some(b("v")));
+        let (page, next) = s.scan(Some(b"zzz"), 10);
+        assert!(page.is_empty());
+        assert!(next.is_none());
+        let (page, next) = s.scan(None, 10);
+        assert_eq!(page.len(), 1);
+        assert!(next.is_none());
     }
 }

@@ -85,6 +85,17 @@ mod tests {
             other => panic!("expected InUse, got {other:?}"),
         }
         drop(first);
-        lock_dir(dir.path()).expect("free again once dropped");
+        // A child that another test forks at this moment shares the lock file's open file
+        // description (and so the lock) until it execs, which closes it: wait that out.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match lock_dir(dir.path()) {
+                Ok(_) => break,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("still locked after the holder dropped it: {e}"),
+            }
+        }
     }
 }

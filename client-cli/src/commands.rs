@@ -290,6 +290,7 @@ fn response_kind(response: &Response) -> &'static str {
         Response::Stored { .. } => "Stored",
         Response::Fetched { .. } => "Fetched",
         Response::Scanned { .. } => "Scanned",
+        Response::Batch(_) => "Batch",
     }
 }
 

@@ -4,13 +4,17 @@
 //! slot in the in-flight map; a writer task coalesces queued requests into few socket writes
 //! (it yields once before each flush, so callers that are about to send join the batch) and a
 //! reader task routes each answer to its slot by id, in whatever order answers come.
+//! On a connection to a storage node ([`Batching::On`]), the writer also puts the node
+//! requests it drained together into [`Request::Batch`] frames, reads and writes apart, and
+//! the reader hands out each answer of a batch to its own call: callers still make one call
+//! per key, while the node handles one message per round.
 //! Timeouts are kept by a sweep over the in-flight map every [`TIMEOUT_TICK`], not by a timer
 //! per call: a call then costs no timer registration and no clock read.
 //! When the connection drops, every call still in flight fails with
 //! [`CallError::ConnectionLost`], and so does every later call: a `Client` never reconnects
 //! by itself, the owner makes a new one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +28,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::FrameCodec;
 use crate::error::WireError;
-use crate::protocol::{Envelope, Reply, Request, Response, Role, PROTOCOL_VERSION};
+use crate::protocol::{BatchKind, Envelope, Reply, Request, Response, Role, PROTOCOL_VERSION};
 
 /// Requests queued for the writer before callers wait.
 const SEND_QUEUE: usize = 4096;
@@ -154,6 +158,17 @@ impl Client {
         role: Role,
         max_frame_len: usize,
     ) -> Result<Client, CallError> {
+        Self::connect_with(addr, role, max_frame_len, Batching::Off).await
+    }
+
+    /// As [`connect`](Client::connect), with `batching` saying whether the writer may carry
+    /// queued node requests together in [`Request::Batch`] frames (the peer must be a node).
+    pub async fn connect_with(
+        addr: &str,
+        role: Role,
+        max_frame_len: usize,
+        batching: Batching,
+    ) -> Result<Client, CallError> {
         let connect_err = |reason: String| CallError::Connect {
             addr: addr.to_string(),
             reason,
@@ -201,7 +216,24 @@ impl Client {
         let reader_stops_sweeper = sweeper.clone();
         let reader = tokio::spawn(async move {
             // EOF, a broken stream or a frame we cannot read: the connection is done.
+            let mut answered: Vec<(Pending, Reply)> = Vec::new();
             while let Some(Ok(Ok(env))) = frames.next().await {
+                if let Ok(Response::Batch(answers)) = env.msg {
+                    // One lock for the whole batch; the waiters are woken outside it.
+                    if let Ok(mut guard) = reader_in_flight.calls.lock() {
+                        if let Some(map) = guard.as_mut() {
+                            answered.extend(
+                                answers
+                                    .into_iter()
+                                    .filter_map(|a| Some((map.remove(&a.id)?, a.msg))),
+                            );
+                        }
+                    }
+                    for (pending, reply) in answered.drain(..) {
+                        let _ = pending.slot.send(Ok(reply));
+                    }
+                    continue;
+                }
                 let pending = match reader_in_flight.calls.lock() {
                     Ok(mut guard) => guard.as_mut().and_then(|m| m.remove(&env.id)),
                     Err(_) => None,
@@ -232,9 +264,11 @@ impl Client {
         // dropped (the queue closes) or a write fails, which stops the other two as well.
         let writer_in_flight = in_flight.clone();
         let (writer_stops_reader, writer_stops_sweeper) = (reader.clone(), sweeper.clone());
+        let mut batcher = Batcher::new(batching, max_frame_len);
         let writer = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                let mut ok = sink.feed(first).await.is_ok();
+                let mut ok = true;
+                let mut next = Some(first);
                 // Drain what is queued, let the tasks that are ready to run queue theirs
                 // too, and drain again: one write then carries a whole round of callers'
                 // requests instead of one, at the cost of one pass of the scheduler.
@@ -243,11 +277,18 @@ impl Client {
                         tokio::task::yield_now().await;
                     }
                     while ok {
-                        match rx.try_recv() {
-                            Ok(more) => ok = sink.feed(more).await.is_ok(),
-                            Err(_) => break,
+                        let Some(env) = next.take().or_else(|| rx.try_recv().ok()) else {
+                            break;
+                        };
+                        batcher.add(env);
+                        while let Some(frame) = batcher.ready.pop_front() {
+                            ok = ok && sink.feed(frame).await.is_ok();
                         }
                     }
+                }
+                batcher.close_batches();
+                while let Some(frame) = batcher.ready.pop_front() {
+                    ok = ok && sink.feed(frame).await.is_ok();
                 }
                 if !ok || sink.flush().await.is_err() {
                     fail_all(&writer_in_flight);
@@ -406,6 +447,104 @@ impl Client {
     }
 }
 
+/// Whether a client's writer may put queued node requests together in [`Request::Batch`] frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// Every request is a frame of its own (any peer).
+    Off,
+    /// `Store`, `Forget` and `Fetch` requests queued together travel in batches (peers that
+    /// answer `Batch`: storage nodes).
+    On,
+}
+
+/// Most requests in one batch.
+const MAX_BATCH_REQUESTS: usize = 256;
+
+/// Most key and value bytes in one batch (less when the frame limit is small): a batch is
+/// closed before a request would take it over, so a batch frame is at most this plus one
+/// request that would have been a frame of its own.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// The writer's batches: requests of each [`BatchKind`] are held until the writer has
+/// drained its queue (or a batch is full), then sent as one frame. A batch of one is sent
+/// as its plain request.
+struct Batcher {
+    enabled: bool,
+    max_bytes: usize,
+    /// Open batches, by kind: reads, writes.
+    open: [(Vec<Envelope<Request>>, usize); 2],
+    /// Frames to send, in order.
+    ready: VecDeque<Envelope<Request>>,
+}
+
+impl Batcher {
+    fn new(batching: Batching, max_frame_len: usize) -> Batcher {
+        Batcher {
+            enabled: batching == Batching::On,
+            max_bytes: MAX_BATCH_BYTES.min(max_frame_len / 4),
+            open: [(Vec::new(), 0), (Vec::new(), 0)],
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Take one queued request: into its open batch, or straight to `ready`.
+    fn add(&mut self, env: Envelope<Request>) {
+        let kind = match env.msg.batch_kind() {
+            Some(kind) if self.enabled => kind,
+            _ => {
+                self.ready.push_back(env);
+                return;
+            }
+        };
+        let len = env.msg.payload_len();
+        let slot = match kind {
+            BatchKind::Read => 0,
+            BatchKind::Write => 1,
+        };
+        let full = self
+            .open
+            .get(slot)
+            .is_some_and(|(items, bytes)| !items.is_empty() && bytes + len > self.max_bytes);
+        if full {
+            self.close(slot);
+        }
+        if let Some((items, bytes)) = self.open.get_mut(slot) {
+            items.push(env);
+            *bytes += len;
+            if items.len() >= MAX_BATCH_REQUESTS {
+                self.close(slot);
+            }
+        }
+    }
+
+    /// Close every open batch: the queue is drained for now.
+    fn close_batches(&mut self) {
+        self.close(0);
+        self.close(1);
+    }
+
+    fn close(&mut self, slot: usize) {
+        let Some((items, bytes)) = self.open.get_mut(slot) else {
+            return;
+        };
+        *bytes = 0;
+        match items.len() {
+            0 => {}
+            1 => self.ready.extend(items.pop()),
+            _ => {
+                let items = std::mem::take(items);
+                // The batch travels under its first request's id: a refusal of the whole
+                // batch (which a node only sends for a frame it cannot read) reaches that call.
+                let id = items.first().map_or(0, |e| e.id);
+                self.ready.push_back(Envelope {
+                    id,
+                    msg: Request::Batch(items),
+                });
+            }
+        }
+    }
+}
+
 /// Fail every call in flight and refuse new ones.
 fn fail_all(in_flight: &InFlight) {
     in_flight.closed.store(true, Ordering::Release);
@@ -460,6 +599,10 @@ mod tests {
 
     /// A peer that answers the handshake and then does only what the test tells it.
     async fn connected(max_frame_len: usize) -> (Client, Peer) {
+        connected_with(max_frame_len, Batching::Off).await
+    }
+
+    async fn connected_with(max_frame_len: usize, batching: Batching) -> (Client, Peer) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let peer = tokio::spawn(async move {
@@ -478,7 +621,7 @@ mod tests {
             .unwrap();
             peer
         });
-        let client = Client::connect(&addr, Role::Client, max_frame_len)
+        let client = Client::connect_with(&addr, Role::Client, max_frame_len, batching)
             .await
             .unwrap();
         (client, peer.await.unwrap())
@@ -549,5 +692,173 @@ mod tests {
         let next = tokio::time::timeout(Duration::from_secs(5), peer.next()).await;
         assert!(matches!(next, Ok(None)), "the peer sees EOF");
         tasks_end(base).await;
+    }
+
+    fn store(key: &str, value_len: usize) -> Request {
+        Request::Store {
+            key: Bytes::from(key.to_string()),
+            version: crate::Version(1),
+            value: Some(Bytes::from(vec![b'v'; value_len])),
+        }
+    }
+
+    fn fetch(key: &str) -> Request {
+        Request::Fetch {
+            key: Bytes::from(key.to_string()),
+        }
+    }
+
+    /// The frames a batcher sends for `requests` (ids 1, 2, ...), as (id, request ids inside).
+    fn frames(
+        batching: Batching,
+        max_frame_len: usize,
+        requests: Vec<Request>,
+    ) -> Vec<(u64, Vec<u64>)> {
+        let mut batcher = Batcher::new(batching, max_frame_len);
+        for (i, msg) in requests.into_iter().enumerate() {
+            batcher.add(Envelope {
+                id: i as u64 + 1,
+                msg,
+            });
+        }
+        batcher.close_batches();
+        batcher
+            .ready
+            .into_iter()
+            .map(|env| match env.msg {
+                Request::Batch(items) => (env.id, items.iter().map(|e| e.id).collect()),
+                _ => (env.id, vec![env.id]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_batcher_keeps_reads_and_writes_apart_and_passes_other_requests_through() {
+        let requests = vec![
+            store("a", 10),
+            fetch("b"),
+            Request::Status,
+            store("c", 10),
+            fetch("d"),
+            Request::Forget {
+                key: Bytes::from_static(b"e"),
+                version: crate::Version(3),
+            },
+        ];
+        let sent = frames(Batching::On, 1 << 20, requests.clone());
+        assert_eq!(
+            sent,
+            vec![(3, vec![3]), (2, vec![2, 5]), (1, vec![1, 4, 6])]
+        );
+        // Off: every request is its own frame, in order.
+        let plain = frames(Batching::Off, 1 << 20, requests);
+        let ids: Vec<u64> = plain.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5, 6]);
+        assert!(plain.iter().all(|(id, inside)| inside == &vec![*id]));
+    }
+
+    #[test]
+    fn a_batch_of_one_is_sent_as_its_plain_request() {
+        let mut batcher = Batcher::new(Batching::On, 1 << 20);
+        batcher.add(Envelope {
+            id: 9,
+            msg: fetch("k"),
+        });
+        batcher.close_batches();
+        let sent: Vec<_> = batcher.ready.into_iter().collect();
+        assert_eq!(
+            sent,
+            vec![Envelope {
+                id: 9,
+                msg: fetch("k")
+            }]
+        );
+    }
+
+    #[test]
+    fn batches_are_closed_at_the_request_and_byte_limits() {
+        // By count.
+        let many = (0..MAX_BATCH_REQUESTS + 3)
+            .map(|i| fetch(&format!("k{i}")))
+            .collect();
+        let sent = frames(Batching::On, 1 << 30, many);
+        let sizes: Vec<usize> = sent.iter().map(|(_, inside)| inside.len()).collect();
+        assert_eq!(sizes, vec![MAX_BATCH_REQUESTS, 3]);
+        // By bytes: with a 4 KiB frame limit a batch holds at most 1 KiB of keys and values,
+        // and a request over that travels alone.
+        let sent = frames(
+            Batching::On,
+            4096,
+            vec![
+                store("a", 400),
+                store("b", 400),
+                store("c", 400),
+                store("d", 5000),
+                store("e", 10),
+            ],
+        );
+        assert_eq!(
+            sent,
+            vec![(1, vec![1, 2]), (3, vec![3]), (4, vec![4]), (5, vec![5])]
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn answers_of_a_batch_reach_their_own_calls() {
+        let (client, mut peer) = connected_with(1 << 20, Batching::On).await;
+        let keys: Vec<String> = (0..10).map(|i| format!("key-{i}")).collect();
+        // On one thread, every call queues its request before the writer runs: one batch.
+        let calls = futures::future::join_all(keys.iter().map(|k| {
+            let client = client.clone();
+            let req = fetch(k);
+            async move { client.call_timeout(req, Duration::from_millis(300)).await }
+        }));
+        let answer = async {
+            let env = peer.next().await.unwrap().unwrap().unwrap();
+            let Request::Batch(items) = env.msg else {
+                panic!("expected one batch, got {:?}", env.msg);
+            };
+            assert_eq!(items.len(), 10);
+            // Answer in reverse order, each with its own key as the value, and leave out
+            // the first request: its call must time out, the others must not wait for it.
+            let answers = items
+                .into_iter()
+                .rev()
+                .filter(|e| e.id != env.id)
+                .map(|e| {
+                    let Request::Fetch { key } = e.msg else {
+                        panic!("{:?}", e.msg)
+                    };
+                    Envelope {
+                        id: e.id,
+                        msg: Ok(Response::Fetched {
+                            version: crate::Version(e.id),
+                            value: Some(key),
+                        }),
+                    }
+                })
+                .collect();
+            peer.send(Envelope {
+                id: env.id,
+                msg: Ok(Response::Batch(answers)),
+            })
+            .await
+            .unwrap();
+            peer
+        };
+        let (results, _peer) = tokio::join!(calls, answer);
+        assert!(
+            matches!(results[0], Err(CallError::Timeout { .. })),
+            "{:?}",
+            results[0]
+        );
+        for (key, result) in keys.iter().zip(&results).skip(1) {
+            match result {
+                Ok(Response::Fetched { value: Some(v), .. }) => {
+                    assert_eq!(v.as_ref(), key.as_bytes())
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
     }
 }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::WireError;
 use crate::types::{NodeId, NodeState, NodeStats, Version};
 
-/// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped on any incompatible change to the messages below (2: [`Request::Batch`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest key accepted. Keys are held in memory by the coordinator and every replica,
 /// so they are kept small enough to make per-key overhead predictable.
@@ -132,6 +132,12 @@ pub enum Request {
     Forget { key: Bytes, version: Version },
     /// List up to `limit` entries with keys strictly after `after`, in key order.
     Scan { after: Option<Bytes>, limit: u32 },
+    /// Several `Store`, `Forget` or `Fetch` requests in one frame, each with its own id,
+    /// answered with one [`Response::Batch`] holding an answer per id. A node applies a
+    /// batch's writes under one lock and appends them to its log with one write (and one
+    /// fsync wait), so a burst of requests costs about what one does. The pipelining client
+    /// forms batches by itself on connections that ask for it ([`crate::client::Client`]).
+    Batch(Vec<Envelope<Request>>),
 }
 
 impl Request {
@@ -154,8 +160,38 @@ impl Request {
             Request::Fetch { .. } => "fetch",
             Request::Forget { .. } => "forget",
             Request::Scan { .. } => "scan",
+            Request::Batch(_) => "batch",
         }
     }
+
+    /// Which batch this request may travel in, if any: reads and writes go in separate
+    /// batches, so a read never waits for a write's fsync.
+    pub fn batch_kind(&self) -> Option<BatchKind> {
+        match self {
+            Request::Fetch { .. } => Some(BatchKind::Read),
+            Request::Store { .. } | Request::Forget { .. } => Some(BatchKind::Write),
+            _ => None,
+        }
+    }
+
+    /// Bytes of key and value a batchable request carries, to keep batches well under the frame
+    /// limit (0 for the others).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Request::Store { key, value, .. } => key.len() + value.as_ref().map_or(0, Bytes::len),
+            Request::Fetch { key } | Request::Forget { key, .. } => key.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// The two kinds of [`Request::Batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchKind {
+    /// `Fetch` only: answered from memory.
+    Read,
+    /// `Store` and `Forget`: answered once their log append is done (and synced, under `always`).
+    Write,
 }
 
 /// Every successful answer.
@@ -194,6 +230,8 @@ pub enum Response {
         entries: Vec<ScanEntry>,
         next: Option<Bytes>,
     },
+    /// Answer to [`Request::Batch`]: one answer per request of the batch, under its id.
+    Batch(Vec<Envelope<Reply>>),
 }
 
 /// One key of a node's [`Response::Scanned`] page.

@@ -32,6 +32,8 @@ pub struct CoordinatorConfig {
     pub max_frame_len: usize,
     /// When metadata changes are synced to disk before a write is acknowledged.
     pub meta_fsync: crate::metadata::MetaFsync,
+    /// Whether node requests queued together travel in one `Batch` frame.
+    pub node_batching: ringkv_common::client::Batching,
 }
 
 impl CoordinatorConfig {
@@ -54,6 +56,7 @@ impl CoordinatorConfig {
             startup_timeout: Duration::from_secs(30),
             max_frame_len: ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN,
             meta_fsync: crate::metadata::MetaFsync::Always,
+            node_batching: ringkv_common::client::Batching::On,
         }
     }
 

@@ -72,6 +72,10 @@ struct Args {
     /// crash once all nodes are back.
     #[arg(long, value_enum, default_value = "always")]
     meta_fsync: MetaFsync,
+    /// Send every request to a node as a frame of its own, instead of carrying the requests
+    /// queued together to a node in one batch (for measuring what batching gains).
+    #[arg(long)]
+    no_node_batching: bool,
     /// The `ringkv-node` executable (default: next to this one, else on PATH).
     #[arg(long)]
     node_binary: Option<PathBuf>,
@@ -109,6 +113,9 @@ fn main() -> anyhow::Result<()> {
     };
     config.transfer_concurrency = args.transfer_concurrency;
     config.meta_fsync = args.meta_fsync;
+    if args.no_node_batching {
+        config.node_batching = ringkv_common::client::Batching::Off;
+    }
     config.transfer_bytes_per_sec = args.transfer_bytes_per_sec;
     let mut node_args = vec![
         "--heartbeat-interval".into(),

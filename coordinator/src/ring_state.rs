@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use ringkv_common::client::{CallError, Client};
+use ringkv_common::client::{Batching, CallError, Client};
 use ringkv_common::protocol::{NodeInfo, Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
 use ringkv_common::ring::Ring;
 use ringkv_common::{NodeId, NodeState, NodeStats};
@@ -47,13 +47,15 @@ struct Inner {
 /// The membership table.
 pub struct Membership {
     inner: RwLock<Inner>,
+    /// How the connections to nodes carry requests.
+    batching: Batching,
 }
 
 impl Membership {
     /// Membership from the persisted registry. Nodes start `suspect` until they register,
     /// with the start-up time as their last sighting, so a coordinator restart does not
     /// declare running nodes down before they had a chance to re-register.
-    pub fn new(records: Vec<NodeRecord>, vnodes: u32) -> Membership {
+    pub fn new(records: Vec<NodeRecord>, vnodes: u32, batching: Batching) -> Membership {
         // Nodes retry every half second at most; give them a few tries before the failure
         // detector starts counting.
         let now = Instant::now() + STARTUP_GRACE;
@@ -83,6 +85,7 @@ impl Membership {
         }
         Membership {
             inner: RwLock::new(Inner { nodes, ring }),
+            batching,
         }
     }
 
@@ -325,7 +328,13 @@ impl Membership {
             }
             entry.record.addr.clone()
         };
-        let client = Client::connect(&addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN).await?;
+        let client = Client::connect_with(
+            &addr,
+            Role::Coordinator,
+            DEFAULT_MAX_FRAME_LEN,
+            self.batching,
+        )
+        .await?;
         let mut inner = self.write();
         if let Some(entry) = inner.nodes.get_mut(&id) {
             if entry.record.addr == addr {

@@ -1,4 +1,5 @@
-//! The storage node's request handler: the coordinator's `Store`, `Fetch`, `Forget` and `Scan`.
+//! The storage node's request handler: the coordinator's `Store`, `Fetch`, `Forget` and `Scan`,
+//! one at a time or several in a `Batch`.
 //!
 //! A write is applied to the table under a short lock, then appended to the log; the answer
 //! waits for the log's acknowledgement, so under `--fsync always` an acknowledged write is on disk.
@@ -7,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use ringkv_common::protocol::{Reply, Request, Response, Role};
+use ringkv_common::protocol::{Envelope, Reply, Request, Response, Role};
 use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
 use tracing::{error, info};
@@ -78,10 +79,7 @@ impl Node {
     }
 
     async fn store(&self, key: Bytes, version: Version, value: Option<Bytes>) -> Reply {
-        ringkv_common::protocol::check_sizes(&key, value.as_ref())?;
-        if version == Version::ZERO {
-            return Err(WireError::BadRequest("version 0 is reserved".into()));
-        }
+        check_store(&key, version, value.as_ref())?;
         // Encoded before the key and value move into the table, so neither is cloned.
         let record = EncodedRecord::new(&key, version, value.as_deref())
             .map_err(|e| WireError::BadRequest(e.to_string()))?;
@@ -114,6 +112,96 @@ impl Node {
         }
         Ok(Response::Done)
     }
+
+    /// A batch of stores, forgets and fetches, applied in order under one lock of the table;
+    /// what they change goes to the log in one append, and the batch is answered (every
+    /// request under its own id) once that append is done, synced under `--fsync always`.
+    async fn batch(&self, requests: Vec<Envelope<Request>>) -> Reply {
+        self.ops
+            .fetch_add(requests.len().saturating_sub(1) as u64, Ordering::Relaxed);
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut frames = EncodedRecord::empty();
+        // The answers that hold only if the append succeeds.
+        let mut logged = Vec::new();
+        {
+            let mut store = self.lock();
+            for Envelope { id, msg } in requests {
+                let answer = match msg {
+                    Request::Store {
+                        key,
+                        version,
+                        value,
+                    } => check_store(&key, version, value.as_ref()).and_then(|()| {
+                        let mark = frames.len();
+                        frames
+                            .push(&key, version, value.as_deref())
+                            .map_err(|e| WireError::BadRequest(e.to_string()))?;
+                        let (applied, held) = store.apply(key, version, value);
+                        if applied {
+                            logged.push(answers.len());
+                        } else {
+                            frames.truncate(mark);
+                        }
+                        Ok(Response::Stored {
+                            applied,
+                            version: held,
+                        })
+                    }),
+                    Request::Forget { key, version } => match store.forget(&key, version) {
+                        // A forget marker, as in `forget`.
+                        Some(held) => match frames.push(&key, held, None) {
+                            Ok(()) => {
+                                logged.push(answers.len());
+                                Ok(Response::Done)
+                            }
+                            Err(e) => Err(WireError::Internal(e.to_string())),
+                        },
+                        None => Ok(Response::Done),
+                    },
+                    Request::Fetch { key } => Ok(fetched(&store, &key)),
+                    other => Err(WireError::BadRequest(format!(
+                        "a batch carries stores, forgets and fetches, not {}",
+                        other.name()
+                    ))),
+                };
+                answers.push(Envelope { id, msg: answer });
+            }
+        }
+        if !frames.is_empty() {
+            if let Err(e) = self.log.append_encoded(frames).await {
+                let failed = WireError::Internal(format!("log append failed: {e}"));
+                for i in logged {
+                    if let Some(answer) = answers.get_mut(i) {
+                        answer.msg = Err(failed.clone());
+                    }
+                }
+            }
+        }
+        Ok(Response::Batch(answers))
+    }
+}
+
+/// Refuse a store that no coordinator would send: bad sizes, or the reserved version 0.
+fn check_store(key: &[u8], version: Version, value: Option<&Bytes>) -> Result<(), WireError> {
+    ringkv_common::protocol::check_sizes(key, value)?;
+    if version == Version::ZERO {
+        return Err(WireError::BadRequest("version 0 is reserved".into()));
+    }
+    Ok(())
+}
+
+/// The answer to a fetch of `key`: the node's copy, or version 0 when it holds none.
+fn fetched(store: &Store, key: &[u8]) -> Response {
+    match store.get(key) {
+        Some(e) => Response::Fetched {
+            version: e.version,
+            value: e.value.clone(),
+        },
+        None => Response::Fetched {
+            version: Version::ZERO,
+            value: None,
+        },
+    }
 }
 
 impl Handler for Node {
@@ -131,19 +219,8 @@ impl Handler for Node {
                 version,
                 value,
             } => self.store(key, version, value).await,
-            Request::Fetch { key } => {
-                let store = self.lock();
-                Ok(match store.get(&key) {
-                    Some(e) => Response::Fetched {
-                        version: e.version,
-                        value: e.value.clone(),
-                    },
-                    None => Response::Fetched {
-                        version: Version::ZERO,
-                        value: None,
-                    },
-                })
-            }
+            Request::Fetch { key } => Ok(fetched(&self.lock(), &key)),
+            Request::Batch(requests) => self.batch(requests).await,
             Request::Forget { key, version } => self.forget(key, version).await,
             Request::Scan { after, limit } => {
                 let limit = (limit as usize).clamp(1, MAX_SCAN_PAGE);

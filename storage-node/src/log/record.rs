@@ -122,6 +122,39 @@ impl EncodedRecord {
         encode_frame(key, version, value, &mut buf)?;
         Ok(EncodedRecord(buf))
     }
+
+    /// No frames yet: the start of several records appended with one write.
+    pub fn empty() -> EncodedRecord {
+        EncodedRecord(Vec::new())
+    }
+
+    /// Adds the frame of another record, as [`new`](EncodedRecord::new) encodes it.
+    ///
+    /// # Errors
+    /// [`LogError::TooLarge`] as for `new`; nothing is added then.
+    pub fn push(
+        &mut self,
+        key: &[u8],
+        version: Version,
+        value: Option<&[u8]>,
+    ) -> Result<(), LogError> {
+        encode_frame(key, version, value, &mut self.0)
+    }
+
+    /// Bytes encoded so far: a mark to [`truncate`](EncodedRecord::truncate) back to.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no frame is encoded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Drops the frames pushed after the mark `len`.
+    pub fn truncate(&mut self, len: usize) {
+        self.0.truncate(len);
+    }
 }
 
 /// Appends the frame of a record with these fields to `buf`; the one encoder of the format.

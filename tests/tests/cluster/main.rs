@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod basics;
+mod batch;
 mod crash;
 mod data_dir;
 mod failures;

@@ -1,0 +1,223 @@
+//! Batches of node requests: a storage node answers every request of a `Batch` under its own
+//! id, applies them in order, and what it acknowledged in a batch survives a SIGKILL.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use ringkv_common::client::{Batching, Client};
+use ringkv_common::codec::FrameCodec;
+use ringkv_common::protocol::{
+    Envelope, Reply, Request, Response, Role, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use ringkv_common::{Version, WireError};
+use ringkv_tests::{runtime, NodeProcess};
+use tokio_util::codec::Framed;
+
+fn store(key: &str, version: u64, value: &str) -> Request {
+    Request::Store {
+        key: Bytes::from(key.to_string()),
+        version: Version(version),
+        value: Some(Bytes::from(value.to_string())),
+    }
+}
+
+fn fetch(key: &str) -> Request {
+    Request::Fetch {
+        key: Bytes::from(key.to_string()),
+    }
+}
+
+/// Send one raw `Batch` frame to the node at `addr` and return its answers.
+async fn send_batch(addr: &str, requests: Vec<(u64, Request)>) -> Vec<Envelope<Reply>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut conn = Framed::new(
+        stream,
+        FrameCodec::<Envelope<Request>, Envelope<Reply>>::new(DEFAULT_MAX_FRAME_LEN),
+    );
+    let hello = Request::Hello {
+        protocol: PROTOCOL_VERSION,
+        role: Role::Coordinator,
+    };
+    conn.send(Envelope { id: 1, msg: hello }).await.unwrap();
+    let batch = requests
+        .into_iter()
+        .map(|(id, msg)| Envelope { id, msg })
+        .collect();
+    conn.send(Envelope {
+        id: 2,
+        msg: Request::Batch(batch),
+    })
+    .await
+    .unwrap();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), conn.next())
+            .await
+            .expect("an answer within 10 s")
+            .expect("the connection stays open")
+            .expect("a readable frame")
+            .expect("a decodable answer");
+        match next {
+            Envelope { id: 1, .. } => continue, // the handshake
+            Envelope {
+                id: 2,
+                msg: Ok(Response::Batch(answers)),
+            } => return answers,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+}
+
+/// A client that carries the requests queued together in batches, as the coordinator's does.
+async fn batching_client(addr: &str) -> Client {
+    Client::connect_with(addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN, Batching::On)
+        .await
+        .expect("connect to the node")
+}
+
+async fn fetch_from(client: &Client, key: &str) -> (Version, Option<Bytes>) {
+    match client.call(fetch(key)).await.expect("fetch") {
+        Response::Fetched { version, value } => (version, value),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_node_answers_each_request_of_a_batch_in_order_and_keeps_its_writes_across_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path(), None, &[], &[]);
+    let rt = runtime();
+    let answers = rt.block_on(send_batch(
+        &node.addr,
+        vec![
+            (10, store("k1", 5, "one")),
+            (11, store("k1", 3, "older")),
+            (12, fetch("k1")),
+            (13, store("k2", 6, "two")),
+            (
+                14,
+                Request::Forget {
+                    key: Bytes::from_static(b"k2"),
+                    version: Version(6),
+                },
+            ),
+            (15, fetch("k2")),
+            (16, store("k3", 0, "version zero is reserved")),
+            (17, Request::Status),
+            (18, store("k4", 7, "four")),
+        ],
+    ));
+    let ids: Vec<u64> = answers.iter().map(|a| a.id).collect();
+    assert_eq!(
+        ids,
+        (10..=18).collect::<Vec<_>>(),
+        "one answer per request, in order"
+    );
+    let msgs: Vec<&Reply> = answers.iter().map(|a| &a.msg).collect();
+    let stored = |applied, version| {
+        Ok(Response::Stored {
+            applied,
+            version: Version(version),
+        })
+    };
+    assert_eq!(msgs[0], &stored(true, 5));
+    assert_eq!(
+        msgs[1],
+        &stored(false, 5),
+        "an older version does not apply"
+    );
+    assert_eq!(
+        msgs[2],
+        &Ok(Response::Fetched {
+            version: Version(5),
+            value: Some(Bytes::from_static(b"one"))
+        }),
+        "a fetch sees the stores before it in the batch"
+    );
+    assert_eq!(msgs[3], &stored(true, 6));
+    assert_eq!(msgs[4], &Ok(Response::Done));
+    assert_eq!(
+        msgs[5],
+        &Ok(Response::Fetched {
+            version: Version::ZERO,
+            value: None
+        })
+    );
+    assert!(
+        matches!(msgs[6], Err(WireError::BadRequest(m)) if m.contains("version 0")),
+        "{:?}",
+        msgs[6]
+    );
+    assert!(
+        matches!(msgs[7], Err(WireError::BadRequest(m)) if m.contains("status")),
+        "{:?}",
+        msgs[7]
+    );
+    assert_eq!(
+        msgs[8],
+        &stored(true, 7),
+        "a refused request does not stop the rest"
+    );
+
+    // SIGKILL: no chance to flush. What the batch acknowledged is in the log.
+    node.child.kill().unwrap();
+    node.wait_exit(Duration::from_secs(10));
+    let node = NodeProcess::start(dir.path(), None, &[], &[]);
+    rt.block_on(async {
+        let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        assert_eq!(
+            fetch_from(&client, "k1").await,
+            (Version(5), Some(Bytes::from_static(b"one")))
+        );
+        assert_eq!(fetch_from(&client, "k2").await, (Version::ZERO, None));
+        assert_eq!(fetch_from(&client, "k3").await, (Version::ZERO, None));
+        assert_eq!(
+            fetch_from(&client, "k4").await,
+            (Version(7), Some(Bytes::from_static(b"four")))
+        );
+    });
+}
+
+#[test]
+fn stores_a_batching_client_had_acknowledged_survive_a_sigkill_of_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path(), None, &[], &[]);
+    let rt = runtime();
+    const KEYS: u64 = 2000;
+    let acked: Vec<u64> = rt.block_on(async {
+        let client = batching_client(&node.addr).await;
+        // Many calls at once: the writer carries them in batches.
+        let calls = (1..=KEYS).map(|i| {
+            let client = client.clone();
+            async move {
+                let req = store(&format!("key-{i}"), i, &format!("value-{i}"));
+                match client.call(req).await {
+                    Ok(Response::Stored { applied: true, .. }) => Some(i),
+                    other => panic!("key-{i}: {other:?}"),
+                }
+            }
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    });
+    assert_eq!(acked.len() as u64, KEYS);
+    node.child.kill().unwrap();
+    node.wait_exit(Duration::from_secs(10));
+    let node = NodeProcess::start(dir.path(), None, &[], &[]);
+    rt.block_on(async {
+        let client = batching_client(&node.addr).await;
+        let reads = acked.iter().map(|&i| {
+            let client = client.clone();
+            async move { (i, fetch_from(&client, &format!("key-{i}")).await) }
+        });
+        for (i, (version, value)) in futures::future::join_all(reads).await {
+            assert_eq!(version, Version(i), "key-{i}");
+            assert_eq!(value, Some(Bytes::from(format!("value-{i}"))), "key-{i}");
+        }
+    });
+}

@@ -94,6 +94,7 @@ start_redis() {
 }
 
 # start_ringkv NAME FSYNC: start a coordinator with NODES nodes, set RINGKV_ADDR and RINGKV_PID.
+# RINGKV_ARGS (environment) adds coordinator flags, e.g. RINGKV_ARGS=--no-node-batching.
 # FSYNC is both the nodes' log policy and the metadata journal's (always or never). Returns
 # once every node has registered, so the first measurement does not race the start.
 start_ringkv() {
@@ -102,6 +103,7 @@ start_ringkv() {
     mkdir -p "$dir"
     "$BIN/ringkv-coordinator" --listen 127.0.0.1:0 --data-dir "$dir/data" --nodes "$NODES" \
         --node-fsync "$fsync" --meta-fsync "$fsync" --node-binary "$BIN/ringkv-node" \
+        ${RINGKV_ARGS:-} \
         > "$dir/stdout" 2> "$dir/coordinator.log" &
     RINGKV_PID=$!
     PIDS+=("$RINGKV_PID")

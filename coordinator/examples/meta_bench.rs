@@ -41,7 +41,7 @@ async fn run(max_group: usize, writers: u64, seconds: u64) -> anyhow::Result<f64
                 let version = meta.next_version().await?;
                 let update = KeyUpdate::Set(KeyMeta {
                     version,
-                    replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
+                    replicas: smallvec::smallvec![NodeId(1), NodeId(2), NodeId(3)],
                     tombstone: false,
                 });
                 meta.update(vec![(key, update)]).await?;

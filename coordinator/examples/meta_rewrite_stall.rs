@@ -20,7 +20,7 @@ use ringkv_coordinator::metadata::{KeyMeta, KeyUpdate, MetaFsync, MetaOptions, M
 fn update(key: u64, version: u64) -> Vec<(Bytes, KeyUpdate)> {
     let meta = KeyMeta {
         version: Version(version),
-        replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
+        replicas: smallvec::smallvec![NodeId(1), NodeId(2), NodeId(3)],
         tombstone: false,
     };
     vec![(Bytes::from(format!("key-{key:012}")), KeyUpdate::Set(meta))]

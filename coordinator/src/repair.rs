@@ -482,7 +482,7 @@ impl Coordinator {
                 stats.0 += 1;
                 KeyUpdate::Set(KeyMeta {
                     version: entry.version,
-                    replicas: vec![node],
+                    replicas: smallvec::smallvec![node],
                     tombstone: entry.tombstone,
                 })
             }

@@ -21,7 +21,7 @@ use ringkv_common::{NodeId, Version, WireError};
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::debug;
 
-use crate::metadata::{KeyMeta, KeyUpdate};
+use crate::metadata::{KeyMeta, KeyUpdate, Replicas};
 use crate::state::Coordinator;
 pub use ringkv_common::protocol::check_sizes;
 
@@ -97,7 +97,7 @@ impl Coordinator {
             })
             .collect();
 
-        let mut acked: Vec<NodeId> = Vec::with_capacity(targets.len());
+        let mut acked = Replicas::new();
         let mut maybe_applied = false;
         let quorum = effective_quorum(quorum);
         while acked.len() < quorum {
@@ -361,7 +361,7 @@ impl Coordinator {
         let meta = self.meta.get(&key);
         let (version, tombstone, nodes) = match &meta {
             Some(m) => (m.version, m.tombstone, m.replicas.clone()),
-            None => (Version::ZERO, false, Vec::new()),
+            None => (Version::ZERO, false, Replicas::new()),
         };
         let asks = nodes.iter().map(|&node| {
             let this = self.clone();

@@ -601,7 +601,7 @@ mod tests {
     fn meta(v: u64) -> KeyMeta {
         KeyMeta {
             version: Version(v),
-            replicas: vec![NodeId(1), NodeId(2)],
+            replicas: smallvec::smallvec![NodeId(1), NodeId(2)],
             tombstone: false,
         }
     }

@@ -44,13 +44,18 @@ const VERSION_LEASE: u64 = 1_000_000;
 /// Shards of the in-memory mirror, to keep lock contention low under many connections.
 const SHARDS: usize = 64;
 
+/// The nodes of one key, inline up to three (the default replication factor): a key's entry
+/// then needs no allocation of its own, and reading it copies no heap memory. More (a move
+/// in progress, a larger `--rf`) spill to the heap. Serialised as a plain sequence.
+pub type Replicas = smallvec::SmallVec<[NodeId; 3]>;
+
 /// What the metadata knows about one key.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct KeyMeta {
     /// The newest version that reached a replica.
     pub version: Version,
     /// Nodes known to hold `version`.
-    pub replicas: Vec<NodeId>,
+    pub replicas: Replicas,
     /// `version` deletes the key.
     pub tombstone: bool,
 }

@@ -142,8 +142,8 @@ impl Drop for Inner {
 }
 
 /// A request waiting for room in a full queue (rare, so boxed).
-type WaitForRoom<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CallError>> + Send + 'a>>;
+type WaitForRoom =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CallError>> + Send>>;
 
 /// A cheap-to-clone handle to one pipelined connection.
 #[derive(Clone)]
@@ -351,13 +351,26 @@ impl Client {
         self.finish(id, rx, room).await
     }
 
+    /// Queue `req` now, before this returns, and give back the call to await for its answer
+    /// (within `after`, as [`call_timeout`](Client::call_timeout)). Several such calls can be
+    /// started together and awaited in any order without a future of their own each.
+    pub fn start_call(&self, req: Request, after: Duration) -> Result<PendingCall, CallError> {
+        let (id, rx, room) = self.start(req, Some(after))?;
+        Ok(PendingCall {
+            client: self.clone(),
+            id,
+            rx,
+            room,
+        })
+    }
+
     /// Register a call and queue its request, without waiting. When the queue is full, the
     /// wait for room (within the call's timeout) is returned too.
     fn start(
         &self,
         req: Request,
         after: Option<Duration>,
-    ) -> Result<(u64, oneshot::Receiver<Outcome>, Option<WaitForRoom<'_>>), CallError> {
+    ) -> Result<(u64, oneshot::Receiver<Outcome>, Option<WaitForRoom>), CallError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (slot, rx) = oneshot::channel();
         let in_flight = &self.inner.in_flight;
@@ -385,15 +398,16 @@ impl Client {
         let room = match self.inner.requests.try_send(Envelope { id, msg: req }) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(env)) => {
-                let wait: WaitForRoom<'_> = Box::pin(async move {
-                    let send = self.inner.requests.send(env);
+                let this = self.clone();
+                let wait: WaitForRoom = Box::pin(async move {
+                    let send = this.inner.requests.send(env);
                     let sent = match after {
                         Some(after) => tokio::time::timeout(after, send)
                             .await
-                            .map_err(|_| self.timed_out(after))?,
+                            .map_err(|_| this.timed_out(after))?,
                         None => send.await,
                     };
-                    sent.map_err(|_| self.lost())
+                    sent.map_err(|_| this.lost())
                 });
                 Some(wait)
             }
@@ -410,7 +424,7 @@ impl Client {
         &self,
         id: u64,
         rx: oneshot::Receiver<Outcome>,
-        room: Option<WaitForRoom<'_>>,
+        room: Option<WaitForRoom>,
     ) -> Result<Response, CallError> {
         if let Some(room) = room {
             if let Err(e) = room.await {
@@ -418,7 +432,15 @@ impl Client {
                 return Err(e);
             }
         }
-        match rx.await {
+        self.answer(rx.await)
+    }
+
+    /// What a call's slot received, as the call's result.
+    fn answer(
+        &self,
+        received: Result<Outcome, oneshot::error::RecvError>,
+    ) -> Result<Response, CallError> {
+        match received {
             Ok(Ok(Ok(resp))) => Ok(resp),
             Ok(Ok(Err(e))) => Err(CallError::Remote(e)),
             Ok(Err(e)) => Err(e),
@@ -444,6 +466,42 @@ impl Client {
 
     fn lost(&self) -> CallError {
         CallError::ConnectionLost(self.inner.addr.clone())
+    }
+}
+
+/// A call whose request is queued; awaiting it gives the answer. It is `Unpin`, so a caller
+/// can keep a few in a plain array and poll them in place. Dropping it gives up on the
+/// answer (the call's slot is freed when the answer or its timeout comes).
+pub struct PendingCall {
+    client: Client,
+    id: u64,
+    rx: oneshot::Receiver<Outcome>,
+    room: Option<WaitForRoom>,
+}
+
+impl std::future::Future for PendingCall {
+    type Output = Result<Response, CallError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(room) = this.room.as_mut() {
+            match room.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => this.room = None,
+                Poll::Ready(Err(e)) => {
+                    this.room = None;
+                    this.client.forget(this.id);
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        std::pin::Pin::new(&mut this.rx)
+            .poll(cx)
+            .map(|received| this.client.answer(received))
     }
 }
 
@@ -860,5 +918,56 @@ mod tests {
                 other => panic!("{key}: {other:?}"),
             }
         }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_started_call_is_sent_before_it_is_awaited_and_calls_finish_in_any_order() {
+        let (client, mut peer) = connected(1 << 20).await;
+        let first = client
+            .start_call(fetch("first"), Duration::from_secs(5))
+            .unwrap();
+        let second = client
+            .start_call(fetch("second"), Duration::from_secs(5))
+            .unwrap();
+        let lonely = client
+            .start_call(fetch("never answered"), Duration::from_millis(50))
+            .unwrap();
+        // Neither call has been polled: their requests must reach the peer anyway.
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let next = tokio::time::timeout(Duration::from_secs(5), peer.next()).await;
+            let env = next
+                .expect("sent before being awaited")
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            ids.push(env.id);
+        }
+        let answer = |id: u64, v: u64| Envelope {
+            id,
+            msg: Ok(Response::Fetched {
+                version: crate::Version(v),
+                value: None,
+            }),
+        };
+        // The second is answered first; the third never.
+        peer.send(answer(ids[1], 2)).await.unwrap();
+        let got = second.await.unwrap();
+        assert_eq!(
+            got,
+            Response::Fetched {
+                version: crate::Version(2),
+                value: None
+            }
+        );
+        peer.send(answer(ids[0], 1)).await.unwrap();
+        assert_eq!(
+            first.await.unwrap(),
+            Response::Fetched {
+                version: crate::Version(1),
+                value: None
+            }
+        );
+        assert!(matches!(lonely.await, Err(CallError::Timeout { .. })));
     }
 }

@@ -10,14 +10,17 @@
 //! a replica with an older copy is skipped (and queued for repair), so a stale or deleted
 //! value is never served.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use ringkv_common::client::CallError;
+use ringkv_common::client::{CallError, PendingCall};
 use ringkv_common::protocol::{Location, ReplicaInfo, Reply, Request, Response};
 use ringkv_common::{NodeId, Version, WireError};
+use smallvec::SmallVec;
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::debug;
 
@@ -59,6 +62,72 @@ enum StoreOutcome {
     Failed { may_have_applied: bool },
 }
 
+/// What a replica's answer to a store of `version` means for the write.
+fn store_outcome(
+    node: NodeId,
+    answer: Result<Response, CallError>,
+    version: Version,
+) -> StoreOutcome {
+    match answer {
+        Ok(Response::Stored { version: held, .. }) if held == version => StoreOutcome::Stored,
+        Ok(other) => {
+            debug!(%node, ?other, "unexpected answer to store");
+            StoreOutcome::Failed {
+                may_have_applied: false,
+            }
+        }
+        Err(e) => StoreOutcome::Failed {
+            may_have_applied: e.may_have_applied(),
+        },
+    }
+}
+
+/// A call to a node, awaited in place: queued at once on an open connection, or (rarely)
+/// a boxed future that connects first.
+enum NodeCall {
+    Queued(PendingCall),
+    Later(Pin<Box<dyn Future<Output = Result<Response, CallError>> + Send>>),
+}
+
+impl Future for NodeCall {
+    type Output = Result<Response, CallError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            NodeCall::Queued(call) => Pin::new(call).poll(cx),
+            NodeCall::Later(call) => call.as_mut().poll(cx),
+        }
+    }
+}
+
+/// The stores of one write still waiting for an answer, by replica.
+type StoreCalls = SmallVec<[(NodeId, NodeCall); 3]>;
+
+/// Wait for the first of `calls` to answer and take it out; `None` once none is left.
+async fn next_answer(calls: &mut StoreCalls) -> Option<(NodeId, Result<Response, CallError>)> {
+    std::future::poll_fn(|cx| {
+        if calls.is_empty() {
+            return Poll::Ready(None);
+        }
+        let done =
+            calls
+                .iter_mut()
+                .enumerate()
+                .find_map(|(i, (_, call))| match Pin::new(call).poll(cx) {
+                    Poll::Ready(answer) => Some((i, answer)),
+                    Poll::Pending => None,
+                });
+        match done {
+            Some((i, answer)) => {
+                let (node, _) = calls.swap_remove(i);
+                Poll::Ready(Some((node, answer)))
+            }
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
 impl Coordinator {
     /// Put (`Some`) or delete (`None`) `key`.
     pub async fn write(self: &Arc<Self>, key: Bytes, value: Option<Bytes>) -> Reply {
@@ -84,16 +153,17 @@ impl Coordinator {
             .map_err(|e| WireError::Unavailable(format!("cannot assign a version: {e}")))?;
         let tombstone = value.is_none();
 
-        let mut pending: FuturesUnordered<_> = targets
+        // Each store is queued on its replica's connection right here; the three answers
+        // are awaited in place, without a future or a task of their own.
+        let mut calls: StoreCalls = targets
             .iter()
             .map(|&node| {
-                let this = self.clone();
                 let req = Request::Store {
                     key: key.clone(),
                     version,
                     value: value.clone(),
                 };
-                async move { (node, this.store_on(node, req, version).await) }
+                (node, self.node_call(node, req))
             })
             .collect();
 
@@ -101,11 +171,11 @@ impl Coordinator {
         let mut maybe_applied = false;
         let quorum = effective_quorum(quorum);
         while acked.len() < quorum {
-            match pending.next().await {
-                Some((node, StoreOutcome::Stored)) => acked.push(node),
-                Some((_, StoreOutcome::Failed { may_have_applied })) => {
-                    maybe_applied |= may_have_applied
-                }
+            match next_answer(&mut calls).await {
+                Some((node, answer)) => match store_outcome(node, answer, version) {
+                    StoreOutcome::Stored => acked.push(node),
+                    StoreOutcome::Failed { may_have_applied } => maybe_applied |= may_have_applied,
+                },
                 None => break,
             }
         }
@@ -113,12 +183,16 @@ impl Coordinator {
         // Replicas that answered together with the quorum go into the same metadata commit.
         tokio::task::yield_now().await;
         let mut late_failure = false;
-        while let Some(Some((node, outcome))) = pending.next().now_or_never() {
-            match outcome {
-                StoreOutcome::Stored => acked.push(node),
-                StoreOutcome::Failed { .. } => late_failure = true,
+        calls.retain(|(node, call)| match call.now_or_never() {
+            Some(answer) => {
+                match store_outcome(*node, answer, version) {
+                    StoreOutcome::Stored => acked.push(*node),
+                    StoreOutcome::Failed { .. } => late_failure = true,
+                }
+                false
             }
-        }
+            None => true,
+        });
 
         if acked.is_empty() {
             return Err(if maybe_applied {
@@ -155,8 +229,8 @@ impl Coordinator {
 
         // Late replicas: record them when they answer; the repair loop covers the rest.
         // Usually every replica has answered by now and there is nothing left to do.
-        if !pending.is_empty() || !superseded.is_empty() || late_failure {
-            self.finish_write(key, version, pending, superseded, late_failure);
+        if !calls.is_empty() || !superseded.is_empty() || late_failure {
+            self.finish_write(key, version, calls, superseded, late_failure);
         }
 
         if acked_count < quorum {
@@ -169,16 +243,14 @@ impl Coordinator {
 
     /// The background part of a write: forget the copies on former replicas, record replicas
     /// that answer after the metadata commit, and queue the key for repair if any failed.
-    fn finish_write<F>(
+    fn finish_write(
         self: &Arc<Self>,
         late_key: Bytes,
         version: Version,
-        mut pending: FuturesUnordered<F>,
+        mut calls: StoreCalls,
         superseded: Vec<NodeId>,
         late_failure: bool,
-    ) where
-        F: std::future::Future<Output = (NodeId, StoreOutcome)> + Send + 'static,
-    {
+    ) {
         let this = self.clone();
         self.background(async move {
             // Copies of older versions on nodes that are no longer replicas of the key.
@@ -190,8 +262,8 @@ impl Coordinator {
                 let _ = this.members.call(node, req, this.config.node_timeout).await;
             }
             let mut missing = late_failure;
-            while let Some((node, outcome)) = pending.next().await {
-                match outcome {
+            while let Some((node, answer)) = next_answer(&mut calls).await {
+                match store_outcome(node, answer, version) {
                     StoreOutcome::Stored => {
                         let update = KeyUpdate::AddReplica { version, node };
                         if this
@@ -212,18 +284,19 @@ impl Coordinator {
         });
     }
 
-    async fn store_on(&self, node: NodeId, req: Request, version: Version) -> StoreOutcome {
-        match self.members.call(node, req, self.config.node_timeout).await {
-            Ok(Response::Stored { version: held, .. }) if held == version => StoreOutcome::Stored,
-            Ok(other) => {
-                debug!(%node, ?other, "unexpected answer to store");
-                StoreOutcome::Failed {
-                    may_have_applied: false,
-                }
+    /// Queue `req` on node `node` now if its connection is open (else connect first, boxed:
+    /// that is rare), to be awaited later.
+    fn node_call(self: &Arc<Self>, node: NodeId, req: Request) -> NodeCall {
+        let timeout = self.config.node_timeout;
+        match self.members.start_call(node, req, timeout) {
+            Ok(Ok(call)) => NodeCall::Queued(call),
+            Ok(Err(e)) => NodeCall::Later(Box::pin(std::future::ready(Err(e)))),
+            Err(req) => {
+                let this = self.clone();
+                NodeCall::Later(Box::pin(async move {
+                    this.members.call(node, req, timeout).await
+                }))
             }
-            Err(e) => StoreOutcome::Failed {
-                may_have_applied: e.may_have_applied(),
-            },
         }
     }
 

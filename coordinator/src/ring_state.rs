@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use ringkv_common::client::{Batching, CallError, Client};
+use ringkv_common::client::{Batching, CallError, Client, PendingCall};
 use ringkv_common::protocol::{NodeInfo, Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
 use ringkv_common::ring::Ring;
 use ringkv_common::{NodeId, NodeState, NodeStats};
@@ -349,6 +349,23 @@ impl Membership {
         let inner = self.read();
         let client = inner.nodes.get(&id)?.client.as_ref()?;
         (!client.is_closed()).then(|| client.clone())
+    }
+
+    /// Queue `req` on the open connection to node `id` now, to be awaited later (within
+    /// `timeout`); `Err(req)` when no connection is open, for the caller to [`call`] instead.
+    ///
+    /// [`call`]: Membership::call
+    pub fn start_call(
+        &self,
+        id: NodeId,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Result<PendingCall, CallError>, Request> {
+        let inner = self.read();
+        match inner.nodes.get(&id).and_then(|n| n.client.as_ref()) {
+            Some(client) if !client.is_closed() => Ok(client.start_call(req, timeout)),
+            _ => Err(req),
+        }
     }
 
     /// Send `req` to node `id` and wait at most `timeout`.

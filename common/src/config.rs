@@ -13,13 +13,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("invalid duration {s:?} (try 500ms, 2s or 1m)"))?;
     let secs = match unit {
+        "us" => n / 1e6,
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
         _ => {
             return Err(format!(
-                "unknown unit in duration {s:?} (use ms, s, m or h)"
+                "unknown unit in duration {s:?} (use us, ms, s, m or h)"
             ))
         }
     };
@@ -37,6 +38,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("200us"), Ok(Duration::from_micros(200)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));

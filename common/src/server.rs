@@ -5,6 +5,9 @@
 //! slow request does not hold up the ones behind it (pipelining). One task per connection
 //! drives them all: each round it reads every frame that has arrived, writes every answer
 //! that is ready and flushes once, so a burst of requests costs one read and one write.
+//! A handler may also ask ([`Handler::answer_hold`]) that answers ready early wait, for a
+//! bounded time, for the peer's other requests in flight: a pipelining peer then gets a
+//! burst of answers in one write, and wakes once for them instead of once per answer.
 //!
 //! Bad input never takes down more than its own connection: an undecodable message is
 //! answered with `BadRequest` and the connection carries on; a checksum failure or an
@@ -36,6 +39,14 @@ const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
 pub trait Handler: Send + Sync + 'static {
     /// Answer `req`, sent by a peer that introduced itself as `role`.
     fn handle(self: Arc<Self>, req: Request, role: Role) -> impl Future<Output = Reply> + Send;
+
+    /// How long a connection may hold answers that are ready while other requests of the
+    /// same peer are still in flight, so that a pipelining peer gets its answers in one write
+    /// and one wake-up instead of one per answer; `None` (the default) writes every answer
+    /// as soon as it is ready.
+    fn answer_hold(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The codec of the server side of a connection.
@@ -196,6 +207,10 @@ async fn serve_requests<H: Handler>(
         })
     };
     let mut in_flight = FuturesUnordered::new();
+    let hold = handler.answer_hold();
+    // Set while answers are held back; the timer wakes the connection when the hold is over.
+    let mut held_until: Option<tokio::time::Instant> = None;
+    let mut hold_timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
     let mut stopping = std::pin::pin!(shutdown.cancelled());
     // Reading stops at EOF, on a broken stream or at shutdown; the result says which.
     let mut reading = true;
@@ -273,9 +288,25 @@ async fn serve_requests<H: Handler>(
                 break;
             }
         }
-        if unflushed && writable {
+        // Hold the answers written so far while more of this peer's requests are in flight,
+        // up to `hold` after the first of them was ready.
+        let holding = match hold {
+            Some(hold) if unflushed && reading && !in_flight.is_empty() => {
+                let until = *held_until.get_or_insert_with(|| {
+                    let until = tokio::time::Instant::now() + hold;
+                    hold_timer.as_mut().reset(until);
+                    until
+                });
+                tokio::time::Instant::now() < until && hold_timer.as_mut().poll(cx).is_pending()
+            }
+            _ => false,
+        };
+        if unflushed && writable && !holding {
             match framed.poll_flush_unpin(cx) {
-                Poll::Ready(Ok(())) => unflushed = false,
+                Poll::Ready(Ok(())) => {
+                    unflushed = false;
+                    held_until = None;
+                }
                 Poll::Ready(Err(_)) => writable = false,
                 Poll::Pending => {}
             }
@@ -289,4 +320,115 @@ async fn serve_requests<H: Handler>(
     })
     .await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures::FutureExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::Version;
+
+    /// Answers `Get { key }` with the key as the value: at once, after 1 s for `late`, after
+    /// 10 s for `slow`. Holds answers for `hold`.
+    struct Echo {
+        hold: Option<Duration>,
+    }
+
+    impl Handler for Echo {
+        async fn handle(self: Arc<Self>, req: Request, _role: Role) -> Reply {
+            let Request::Get { key } = req else {
+                return Err(WireError::BadRequest("get only".into()));
+            };
+            match key.as_ref() {
+                b"late" => tokio::time::sleep(Duration::from_secs(1)).await,
+                b"slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+                _ => {}
+            }
+            Ok(Response::Value {
+                version: Version(1),
+                value: Some(key),
+            })
+        }
+
+        fn answer_hold(&self) -> Option<Duration> {
+            self.hold
+        }
+    }
+
+    type Peer =
+        tokio_util::codec::Framed<TcpStream, FrameCodec<Envelope<Request>, Envelope<Reply>>>;
+
+    /// A server with `hold` on a fresh port, and a peer that has sent `keys` (ids 1, 2, ...).
+    async fn server_and_requests(hold: Option<Duration>, keys: &[&str]) -> Peer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let handler = Arc::new(Echo { hold });
+            let _ = serve_connection(stream, handler, 1 << 20, CancellationToken::new()).await;
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut peer = tokio_util::codec::Framed::new(stream, FrameCodec::new(1 << 20));
+        let hello = Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Client,
+        };
+        peer.send(Envelope { id: 0, msg: hello }).await.unwrap();
+        peer.next().await.unwrap().unwrap().unwrap();
+        for (i, key) in keys.iter().enumerate() {
+            let msg = Request::Get {
+                key: Bytes::from(key.to_string()),
+            };
+            peer.feed(Envelope {
+                id: i as u64 + 1,
+                msg,
+            })
+            .await
+            .unwrap();
+        }
+        peer.flush().await.unwrap();
+        peer
+    }
+
+    /// The next answer's id, waiting at most five seconds.
+    async fn next_id(peer: &mut Peer) -> u64 {
+        let next = tokio::time::timeout(Duration::from_secs(5), peer.next()).await;
+        next.expect("an answer within 5 s")
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .id
+    }
+
+    #[tokio::test]
+    async fn held_answers_go_out_together_and_unheld_ones_at_once() {
+        // Held: the immediate answer waits for the late one, and both arrive in one write.
+        let mut peer = server_and_requests(Some(Duration::from_secs(2)), &["now", "late"]).await;
+        assert_eq!(next_id(&mut peer).await, 1);
+        let second = peer.next().now_or_never();
+        assert!(
+            matches!(second, Some(Some(Ok(Ok(Envelope { id: 2, .. }))))),
+            "the late answer came in the same write: {second:?}"
+        );
+        // Not held: the immediate answer is written before the late one is ready.
+        let mut peer = server_and_requests(None, &["now", "late"]).await;
+        assert_eq!(next_id(&mut peer).await, 1);
+        assert!(
+            peer.next().now_or_never().is_none(),
+            "the late answer cannot be there yet"
+        );
+        assert_eq!(next_id(&mut peer).await, 2);
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_held_no_longer_than_the_hold() {
+        // The slow request takes 10 s; the fast answer must not wait for it.
+        let mut peer = server_and_requests(Some(Duration::from_millis(50)), &["slow", "now"]).await;
+        assert_eq!(next_id(&mut peer).await, 2);
+    }
 }

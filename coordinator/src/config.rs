@@ -34,6 +34,9 @@ pub struct CoordinatorConfig {
     pub meta_fsync: crate::metadata::MetaFsync,
     /// Whether node requests queued together travel in one `Batch` frame.
     pub node_batching: ringkv_common::client::Batching,
+    /// How long a client connection may hold ready answers while more of its requests are
+    /// in flight, to answer a pipelining client in one write (zero: never hold).
+    pub answer_hold: Duration,
 }
 
 impl CoordinatorConfig {
@@ -57,6 +60,7 @@ impl CoordinatorConfig {
             max_frame_len: ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN,
             meta_fsync: crate::metadata::MetaFsync::Always,
             node_batching: ringkv_common::client::Batching::On,
+            answer_hold: Duration::from_micros(200),
         }
     }
 

@@ -72,6 +72,10 @@ struct Args {
     /// crash once all nodes are back.
     #[arg(long, value_enum, default_value = "always")]
     meta_fsync: MetaFsync,
+    /// How long answers to a pipelining client may wait for its other requests in flight,
+    /// so that they go out in one write (0 writes each answer as soon as it is ready).
+    #[arg(long, default_value = "200us", value_parser = parse_duration)]
+    answer_hold: Duration,
     /// Send every request to a node as a frame of its own, instead of carrying the requests
     /// queued together to a node in one batch (for measuring what batching gains).
     #[arg(long)]
@@ -113,6 +117,7 @@ fn main() -> anyhow::Result<()> {
     };
     config.transfer_concurrency = args.transfer_concurrency;
     config.meta_fsync = args.meta_fsync;
+    config.answer_hold = args.answer_hold;
     if args.no_node_batching {
         config.node_batching = ringkv_common::client::Batching::Off;
     }

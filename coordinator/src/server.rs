@@ -9,6 +9,10 @@ use ringkv_common::WireError;
 use crate::state::Coordinator;
 
 impl Handler for Coordinator {
+    fn answer_hold(&self) -> Option<std::time::Duration> {
+        (!self.config.answer_hold.is_zero()).then_some(self.config.answer_hold)
+    }
+
     async fn handle(self: Arc<Self>, req: Request, role: Role) -> Reply {
         // Until the nodes have registered after a start, client requests wait rather than
         // fail for want of replicas (nodes must be served: their registration is the wait).

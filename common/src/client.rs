@@ -28,7 +28,10 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::FrameCodec;
 use crate::error::WireError;
-use crate::protocol::{BatchKind, Envelope, Reply, Request, Response, Role, PROTOCOL_VERSION};
+use crate::protocol::{
+    BatchKind, Envelope, Reply, Request, Response, Role, BATCH_ITEM_OVERHEAD, MAX_BATCH_REQUESTS,
+    PROTOCOL_VERSION,
+};
 
 /// Requests queued for the writer before callers wait.
 const SEND_QUEUE: usize = 4096;
@@ -353,7 +356,8 @@ impl Client {
 
     /// Queue `req` now, before this returns, and give back the call to await for its answer
     /// (within `after`, as [`call_timeout`](Client::call_timeout)). Several such calls can be
-    /// started together and awaited in any order without a future of their own each.
+    /// started together and awaited in any order without a future of their own each. When
+    /// the queue is full, the request is queued once the call is first polled instead.
     pub fn start_call(&self, req: Request, after: Duration) -> Result<PendingCall, CallError> {
         let (id, rx, room) = self.start(req, Some(after))?;
         Ok(PendingCall {
@@ -515,12 +519,11 @@ pub enum Batching {
     On,
 }
 
-/// Most requests in one batch.
-const MAX_BATCH_REQUESTS: usize = 256;
-
-/// Most key and value bytes in one batch (less when the frame limit is small): a batch is
-/// closed before a request would take it over, so a batch frame is at most this plus one
-/// request that would have been a frame of its own.
+/// Most bytes in one batch, counting each request's key, value and
+/// [`BATCH_ITEM_OVERHEAD`] (less when the frame limit is small): a batch is closed before a
+/// request would take it over, so a batch frame is at most this plus one request that would
+/// have been a frame of its own. (Answers can be larger, a fetch's value; the server splits
+/// a batch answer that would not fit in one frame.)
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// The writer's batches: requests of each [`BatchKind`] are held until the writer has
@@ -554,7 +557,7 @@ impl Batcher {
                 return;
             }
         };
-        let len = env.msg.payload_len();
+        let len = env.msg.payload_len() + BATCH_ITEM_OVERHEAD;
         let slot = match kind {
             BatchKind::Read => 0,
             BatchKind::Write => 1,
@@ -592,7 +595,9 @@ impl Batcher {
             _ => {
                 let items = std::mem::take(items);
                 // The batch travels under its first request's id: a refusal of the whole
-                // batch (which a node only sends for a frame it cannot read) reaches that call.
+                // batch (which a node only sends for a frame it cannot read, or a batch over
+                // its limit, which this writer never sends) reaches that call, and the others
+                // end at their timeouts.
                 let id = items.first().map_or(0, |e| e.id);
                 self.ready.push_back(Envelope {
                     id,

@@ -26,6 +26,13 @@ pub const MAX_VALUE_LEN: usize = 16 * 1024 * 1024;
 /// Default largest frame, checked before a byte of the body is buffered.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
 
+/// Most requests one [`Request::Batch`] may carry; a node refuses a longer one.
+pub const MAX_BATCH_REQUESTS: usize = 256;
+
+/// What the encoding of one request or answer in a batch adds to its key and value bytes, at
+/// most (envelope, id, variant, version, lengths), for keeping batches under the frame limit.
+pub const BATCH_ITEM_OVERHEAD: usize = 64;
+
 /// Reject an empty key, a key over [`MAX_KEY_LEN`] or a value over [`MAX_VALUE_LEN`], before
 /// anything is written.
 pub fn check_sizes(key: &[u8], value: Option<&Bytes>) -> Result<(), WireError> {
@@ -192,6 +199,23 @@ pub enum BatchKind {
     Read,
     /// `Store` and `Forget`: answered once their log append is done (and synced, under `always`).
     Write,
+}
+
+impl Response {
+    /// Bytes of key and value this answer carries (0 for those without), to split batch
+    /// answers that would not fit in one frame.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Response::Fetched { value, .. } | Response::Value { value, .. } => {
+                value.as_ref().map_or(0, Bytes::len)
+            }
+            Response::Batch(answers) => answers
+                .iter()
+                .map(|a| BATCH_ITEM_OVERHEAD + a.msg.as_ref().map_or(0, Response::payload_len))
+                .sum(),
+            _ => 0,
+        }
+    }
 }
 
 /// Every successful answer.

@@ -14,6 +14,7 @@
 //! oversized frame is answered once and the connection closes, because the stream can no
 //! longer be trusted.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -29,7 +30,9 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{CodecError, FrameCodec, FrameError};
 use crate::error::WireError;
-use crate::protocol::{Envelope, Reply, Request, Response, Role, PROTOCOL_VERSION};
+use crate::protocol::{
+    Envelope, Reply, Request, Response, Role, BATCH_ITEM_OVERHEAD, PROTOCOL_VERSION,
+};
 
 /// Requests one connection may have in flight before we stop reading from it.
 /// Bounds the memory a single pipelining client can pin.
@@ -126,7 +129,9 @@ pub async fn serve_connection<H: Handler>(
     let shutdown = shutdown.child_token();
     let mut framed = Framed::new(stream, ServerCodec::new(max_frame_len));
     let result = match handshake(&mut framed).await {
-        Ok(Some(role)) => serve_requests(&mut framed, handler, role, &shutdown).await,
+        Ok(Some(role)) => {
+            serve_requests(&mut framed, handler, role, max_frame_len, &shutdown).await
+        }
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
@@ -188,6 +193,39 @@ async fn handshake(framed: &mut ServerFramed) -> Result<Option<Role>, Connection
     }
 }
 
+/// Key and value bytes an answer carries.
+fn answer_len(answer: &Envelope<Reply>) -> usize {
+    answer.msg.as_ref().map_or(0, Response::payload_len)
+}
+
+/// Split a batch answer into batch answers of at most about `limit` bytes each, under the
+/// same id: the peer routes every answer of a batch by its own id, whatever frame it came in.
+fn split_batch(answer: Envelope<Reply>, limit: usize, out: &mut VecDeque<Envelope<Reply>>) {
+    let id = answer.id;
+    let Ok(Response::Batch(answers)) = answer.msg else {
+        out.push_back(answer);
+        return;
+    };
+    let mut part = Vec::new();
+    let mut bytes = 0;
+    for a in answers {
+        let len = BATCH_ITEM_OVERHEAD + answer_len(&a);
+        if !part.is_empty() && bytes + len > limit {
+            let msg = Ok(Response::Batch(std::mem::take(&mut part)));
+            out.push_back(Envelope { id, msg });
+            bytes = 0;
+        }
+        bytes += len;
+        part.push(a);
+    }
+    if !part.is_empty() {
+        out.push_back(Envelope {
+            id,
+            msg: Ok(Response::Batch(part)),
+        });
+    }
+}
+
 /// An answer waiting to be written: a handler's, or an immediate refusal of a bad message.
 type Answer<F> = futures::future::Either<F, futures::future::Ready<Envelope<Reply>>>;
 
@@ -197,6 +235,7 @@ async fn serve_requests<H: Handler>(
     framed: &mut ServerFramed,
     handler: Arc<H>,
     role: Role,
+    max_frame_len: usize,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnectionError> {
     let start = |env: Envelope<Request>| {
@@ -207,6 +246,9 @@ async fn serve_requests<H: Handler>(
         })
     };
     let mut in_flight = FuturesUnordered::new();
+    // A batch answer whose values would not fit in one frame goes out as several.
+    let split_above = max_frame_len / 2;
+    let mut split: VecDeque<Envelope<Reply>> = VecDeque::new();
     let hold = handler.answer_hold();
     // Set while answers are held back; the timer wakes the connection when the hold is over.
     let mut held_until: Option<tokio::time::Instant> = None;
@@ -265,23 +307,33 @@ async fn serve_requests<H: Handler>(
                 if writable {
                     match framed.poll_ready_unpin(cx) {
                         Poll::Ready(Ok(())) => {}
-                        Poll::Ready(Err(_)) => writable = false,
+                        // The peer can no longer be answered: stop taking requests, so the
+                        // connection ends once the running ones are done.
+                        Poll::Ready(Err(_)) => (writable, reading) = (false, false),
                         // The socket is full; we are woken when it drains.
                         Poll::Pending => break,
                     }
                 }
-                match in_flight.poll_next_unpin(cx) {
-                    Poll::Ready(Some(answer)) => {
-                        progress = true;
-                        if writable {
-                            if framed.start_send_unpin(answer).is_err() {
-                                writable = false;
-                            } else {
-                                unflushed = true;
+                let answer = match split.pop_front() {
+                    Some(part) => part,
+                    None => match in_flight.poll_next_unpin(cx) {
+                        Poll::Ready(Some(answer)) => {
+                            progress = true;
+                            if answer_len(&answer) > split_above {
+                                split_batch(answer, split_above, &mut split);
+                                continue;
                             }
+                            answer
                         }
+                        Poll::Ready(None) | Poll::Pending => break,
+                    },
+                };
+                if writable {
+                    if framed.start_send_unpin(answer).is_err() {
+                        (writable, reading) = (false, false);
+                    } else {
+                        unflushed = true;
                     }
-                    Poll::Ready(None) | Poll::Pending => break,
                 }
             }
             if !progress {
@@ -311,7 +363,7 @@ async fn serve_requests<H: Handler>(
                 Poll::Pending => {}
             }
         }
-        let flushed = !unflushed || !writable;
+        let flushed = (!unflushed && split.is_empty()) || !writable;
         if !reading && in_flight.is_empty() && flushed {
             Poll::Ready(())
         } else {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use ringkv_common::protocol::{Envelope, Reply, Request, Response, Role};
+use ringkv_common::protocol::{Envelope, Reply, Request, Response, Role, MAX_BATCH_REQUESTS};
 use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
 use tracing::{error, info};
@@ -117,15 +117,23 @@ impl Node {
     /// what they change goes to the log in one append, and the batch is answered (every
     /// request under its own id) once that append is done, synced under `--fsync always`.
     async fn batch(&self, requests: Vec<Envelope<Request>>) -> Reply {
+        if requests.len() > MAX_BATCH_REQUESTS {
+            return Err(WireError::BadRequest(format!(
+                "a batch of {} requests is over the limit of {MAX_BATCH_REQUESTS}",
+                requests.len()
+            )));
+        }
         self.ops
             .fetch_add(requests.len().saturating_sub(1) as u64, Ordering::Relaxed);
         let mut answers = Vec::with_capacity(requests.len());
         let mut frames = EncodedRecord::empty();
-        // The answers that hold only if the append succeeds.
-        let mut logged = Vec::new();
+        // The answers to writes: each holds only if the append succeeds (a store that did not
+        // apply may have found the version of a store before it in this same batch).
+        let mut writes = Vec::new();
         {
             let mut store = self.lock();
             for Envelope { id, msg } in requests {
+                let is_write = matches!(msg, Request::Store { .. } | Request::Forget { .. });
                 let answer = match msg {
                     Request::Store {
                         key,
@@ -137,9 +145,7 @@ impl Node {
                             .push(&key, version, value.as_deref())
                             .map_err(|e| WireError::BadRequest(e.to_string()))?;
                         let (applied, held) = store.apply(key, version, value);
-                        if applied {
-                            logged.push(answers.len());
-                        } else {
+                        if !applied {
                             frames.truncate(mark);
                         }
                         Ok(Response::Stored {
@@ -150,10 +156,7 @@ impl Node {
                     Request::Forget { key, version } => match store.forget(&key, version) {
                         // A forget marker, as in `forget`.
                         Some(held) => match frames.push(&key, held, None) {
-                            Ok(()) => {
-                                logged.push(answers.len());
-                                Ok(Response::Done)
-                            }
+                            Ok(()) => Ok(Response::Done),
                             Err(e) => Err(WireError::Internal(e.to_string())),
                         },
                         None => Ok(Response::Done),
@@ -164,13 +167,16 @@ impl Node {
                         other.name()
                     ))),
                 };
+                if is_write {
+                    writes.push(answers.len());
+                }
                 answers.push(Envelope { id, msg: answer });
             }
         }
         if !frames.is_empty() {
             if let Err(e) = self.log.append_encoded(frames).await {
                 let failed = WireError::Internal(format!("log append failed: {e}"));
-                for i in logged {
+                for i in writes {
                     if let Some(answer) = answers.get_mut(i) {
                         answer.msg = Err(failed.clone());
                     }

@@ -75,8 +75,15 @@ async fn batching_client(addr: &str) -> Client {
         .expect("connect to the node")
 }
 
+/// How long a test waits for any one answer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(20);
+
 async fn fetch_from(client: &Client, key: &str) -> (Version, Option<Bytes>) {
-    match client.call(fetch(key)).await.expect("fetch") {
+    match client
+        .call_timeout(fetch(key), ANSWER_WITHIN)
+        .await
+        .expect("fetch")
+    {
         Response::Fetched { version, value } => (version, value),
         other => panic!("{key}: {other:?}"),
     }
@@ -193,7 +200,7 @@ fn stores_a_batching_client_had_acknowledged_survive_a_sigkill_of_the_node() {
             let client = client.clone();
             async move {
                 let req = store(&format!("key-{i}"), i, &format!("value-{i}"));
-                match client.call(req).await {
+                match client.call_timeout(req, ANSWER_WITHIN).await {
                     Ok(Response::Stored { applied: true, .. }) => Some(i),
                     other => panic!("key-{i}: {other:?}"),
                 }
@@ -220,4 +227,82 @@ fn stores_a_batching_client_had_acknowledged_survive_a_sigkill_of_the_node() {
             assert_eq!(value, Some(Bytes::from(format!("value-{i}"))), "key-{i}");
         }
     });
+}
+
+#[test]
+fn a_batch_of_reads_whose_values_exceed_a_frame_is_answered_in_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), None, &["--fsync", "never"], &[]);
+    // One thread: the three fetches are queued before the writer runs, so they travel in one
+    // batch, whose answer (3 x 12 MiB) is larger than a frame may be (32 MiB).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let value = |i: u8| Bytes::from(vec![b'a' + i; 12 << 20]);
+    rt.block_on(async {
+        let client = batching_client(&node.addr).await;
+        for i in 0..3u8 {
+            let req = Request::Store {
+                key: Bytes::from(format!("big-{i}")),
+                version: Version(u64::from(i) + 1),
+                value: Some(value(i)),
+            };
+            let stored = client.call_timeout(req, ANSWER_WITHIN).await;
+            assert!(
+                matches!(stored, Ok(Response::Stored { applied: true, .. })),
+                "{stored:?}"
+            );
+        }
+        let reads = (0..3u8).map(|i| {
+            let client = client.clone();
+            async move { (i, fetch_from(&client, &format!("big-{i}")).await) }
+        });
+        for (i, (version, got)) in futures::future::join_all(reads).await {
+            assert_eq!(version, Version(u64::from(i) + 1));
+            assert!(got == Some(value(i)), "big-{i} came back whole");
+        }
+    });
+}
+
+#[test]
+fn when_the_log_fails_no_write_of_the_batch_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every fsync fails: the append of the batch's writes cannot be made durable.
+    let failing = [("FAILPOINTS", "log-before-fsync=return")];
+    let node = NodeProcess::start(dir.path(), None, &[], &failing);
+    let rt = runtime();
+    let answers = rt.block_on(send_batch(
+        &node.addr,
+        vec![
+            (10, store("k1", 5, "one")),
+            // Finds version 5 already there (from the store above) and does not apply: its
+            // answer must not claim that version 5 is stored either.
+            (11, store("k1", 5, "one")),
+            (12, fetch("k1")),
+            (
+                13,
+                Request::Forget {
+                    key: Bytes::from_static(b"k9"),
+                    version: Version(1),
+                },
+            ),
+        ],
+    ));
+    let failed = |id: u64| {
+        answers
+            .iter()
+            .find(|a| a.id == id)
+            .is_some_and(|a| matches!(a.msg, Err(WireError::Internal(_))))
+    };
+    assert!(failed(10), "{answers:?}");
+    assert!(
+        failed(11),
+        "a store that found the unsynced version: {answers:?}"
+    );
+    assert!(failed(13), "{answers:?}");
+    assert!(
+        answers.iter().any(|a| a.id == 12 && a.msg.is_ok()),
+        "reads are still answered: {answers:?}"
+    );
 }

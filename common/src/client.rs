@@ -594,10 +594,10 @@ impl Batcher {
             1 => self.ready.extend(items.pop()),
             _ => {
                 let items = std::mem::take(items);
-                // The batch travels under its first request's id: a refusal of the whole
-                // batch (which a node only sends for a frame it cannot read, or a batch over
-                // its limit, which this writer never sends) reaches that call, and the others
-                // end at their timeouts.
+                // The batch travels under its first request's id: an error answered to the
+                // frame as a whole (a node sends one only for a frame it cannot read) reaches
+                // that call, and the others end at their timeouts. Refusals a node can give
+                // per request, such as a batch over its limit, reach every call.
                 let id = items.first().map_or(0, |e| e.id);
                 self.ready.push_back(Envelope {
                     id,

@@ -118,10 +118,16 @@ impl Node {
     /// request under its own id) once that append is done, synced under `--fsync always`.
     async fn batch(&self, requests: Vec<Envelope<Request>>) -> Reply {
         if requests.len() > MAX_BATCH_REQUESTS {
-            return Err(WireError::BadRequest(format!(
+            // Refused as a whole, but answered per request, so that every caller hears of it.
+            let refusal = WireError::BadRequest(format!(
                 "a batch of {} requests is over the limit of {MAX_BATCH_REQUESTS}",
                 requests.len()
-            )));
+            ));
+            let answers = requests.into_iter().map(|r| Envelope {
+                id: r.id,
+                msg: Err(refusal.clone()),
+            });
+            return Ok(Response::Batch(answers.collect()));
         }
         self.ops
             .fetch_add(requests.len().saturating_sub(1) as u64, Ordering::Relaxed);

@@ -306,3 +306,27 @@ fn when_the_log_fails_no_write_of_the_batch_is_acknowledged() {
         "reads are still answered: {answers:?}"
     );
 }
+
+#[test]
+fn a_batch_over_the_limit_is_refused_for_every_request_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), None, &[], &[]);
+    let limit = ringkv_common::protocol::MAX_BATCH_REQUESTS as u64;
+    let requests = (0..=limit)
+        .map(|i| (100 + i, store(&format!("k{i}"), i + 1, "v")))
+        .collect();
+    let answers = runtime().block_on(send_batch(&node.addr, requests));
+    assert_eq!(answers.len() as u64, limit + 1, "every request is answered");
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(&a.msg, Err(WireError::BadRequest(m)) if m.contains("limit"))),
+        "{:?}",
+        answers.first()
+    );
+    // Nothing of the refused batch was stored.
+    runtime().block_on(async {
+        let client = batching_client(&node.addr).await;
+        assert_eq!(fetch_from(&client, "k0").await, (Version::ZERO, None));
+    });
+}

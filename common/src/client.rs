@@ -270,26 +270,20 @@ impl Client {
         let mut batcher = Batcher::new(batching, max_frame_len);
         let writer = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                let mut ok = true;
-                let mut next = Some(first);
+                batcher.add(first);
                 // Drain what is queued, let the tasks that are ready to run queue theirs
                 // too, and drain again: one write then carries a whole round of callers'
                 // requests instead of one, at the cost of one pass of the scheduler.
                 for round in 0..2 {
-                    if round == 1 && ok {
+                    if round == 1 {
                         tokio::task::yield_now().await;
                     }
-                    while ok {
-                        let Some(env) = next.take().or_else(|| rx.try_recv().ok()) else {
-                            break;
-                        };
+                    while let Ok(env) = rx.try_recv() {
                         batcher.add(env);
-                        while let Some(frame) = batcher.ready.pop_front() {
-                            ok = ok && sink.feed(frame).await.is_ok();
-                        }
                     }
                 }
                 batcher.close_batches();
+                let mut ok = true;
                 while let Some(frame) = batcher.ready.pop_front() {
                     ok = ok && sink.feed(frame).await.is_ok();
                 }
@@ -532,10 +526,37 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 struct Batcher {
     enabled: bool,
     max_bytes: usize,
-    /// Open batches, by kind: reads, writes.
-    open: [(Vec<Envelope<Request>>, usize); 2],
+    reads: OpenBatch,
+    writes: OpenBatch,
     /// Frames to send, in order.
     ready: VecDeque<Envelope<Request>>,
+}
+
+/// The requests of one kind held so far, and their bytes as [`Batcher::add`] counts them.
+#[derive(Default)]
+struct OpenBatch {
+    items: Vec<Envelope<Request>>,
+    bytes: usize,
+}
+
+impl OpenBatch {
+    /// Move what is held to `ready`: one request as it is, several as one batch.
+    fn close_into(&mut self, ready: &mut VecDeque<Envelope<Request>>) {
+        self.bytes = 0;
+        if self.items.len() == 1 {
+            ready.extend(self.items.pop());
+        } else if let Some(first) = self.items.first() {
+            // The batch travels under its first request's id: an error answered to the
+            // frame as a whole (a node sends one only for a frame it cannot read) reaches
+            // that call, and the others end at their timeouts. Refusals a node can give
+            // per request, such as a batch over its limit, reach every call.
+            let id = first.id;
+            ready.push_back(Envelope {
+                id,
+                msg: Request::Batch(std::mem::take(&mut self.items)),
+            });
+        }
+    }
 }
 
 impl Batcher {
@@ -543,68 +564,37 @@ impl Batcher {
         Batcher {
             enabled: batching == Batching::On,
             max_bytes: MAX_BATCH_BYTES.min(max_frame_len / 4),
-            open: [(Vec::new(), 0), (Vec::new(), 0)],
+            reads: OpenBatch::default(),
+            writes: OpenBatch::default(),
             ready: VecDeque::new(),
         }
     }
 
     /// Take one queued request: into its open batch, or straight to `ready`.
     fn add(&mut self, env: Envelope<Request>) {
-        let kind = match env.msg.batch_kind() {
-            Some(kind) if self.enabled => kind,
+        let batch = match env.msg.batch_kind() {
+            Some(BatchKind::Read) if self.enabled => &mut self.reads,
+            Some(BatchKind::Write) if self.enabled => &mut self.writes,
             _ => {
                 self.ready.push_back(env);
                 return;
             }
         };
         let len = env.msg.payload_len() + BATCH_ITEM_OVERHEAD;
-        let slot = match kind {
-            BatchKind::Read => 0,
-            BatchKind::Write => 1,
-        };
-        let full = self
-            .open
-            .get(slot)
-            .is_some_and(|(items, bytes)| !items.is_empty() && bytes + len > self.max_bytes);
-        if full {
-            self.close(slot);
+        if !batch.items.is_empty() && batch.bytes + len > self.max_bytes {
+            batch.close_into(&mut self.ready);
         }
-        if let Some((items, bytes)) = self.open.get_mut(slot) {
-            items.push(env);
-            *bytes += len;
-            if items.len() >= MAX_BATCH_REQUESTS {
-                self.close(slot);
-            }
+        batch.items.push(env);
+        batch.bytes += len;
+        if batch.items.len() >= MAX_BATCH_REQUESTS {
+            batch.close_into(&mut self.ready);
         }
     }
 
     /// Close every open batch: the queue is drained for now.
     fn close_batches(&mut self) {
-        self.close(0);
-        self.close(1);
-    }
-
-    fn close(&mut self, slot: usize) {
-        let Some((items, bytes)) = self.open.get_mut(slot) else {
-            return;
-        };
-        *bytes = 0;
-        match items.len() {
-            0 => {}
-            1 => self.ready.extend(items.pop()),
-            _ => {
-                let items = std::mem::take(items);
-                // The batch travels under its first request's id: an error answered to the
-                // frame as a whole (a node sends one only for a frame it cannot read) reaches
-                // that call, and the others end at their timeouts. Refusals a node can give
-                // per request, such as a batch over its limit, reach every call.
-                let id = items.first().map_or(0, |e| e.id);
-                self.ready.push_back(Envelope {
-                    id,
-                    msg: Request::Batch(items),
-                });
-            }
-        }
+        self.reads.close_into(&mut self.ready);
+        self.writes.close_into(&mut self.ready);
     }
 }
 

@@ -361,10 +361,9 @@ impl Membership {
         req: Request,
         timeout: Duration,
     ) -> Result<Result<PendingCall, CallError>, Request> {
-        let inner = self.read();
-        match inner.nodes.get(&id).and_then(|n| n.client.as_ref()) {
-            Some(client) if !client.is_closed() => Ok(client.start_call(req, timeout)),
-            _ => Err(req),
+        match self.open_client(id) {
+            Some(client) => Ok(client.start_call(req, timeout)),
+            None => Err(req),
         }
     }
 

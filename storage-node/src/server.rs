@@ -13,7 +13,7 @@ use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
 use tracing::{error, info};
 
-use crate::log::{EncodedRecord, Log, Record};
+use crate::log::{EncodedRecord, Log};
 use crate::store::Store;
 
 /// Most entries one `Scan` page may ask for, so one answer stays well under the frame limit.
@@ -85,10 +85,7 @@ impl Node {
             .map_err(|e| WireError::BadRequest(e.to_string()))?;
         let (applied, held) = self.lock().apply(key, version, value);
         if applied {
-            self.log
-                .append_encoded(record)
-                .await
-                .map_err(|e| WireError::Internal(format!("log append failed: {e}")))?;
+            self.append(record).await?;
         }
         Ok(Response::Stored {
             applied,
@@ -97,20 +94,20 @@ impl Node {
     }
 
     async fn forget(&self, key: Bytes, version: Version) -> Reply {
-        let removed = self.lock().forget(&key, version);
-        if let Some(held) = removed {
-            // A tombstone at the removed version: replay lets it override the value it
-            // shadows and then drops it, so the key stays forgotten across restarts.
-            self.log
-                .append(Record {
-                    key,
-                    version: held,
-                    value: None,
-                })
-                .await
-                .map_err(|e| WireError::Internal(format!("log append failed: {e}")))?;
+        let mut frames = EncodedRecord::empty();
+        let answer = forget_in(&mut self.lock(), &mut frames, &key, version)?;
+        if !frames.is_empty() {
+            self.append(frames).await?;
         }
-        Ok(Response::Done)
+        Ok(answer)
+    }
+
+    /// Append encoded records to the log (synced under `--fsync always`).
+    async fn append(&self, frames: EncodedRecord) -> Result<(), WireError> {
+        self.log
+            .append_encoded(frames)
+            .await
+            .map_err(|e| WireError::Internal(format!("log append failed: {e}")))
     }
 
     /// A batch of stores, forgets and fetches, applied in order under one lock of the table;
@@ -159,14 +156,9 @@ impl Node {
                             version: held,
                         })
                     }),
-                    Request::Forget { key, version } => match store.forget(&key, version) {
-                        // A forget marker, as in `forget`.
-                        Some(held) => match frames.push(&key, held, None) {
-                            Ok(()) => Ok(Response::Done),
-                            Err(e) => Err(WireError::Internal(e.to_string())),
-                        },
-                        None => Ok(Response::Done),
-                    },
+                    Request::Forget { key, version } => {
+                        forget_in(&mut store, &mut frames, &key, version)
+                    }
                     Request::Fetch { key } => Ok(fetched(&store, &key)),
                     other => Err(WireError::BadRequest(format!(
                         "a batch carries stores, forgets and fetches, not {}",
@@ -180,8 +172,7 @@ impl Node {
             }
         }
         if !frames.is_empty() {
-            if let Err(e) = self.log.append_encoded(frames).await {
-                let failed = WireError::Internal(format!("log append failed: {e}"));
+            if let Err(failed) = self.append(frames).await {
                 for i in writes {
                     if let Some(answer) = answers.get_mut(i) {
                         answer.msg = Err(failed.clone());
@@ -191,6 +182,18 @@ impl Node {
         }
         Ok(Response::Batch(answers))
     }
+}
+
+/// Forget `key` in the table if what it holds is no newer than `version`, and add the
+/// forget marker to `frames`: a tombstone at the removed version, which replay lets override
+/// the value it shadows and then drops, so the key stays forgotten across restarts.
+fn forget_in(store: &mut Store, frames: &mut EncodedRecord, key: &[u8], version: Version) -> Reply {
+    if let Some(held) = store.forget(key, version) {
+        frames
+            .push(key, held, None)
+            .map_err(|e| WireError::Internal(e.to_string()))?;
+    }
+    Ok(Response::Done)
 }
 
 /// Refuse a store that no coordinator would send: bad sizes, or the reserved version 0.

@@ -28,6 +28,13 @@ fn fetch(key: &str) -> Request {
     }
 }
 
+fn forget(key: &str, version: u64) -> Request {
+    Request::Forget {
+        key: Bytes::from(key.to_string()),
+        version: Version(version),
+    }
+}
+
 /// Send one raw `Batch` frame to the node at `addr` and return its answers.
 async fn send_batch(addr: &str, requests: Vec<(u64, Request)>) -> Vec<Envelope<Reply>> {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -101,13 +108,7 @@ fn a_node_answers_each_request_of_a_batch_in_order_and_keeps_its_writes_across_s
             (11, store("k1", 3, "older")),
             (12, fetch("k1")),
             (13, store("k2", 6, "two")),
-            (
-                14,
-                Request::Forget {
-                    key: Bytes::from_static(b"k2"),
-                    version: Version(6),
-                },
-            ),
+            (14, forget("k2", 6)),
             (15, fetch("k2")),
             (16, store("k3", 0, "version zero is reserved")),
             (17, Request::Status),
@@ -280,13 +281,7 @@ fn when_the_log_fails_no_write_of_the_batch_is_acknowledged() {
             // answer must not claim that version 5 is stored either.
             (11, store("k1", 5, "one")),
             (12, fetch("k1")),
-            (
-                13,
-                Request::Forget {
-                    key: Bytes::from_static(b"k9"),
-                    version: Version(1),
-                },
-            ),
+            (13, forget("k9", 1)),
         ],
     ));
     let failed = |id: u64| {

@@ -11,7 +11,9 @@
 //! - `locate`: `{"key","version","replicas":[{"node","addr","state","version"}]}`
 //! - `status`: `{"nodes":[NODE],"keys","under_replicated","degraded","rf","write_quorum",
 //!   "jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}]}`, where
-//!   NODE is `{"id","addr","state","pid","keys","bytes","ops","last_heartbeat_ms"}`
+//!   NODE is `{"id","addr","state","pid","keys","bytes","ops","messages","syncs",
+//!   "last_heartbeat_ms"}`: `ops` counts requests and `messages` the frames that carried them
+//!   (a batch is one), `syncs` the node's log fsyncs
 //! - `nodes`: `{"nodes":[NODE]}`
 //! - `node add`: `{"node"}`; `node remove|kill|pause|resume`: `{"node","ok":true}`
 //! - `check`: `{"keys","healthy","under_replicated","lost","stale"}`
@@ -110,6 +112,8 @@ fn node_json(node: &NodeInfo) -> Value {
         "keys": node.stats.keys,
         "bytes": node.stats.bytes,
         "ops": node.stats.ops,
+        "messages": node.stats.messages,
+        "syncs": node.stats.syncs,
         "last_heartbeat_ms": node.last_heartbeat_ms,
     })
 }
@@ -461,6 +465,8 @@ mod tests {
                 bytes: 1536,
                 ops: 99,
                 log_bytes: 4096,
+                messages: 33,
+                syncs: 7,
             },
             last_heartbeat_ms: heartbeat,
         }
@@ -604,7 +610,8 @@ mod tests {
             doc["nodes"][0],
             json!({
                 "id": 1, "addr": "127.0.0.1:7401", "state": "up", "pid": 1001,
-                "keys": 10, "bytes": 1536, "ops": 99, "last_heartbeat_ms": 300,
+                "keys": 10, "bytes": 1536, "ops": 99, "messages": 33, "syncs": 7,
+                "last_heartbeat_ms": 300,
             })
         );
         assert!(doc["nodes"][1]["pid"].is_null());
@@ -666,9 +673,11 @@ mod tests {
                 "id",
                 "keys",
                 "last_heartbeat_ms",
+                "messages",
                 "ops",
                 "pid",
-                "state"
+                "state",
+                "syncs"
             ]
         );
         assert_eq!(doc["nodes"][0]["state"], "leaving");

@@ -102,4 +102,13 @@ pub struct NodeStats {
     pub ops: u64,
     /// Bytes in the on-disk log, garbage included.
     pub log_bytes: u64,
+    /// Messages received since start: a batch of requests is one message, so `ops` over
+    /// `messages` is how many requests a message carried on average.
+    #[serde(default)]
+    pub messages: u64,
+    /// Fsyncs of the log since start; under `--fsync always` one covers every write that
+    /// arrived while the one before it ran (group commit). Both counters are 0 when a node
+    /// of an older build leaves them out.
+    #[serde(default)]
+    pub syncs: u64,
 }

@@ -24,6 +24,7 @@ pub struct Node {
     store: Mutex<Store>,
     log: Log,
     ops: AtomicU64,
+    messages: AtomicU64,
     /// Serialises compactions; appends keep flowing while one runs.
     compacting: tokio::sync::Mutex<()>,
 }
@@ -35,6 +36,7 @@ impl Node {
             store: Mutex::new(store),
             log,
             ops: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
             compacting: tokio::sync::Mutex::new(()),
         }
     }
@@ -43,7 +45,9 @@ impl Node {
     pub fn stats(&self) -> NodeStats {
         let mut stats = self.lock().stats();
         stats.ops = self.ops.load(Ordering::Relaxed);
+        stats.messages = self.messages.load(Ordering::Relaxed);
         stats.log_bytes = self.log.size_bytes();
+        stats.syncs = self.log.sync_count();
         stats
     }
 
@@ -222,6 +226,7 @@ fn fetched(store: &Store, key: &[u8]) -> Response {
 impl Handler for Node {
     async fn handle(self: Arc<Self>, req: Request, role: Role) -> Reply {
         self.ops.fetch_add(1, Ordering::Relaxed);
+        self.messages.fetch_add(1, Ordering::Relaxed);
         if role == Role::Client {
             return Err(WireError::BadRequest(
                 "storage nodes serve the coordinator only; send client requests to the coordinator"

@@ -325,3 +325,77 @@ fn a_batch_over_the_limit_is_refused_for_every_request_in_it() {
         assert_eq!(fetch_from(&client, "k0").await, (Version::ZERO, None));
     });
 }
+
+/// The sum over all nodes of what `nodes --json` reports: requests, messages, log fsyncs.
+fn node_totals(c: &ringkv_tests::Cluster) -> (u64, u64, u64) {
+    let nodes = c.json(&["nodes"]);
+    let sum = |field: &str| {
+        nodes["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n[field].as_u64().expect(field))
+            .sum::<u64>()
+    };
+    (sum("ops"), sum("messages"), sum("syncs"))
+}
+
+/// The coordinator's own traffic forms batches: 2,000 puts in flight on one client connection
+/// reach the nodes in far fewer messages than requests, and each message costs at most one
+/// fsync. With `--no-node-batching` every request is a message of its own.
+#[test]
+fn pipelined_puts_reach_the_nodes_in_batches_unless_batching_is_off() {
+    const PUTS: u64 = 2000;
+    for batching in [true, false] {
+        let extra_args = if batching {
+            Vec::new()
+        } else {
+            vec!["--no-node-batching".to_string()]
+        };
+        let c = ringkv_tests::Cluster::start_with(ringkv_tests::Options {
+            nodes: 3,
+            extra_args,
+            ..ringkv_tests::Options::default()
+        });
+        let before = node_totals(&c);
+        runtime().block_on(async {
+            let client = c.client().await;
+            let puts = (0..PUTS).map(|i| {
+                let client = client.clone();
+                async move {
+                    let req = Request::Put {
+                        key: Bytes::from(format!("k{i}")),
+                        value: Bytes::from(format!("v{i}")),
+                    };
+                    client.call_timeout(req, ANSWER_WITHIN).await
+                }
+            });
+            for r in futures::future::join_all(puts).await {
+                assert!(matches!(r, Ok(Response::Written { .. })), "{r:?}");
+            }
+        });
+        // The counters arrive with heartbeats; every put stored on all three nodes.
+        let (ops, messages, syncs) = ringkv_tests::wait_for(
+            "the nodes to report the stores",
+            Duration::from_secs(20),
+            || {
+                let now = node_totals(&c);
+                let ops = now.0 - before.0;
+                (ops >= 3 * PUTS).then_some((ops, now.1 - before.1, now.2 - before.2))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", node_totals(&c), c.log_tail()));
+        if batching {
+            assert!(
+                messages * 4 <= ops,
+                "{ops} requests in {messages} messages: too few per batch"
+            );
+            assert!(
+                syncs <= messages,
+                "{syncs} fsyncs for {messages} messages: a batch costs at most one"
+            );
+        } else {
+            assert_eq!(messages, ops, "without batching every request is a message");
+        }
+    }
+}

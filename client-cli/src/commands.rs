@@ -459,6 +459,7 @@ mod tests {
                     write_quorum: 2,
                     degraded: false,
                     jobs: Vec::new(),
+                    writes: Default::default(),
                 })),
                 Request::NodeSignal { node, .. } if node == NodeId(9) => {
                     Err(WireError::NotFound(format!("node {node}")))

@@ -10,7 +10,9 @@
 //!   not UTF-8 is shown lossily (U+FFFD for invalid sequences) and gains `"binary":true`.
 //! - `locate`: `{"key","version","replicas":[{"node","addr","state","version"}]}`
 //! - `status`: `{"nodes":[NODE],"keys","under_replicated","degraded","rf","write_quorum",
-//!   "jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}]}`, where
+//!   "jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
+//!   "writes":{"count","lock_wait_us","quorum_wait_us","commit_wait_us"}}`, the last the
+//!   time acknowledged writes spent in each stage, summed since the coordinator started; where
 //!   NODE is `{"id","addr","state","pid","keys","bytes","ops","messages","syncs",
 //!   "last_heartbeat_ms"}`: `ops` counts requests and `messages` the frames that carried them
 //!   (a batch is one), `syncs` the node's log fsyncs
@@ -25,7 +27,7 @@
 use comfy_table::{presets, CellAlignment, Table};
 use ringkv_common::client::CallError;
 use ringkv_common::protocol::{
-    CheckReport, ClusterStatus, JobProgress, Location, NodeInfo, ReplicaInfo,
+    CheckReport, ClusterStatus, JobProgress, Location, NodeInfo, ReplicaInfo, WriteTimings,
 };
 use ringkv_common::{NodeState, WireError};
 use serde_json::{json, Value};
@@ -136,6 +138,12 @@ fn status_json(status: &ClusterStatus) -> Value {
             // serde_json turns a non-finite float into null, which is what "unknown" means here.
             "eta_secs": job.eta_secs,
         })).collect::<Vec<_>>(),
+        "writes": json!({
+            "count": status.writes.count,
+            "lock_wait_us": status.writes.lock_wait_us,
+            "quorum_wait_us": status.writes.quorum_wait_us,
+            "commit_wait_us": status.writes.commit_wait_us,
+        }),
     })
 }
 
@@ -246,7 +254,25 @@ fn status_text(status: &ClusterStatus) -> String {
         out.push_str(&job_line(job));
         out.push('\n');
     }
+    if let Some(line) = writes_line(&status.writes) {
+        out.push_str(&line);
+        out.push('\n');
+    }
     out
+}
+
+/// `writes: 1200 acknowledged; each waited on average 3 µs for its key's lock, 850 µs for
+/// the write quorum, 410 µs for the metadata commit`; nothing before the first write.
+fn writes_line(w: &WriteTimings) -> Option<String> {
+    let avg = |total: u64| total.checked_div(w.count);
+    Some(format!(
+        "writes: {} acknowledged; each waited on average {} µs for its key's lock, {} µs for \
+         the write quorum, {} µs for the metadata commit",
+        w.count,
+        avg(w.lock_wait_us)?,
+        avg(w.quorum_wait_us)?,
+        avg(w.commit_wait_us)?
+    ))
 }
 
 /// `healthy: 5/5 nodes up, 1000 keys, 0 under-replicated, no jobs running`, or
@@ -493,6 +519,12 @@ mod tests {
                 bytes_total: 10 * 1024 * 1024,
                 eta_secs: None,
             }],
+            writes: WriteTimings {
+                count: 4,
+                lock_wait_us: 10,
+                quorum_wait_us: 4000,
+                commit_wait_us: 2002,
+            },
         }
     }
 
@@ -603,8 +635,15 @@ mod tests {
                 "nodes",
                 "rf",
                 "under_replicated",
-                "write_quorum"
+                "write_quorum",
+                "writes"
             ]
+        );
+        assert_eq!(
+            doc["writes"],
+            json!({
+                "count": 4, "lock_wait_us": 10, "quorum_wait_us": 4000, "commit_wait_us": 2002,
+            })
         );
         assert_eq!(
             doc["nodes"][0],
@@ -644,16 +683,28 @@ mod tests {
             text.contains("job re-replication: 120/1000 keys, 1.0 MiB/10.0 MiB (10%), eta unknown"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "writes: 4 acknowledged; each waited on average 2 µs for its key's lock, \
+                 1000 µs for the write quorum, 500 µs for the metadata commit"
+            ),
+            "{text}"
+        );
         let text = String::from_utf8(render(&Outcome::Status(status(true, 7)), false)).unwrap();
         assert!(text.contains("DEGRADED: 1/2 nodes up, 1000 keys, 7 under-replicated"));
         let quiet = ClusterStatus {
             jobs: Vec::new(),
+            writes: WriteTimings::default(),
             ..status(false, 0)
         };
         let text = String::from_utf8(render(&Outcome::Status(quiet), false)).unwrap();
         assert!(
             text.contains("0 under-replicated, no jobs running"),
             "{text}"
+        );
+        assert!(
+            !text.contains("writes:"),
+            "no line before the first write: {text}"
         );
     }
 

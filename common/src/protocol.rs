@@ -331,6 +331,26 @@ pub struct ClusterStatus {
     /// Fewer than `rf` nodes are up: writes may fail or land on fewer replicas.
     pub degraded: bool,
     pub jobs: Vec<JobProgress>,
+    /// Where acknowledged writes spent their time (0 from a coordinator of an older build).
+    #[serde(default)]
+    pub writes: WriteTimings,
+}
+
+/// Where the coordinator's acknowledged writes spent their time, summed since it started:
+/// each stage in microseconds, so that a stage over `count` is its average per write, and
+/// the difference of two readings is what happened between them.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteTimings {
+    /// Writes acknowledged.
+    pub count: u64,
+    /// Waiting for the key's lock, held by an earlier write to it (or to a key sharing its
+    /// lock stripe) until that write's metadata commit.
+    pub lock_wait_us: u64,
+    /// From queueing the stores to the write quorum's answers: the nodes' log appends and,
+    /// under `--fsync always`, their fsyncs.
+    pub quorum_wait_us: u64,
+    /// The metadata commit that records the write; under `--meta-fsync always`, its fsync.
+    pub commit_wait_us: u64,
 }
 
 /// Answer to [`Request::Check`]; each key counts in exactly one of the last four fields.

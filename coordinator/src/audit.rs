@@ -48,6 +48,7 @@ impl Coordinator {
             write_quorum: self.config.write_quorum as u32,
             degraded: up < rf,
             jobs: self.repairs.progress(),
+            writes: self.write_clock.read(),
         }
     }
 

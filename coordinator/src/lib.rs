@@ -43,7 +43,7 @@ pub use state::{Coordinator, ReadyGate};
 
 use crate::metadata::Metadata;
 use crate::repair::RepairQueue;
-use crate::replication::KeyLocks;
+use crate::replication::{KeyLocks, WriteClock};
 use crate::ring_state::Membership;
 use crate::supervisor::Supervisor;
 
@@ -90,6 +90,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         ready: ReadyGate::default(),
         tasks: TaskTracker::new(),
+        write_clock: WriteClock::default(),
     });
 
     let loops = TaskTracker::new();

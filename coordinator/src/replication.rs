@@ -12,13 +12,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::FutureExt;
 use ringkv_common::client::{CallError, PendingCall};
-use ringkv_common::protocol::{Location, ReplicaInfo, Reply, Request, Response};
+use ringkv_common::protocol::{Location, ReplicaInfo, Reply, Request, Response, WriteTimings};
 use ringkv_common::{NodeId, Version, WireError};
 use smallvec::SmallVec;
 use tokio::sync::{Mutex, MutexGuard};
@@ -53,6 +55,40 @@ impl KeyLocks {
     pub async fn lock(&self, key: &[u8]) -> Option<MutexGuard<'_, ()>> {
         let i = (ringkv_common::ring::key_hash(key) as usize) % LOCK_STRIPES;
         Some(self.stripes.get(i)?.lock().await)
+    }
+}
+
+/// Time acknowledged writes spent in each stage, summed since start (for `status`).
+#[derive(Default)]
+pub struct WriteClock {
+    count: AtomicU64,
+    lock_wait_us: AtomicU64,
+    quorum_wait_us: AtomicU64,
+    commit_wait_us: AtomicU64,
+}
+
+impl WriteClock {
+    fn record(&self, lock_wait: Duration, quorum_wait: Duration, commit_wait: Duration) {
+        let add = |total: &AtomicU64, d: Duration| {
+            total.fetch_add(
+                u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+        };
+        self.count.fetch_add(1, Ordering::Relaxed);
+        add(&self.lock_wait_us, lock_wait);
+        add(&self.quorum_wait_us, quorum_wait);
+        add(&self.commit_wait_us, commit_wait);
+    }
+
+    /// The sums so far.
+    pub fn read(&self) -> WriteTimings {
+        WriteTimings {
+            count: self.count.load(Ordering::Relaxed),
+            lock_wait_us: self.lock_wait_us.load(Ordering::Relaxed),
+            quorum_wait_us: self.quorum_wait_us.load(Ordering::Relaxed),
+            commit_wait_us: self.commit_wait_us.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -134,11 +170,13 @@ impl Coordinator {
         check_sizes(&key, value.as_ref())?;
         let rf = self.config.rf;
         let quorum = self.config.write_quorum;
+        let started = Instant::now();
         let _guard = self
             .locks
             .lock(&key)
             .await
             .ok_or_else(|| WireError::Internal("lock stripe missing".into()))?;
+        let locked = Instant::now();
         let targets = self.members.preference_list(&key, rf);
         if targets.len() < quorum {
             return Err(WireError::Unavailable(format!(
@@ -167,6 +205,7 @@ impl Coordinator {
             })
             .collect();
 
+        let stores_queued = Instant::now();
         let mut acked = Replicas::new();
         let mut maybe_applied = false;
         let quorum = effective_quorum(quorum);
@@ -180,6 +219,7 @@ impl Coordinator {
             }
         }
 
+        let answered = Instant::now();
         // Replicas that answered together with the quorum go into the same metadata commit.
         tokio::task::yield_now().await;
         let mut late_failure = false;
@@ -216,6 +256,7 @@ impl Coordinator {
             .filter(|n| !targets.contains(n))
             .collect();
         let acked_count = acked.len();
+        let committing = Instant::now();
         let meta = KeyMeta {
             version,
             replicas: acked,
@@ -225,6 +266,7 @@ impl Coordinator {
             .update(vec![(key.clone(), KeyUpdate::Set(meta))])
             .await
             .map_err(|e| WireError::Indeterminate(format!("metadata commit failed: {e}")))?;
+        let committed = Instant::now();
         fail::fail_point!("coordinator-after-meta-commit", crash_point);
 
         // Late replicas: record them when they answer; the repair loop covers the rest.
@@ -238,6 +280,11 @@ impl Coordinator {
                 "version {version} reached {acked_count} of the {quorum} replicas a write needs"
             )));
         }
+        self.write_clock.record(
+            locked - started,
+            answered - stores_queued,
+            committed - committing,
+        );
         Ok(Response::Written { version })
     }
 

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::CoordinatorConfig;
 use crate::metadata::Metadata;
 use crate::repair::RepairQueue;
-use crate::replication::KeyLocks;
+use crate::replication::{KeyLocks, WriteClock};
 use crate::ring_state::Membership;
 use crate::supervisor::Supervisor;
 
@@ -29,6 +29,8 @@ pub struct Coordinator {
     pub ready: ReadyGate,
     /// Background work (late acknowledgements, repairs); waited for at shutdown.
     pub tasks: TaskTracker,
+    /// Where acknowledged writes spent their time, for `status`.
+    pub write_clock: WriteClock,
 }
 
 impl Coordinator {

@@ -195,3 +195,29 @@ fn explicit_worker_counts_are_passed_on() {
     std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("--worker-threads"), "{stderr}");
 }
+
+/// `status` says where acknowledged writes spent their time: with every node fsync slowed by
+/// 40 ms (a failpoint in the nodes), the wait for the write quorum carries it, and neither the
+/// metadata commit nor the key lock does.
+#[test]
+fn status_shows_where_writes_spend_their_time() {
+    let c = ringkv_tests::Cluster::start_with(ringkv_tests::Options {
+        nodes: 3,
+        // Spawned nodes inherit the coordinator's environment.
+        env: vec![("FAILPOINTS".into(), "log-before-fsync=sleep(40)".into())],
+        ..ringkv_tests::Options::default()
+    });
+    assert_eq!(c.status()["writes"]["count"], 0, "no write yet");
+    for i in 0..8 {
+        c.json(&["put", &format!("slow{i}"), "v"]);
+    }
+    let status = c.status();
+    let writes = &status["writes"];
+    assert_eq!(writes["count"], 8, "{writes}");
+    let avg = |field: &str| writes[field].as_u64().expect(field) / 8;
+    assert!(avg("quorum_wait_us") >= 40_000, "{writes}");
+    assert!(avg("commit_wait_us") < 40_000, "{writes}");
+    assert!(avg("lock_wait_us") < 40_000, "{writes}");
+    let text = String::from_utf8(c.ringkv(&["status"]).stdout).expect("utf-8");
+    assert!(text.contains("writes: 8 acknowledged"), "{text}");
+}

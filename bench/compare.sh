@@ -31,20 +31,36 @@ RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 on_exit() { if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT"; fi; }
 
+# RingKV's write-stage sums (`status --json` .writes), or null.
+write_sums() {
+    "$BIN/ringkv" --coordinator "$RINGKV_ADDR" --json status 2>/dev/null | jq -c .writes \
+        || echo null
+}
+
 # run LABEL TARGET-ARGS... -- BENCH-ARGS...: one bench run, its JSON appended to RESULTS.
+# A RingKV run also records where its writes waited, from `status` before and after.
 run() {
     local label=$1 system=$2
     shift 2
-    local out
+    local out before=null after=null
+    if [ "$system" = ringkv ]; then before=$(write_sums); fi
     # `ringkv bench` exits 1 when some operations failed; the report says how many.
     out=$("$BIN/ringkv" "$@" --json --duration "$DURATION" --warmup "$WARMUP" \
         --connections "$CONNECTIONS" --keys "$KEYS" || true)
+    if [ "$system" = ringkv ]; then after=$(write_sums); fi
     if ! echo "$out" | jq -e .throughput >/dev/null 2>&1; then
         echo "bench failed ($label, $system): $out" >&2
         out='{"throughput":0,"latency_us":{"p99":0},"error_total":-1}'
     fi
     echo "$out" | jq -c --arg lab "$label" --arg sys "$system" \
-        '. + {"label": $lab, "system": $sys}' >> "$RESULTS"
+        --argjson b "$before" --argjson a "$after" '
+        . + {"label": $lab, "system": $sys}
+        + (if $a != null and $b != null and ($a.count - $b.count) > 0 then
+             ($a.count - $b.count) as $n
+             | {"stages_us": {"lock": (($a.lock_wait_us - $b.lock_wait_us) / $n),
+                              "quorum": (($a.quorum_wait_us - $b.quorum_wait_us) / $n),
+                              "commit": (($a.commit_wait_us - $b.commit_wait_us) / $n)}}
+           else {} end)' >> "$RESULTS"
     echo "$out" | jq -r --arg l "$label" --arg s "$system" \
         '"  \($s | . + "      " | .[0:6]) \($l): \(.throughput | floor) ops/s, p99 \(.latency_us.p99 / 1000) ms, errors \(.error_total)"' >&2
 }
@@ -113,4 +129,21 @@ jq -rs '
         + (if (.rk.error_total != 0 or .rd.error_total != 0)
            then " (errors: ringkv \(.rk.error_total), redis \(.rd.error_total))" else "" end)
         + " |" )
+' "$RESULTS"
+
+# Where RingKV's writes waited: the mean latency the client saw, and the coordinator's
+# average per write (warm-up included) for the key lock, the write quorum (node log appends
+# and their fsyncs) and the metadata commit; the rest is reading, queueing for a core and
+# answering.
+echo
+echo "Where RingKV's PUTs waited (mean, microseconds):"
+echo
+jq -rs '
+  def r(x): x | round;
+  "| workload | client mean | key lock | write quorum | metadata commit | rest |",
+  "| --- | ---: | ---: | ---: | ---: | ---: |",
+  ( .[] | select(.system == "ringkv" and .stages_us != null and (.label | startswith("put")))
+    | "| \(.label) | \(r(.latency_us.mean)) | \(r(.stages_us.lock)) | \(r(.stages_us.quorum)) | "
+      + "\(r(.stages_us.commit)) | "
+      + "\(r(.latency_us.mean - .stages_us.lock - .stages_us.quorum - .stages_us.commit)) |" )
 ' "$RESULTS"

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use ringkv_common::protocol::{Envelope, Reply, Request, Response, Role, MAX_BATCH_REQUESTS};
+use ringkv_common::protocol::{
+    Envelope, Reply, Request, Response, Role, ScanEntry, MAX_BATCH_REQUESTS,
+};
 use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
 use tracing::{error, info};
@@ -49,6 +51,31 @@ impl Node {
         stats.log_bytes = self.log.size_bytes();
         stats.syncs = self.log.sync_count();
         stats
+    }
+
+    /// One scan page. A page that starts a scan sorts every key first; on a large table that
+    /// takes long (about 0.1 s for 300,000 keys), so the keys are copied under the table lock
+    /// and sorted on a blocking thread, while the node goes on serving.
+    async fn scan(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<ScanEntry>, Option<Bytes>), WireError> {
+        let unsorted = {
+            let store = self.lock();
+            store.scan_needs_order(after).then(|| store.keys())
+        };
+        let Some(mut keys) = unsorted else {
+            return Ok(self.lock().scan(after, limit));
+        };
+        let sorted = tokio::task::spawn_blocking(move || {
+            fail::fail_point!("node-scan-sort");
+            keys.sort_unstable();
+            keys
+        })
+        .await
+        .map_err(|e| WireError::Internal(format!("sorting the keys for a scan failed: {e}")))?;
+        Ok(self.lock().scan_in_order(sorted, after, limit))
     }
 
     /// The log, for shutdown.
@@ -244,7 +271,7 @@ impl Handler for Node {
             Request::Forget { key, version } => self.forget(key, version).await,
             Request::Scan { after, limit } => {
                 let limit = (limit as usize).clamp(1, MAX_SCAN_PAGE);
-                let (entries, next) = self.lock().scan(after.as_deref(), limit);
+                let (entries, next) = self.scan(after.as_deref(), limit).await?;
                 Ok(Response::Scanned { entries, next })
             }
             other => Err(WireError::BadRequest(format!(

@@ -111,20 +111,49 @@ impl Store {
     /// current; a key written after the scan started may be missed, and a key removed since
     /// is skipped (a page may then hold fewer than `limit` entries).
     pub fn scan(&mut self, after: Option<&[u8]>, limit: usize) -> (Vec<ScanEntry>, Option<Bytes>) {
-        let limit = limit.max(1);
+        if self.scan_needs_order(after) {
+            let mut keys = self.keys();
+            keys.sort_unstable();
+            return self.scan_in_order(keys, after, limit);
+        }
+        self.page(after, limit)
+    }
+
+    /// Whether a scan page starting after `after` needs the keys sorted first: it starts a
+    /// scan, or the order of the scan it continues has expired or was freed.
+    pub fn scan_needs_order(&self, after: Option<&[u8]>) -> bool {
         let reusable = after.is_some()
             && self
                 .scan_order
                 .as_ref()
                 .is_some_and(|o| o.sorted_at.elapsed() < SCAN_ORDER_TTL);
-        if !reusable {
-            let mut keys: Vec<Bytes> = self.map.keys().cloned().collect();
-            keys.sort_unstable();
-            self.scan_order = Some(ScanOrder {
-                keys,
-                sorted_at: Instant::now(),
-            });
-        }
+        !reusable
+    }
+
+    /// Every key, unsorted: what [`Store::scan_in_order`] wants sorted.
+    pub fn keys(&self) -> Vec<Bytes> {
+        self.map.keys().cloned().collect()
+    }
+
+    /// As [`Store::scan`], with `keys` (every key, taken by [`Store::keys`] since the scan
+    /// started, then sorted) as the order for this page and the pages after it. Sorting a
+    /// large table takes long, so a caller can sort without holding the table.
+    pub fn scan_in_order(
+        &mut self,
+        keys: Vec<Bytes>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> (Vec<ScanEntry>, Option<Bytes>) {
+        self.scan_order = Some(ScanOrder {
+            keys,
+            sorted_at: Instant::now(),
+        });
+        self.page(after, limit)
+    }
+
+    /// One page of the current scan order.
+    fn page(&mut self, after: Option<&[u8]>, limit: usize) -> (Vec<ScanEntry>, Option<Bytes>) {
+        let limit = limit.max(1);
         let Some(order) = self.scan_order.as_ref() else {
             return (Vec::new(), None);
         };
@@ -312,6 +341,36 @@ mod tests {
         }
         let expected: Vec<Bytes> = (0..25).map(|i| b(&format!("k{i:02}"))).collect();
         assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_scan_started_with_keys_sorted_elsewhere_pages_like_one_sorted_here() {
+        let mut s = Store::default();
+        for i in (0..25).rev() {
+            s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
+        }
+        assert!(s.scan_needs_order(None), "a new scan always sorts");
+        let mut keys = s.keys();
+        keys.sort_unstable();
+        // Written after the keys were taken: this scan may miss it.
+        s.apply(b("k05x"), Version(99), Some(b("late")));
+        let (first, mut next) = s.scan_in_order(keys, None, 10);
+        let mut seen: Vec<Bytes> = first.into_iter().map(|e| e.key).collect();
+        while let Some(after) = next {
+            assert!(
+                !s.scan_needs_order(Some(&after)),
+                "later pages reuse the order"
+            );
+            let (page, n) = s.scan(Some(&after), 10);
+            seen.extend(page.into_iter().map(|e| e.key));
+            next = n;
+        }
+        let expected: Vec<Bytes> = (0..25).map(|i| b(&format!("k{i:02}"))).collect();
+        assert_eq!(seen, expected);
+        assert!(
+            s.scan_needs_order(Some(b"k10")),
+            "a finished scan frees its order"
+        );
     }
 
     #[test]

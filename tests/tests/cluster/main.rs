@@ -7,3 +7,4 @@ mod crash;
 mod data_dir;
 mod failures;
 mod restart;
+mod scan;

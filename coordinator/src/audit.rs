@@ -98,7 +98,7 @@ impl Coordinator {
                 }
                 match classify(good, stale, this.config.rf) {
                     Health::Healthy => report.healthy += 1,
-                    _ => suspects.push(key.clone()),
+                    _ => suspects.push(Bytes::copy_from_slice(key)),
                 }
             });
             (report, suspects)

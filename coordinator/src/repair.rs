@@ -202,7 +202,7 @@ impl Coordinator {
         let mut misplaced = Vec::new();
         self.meta.for_each(|key, meta| {
             if !self.is_placed(key, meta) {
-                misplaced.push((key.clone(), self.live_replicas(meta) <= 1));
+                misplaced.push((Bytes::copy_from_slice(key), self.live_replicas(meta) <= 1));
             }
         });
         let n = misplaced.len();

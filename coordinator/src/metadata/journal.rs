@@ -84,12 +84,18 @@ pub enum Entry {
 #[derive(Serialize)]
 pub enum EntryRef<'a> {
     Key {
-        key: &'a Bytes,
+        #[serde(serialize_with = "as_bin")]
+        key: &'a [u8],
         meta: Option<&'a KeyMeta>,
     },
     Node(&'a NodeRecord),
     Ceiling(u64),
     Clean,
+}
+
+/// A key as MessagePack bin, the encoding `Bytes` has in [`Entry`].
+fn as_bin<S: serde::Serializer>(key: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(key)
 }
 
 /// Errors of the journal.
@@ -625,6 +631,22 @@ mod tests {
             .unwrap();
             j.commit(false).unwrap();
         }
+    }
+
+    #[test]
+    fn a_key_is_written_as_messagepack_bin_as_bytes_is() {
+        let m = meta(1);
+        let key = Bytes::from_static(b"k1");
+        let owned = rmp_serde::to_vec(&(key.clone(), Some(&m))).unwrap();
+        let borrowed = rmp_serde::to_vec(&EntryRef::Key {
+            key: &key,
+            meta: Some(&m),
+        })
+        .unwrap();
+        // The entry is the variant around the same fields: its encoding ends with theirs.
+        let fields = owned.get(1..).unwrap();
+        assert!(borrowed.ends_with(fields), "{borrowed:x?} vs {owned:x?}");
+        assert!(borrowed.windows(2).any(|w| w == [0xc4, 2]), "bin8 of 2 bytes");
     }
 
     #[test]

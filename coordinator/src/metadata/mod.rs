@@ -114,8 +114,24 @@ struct Job {
 
 /// One shard of the key map. foldhash, seeded at random per process, costs a fraction of
 /// SipHash per lookup, and keys chosen by clients still cannot be aimed at one bucket
-/// without knowing the seed.
-type Shard = RwLock<HashMap<Bytes, KeyMeta, foldhash::fast::RandomState>>;
+/// without knowing the seed. A key is a boxed slice of its own: 16 bytes in the slot and an
+/// allocation of the key's length, where a `Bytes` takes 32 in the slot and, once shared,
+/// a reference-count block besides.
+type Shard = RwLock<HashMap<Box<[u8]>, KeyMeta, foldhash::fast::RandomState>>;
+
+/// Set `key` to `meta` in `map`, copying the key only when it is new.
+fn put_entry(
+    map: &mut HashMap<Box<[u8]>, KeyMeta, foldhash::fast::RandomState>,
+    key: &[u8],
+    meta: KeyMeta,
+) {
+    match map.get_mut(key) {
+        Some(slot) => *slot = meta,
+        None => {
+            map.insert(Box::from(key), meta);
+        }
+    }
+}
 
 struct VersionLease {
     next: u64,
@@ -190,9 +206,11 @@ impl Metadata {
                     if let Some(shard) = shards.get(shard_of(&key)) {
                         let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
                         match meta {
-                            Some(m) => guard.insert(key, m),
-                            None => guard.remove(&key),
-                        };
+                            Some(m) => put_entry(&mut guard, &key, m),
+                            None => {
+                                guard.remove(key.as_ref());
+                            }
+                        }
                     }
                 }
                 Entry::Node(record) => {
@@ -291,7 +309,7 @@ impl Metadata {
     }
 
     /// Call `f` on every key (a consistent view per shard, not across shards).
-    pub fn for_each(&self, mut f: impl FnMut(&Bytes, &KeyMeta)) {
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &KeyMeta)) {
         for shard in self.shards.iter() {
             let guard = shard.read().unwrap_or_else(|p| p.into_inner());
             for (k, m) in guard.iter() {
@@ -319,7 +337,7 @@ impl Metadata {
         let mut out = Vec::new();
         self.for_each(|key, meta| {
             if meta.replicas.contains(&node) {
-                out.push(key.clone());
+                out.push(Bytes::copy_from_slice(key));
             }
         });
         out
@@ -665,7 +683,7 @@ impl Writer {
                             self.shards.get(shard_of(key)).and_then(|s| {
                                 s.read()
                                     .unwrap_or_else(|p| p.into_inner())
-                                    .get(key)
+                                    .get(key.as_ref())
                                     .cloned()
                             })
                         });
@@ -709,9 +727,11 @@ impl Writer {
             {
                 let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
                 match meta {
-                    Some(m) => guard.insert(key, m),
-                    None => guard.remove(&key),
-                };
+                    Some(m) => put_entry(&mut guard, &key, m),
+                    None => {
+                        guard.remove(key.as_ref());
+                    }
+                }
             }
         }
         Ok(())
@@ -739,22 +759,22 @@ impl BackgroundRewrite {
             before,
         } = self;
         let mut written = Ok(());
-        let mut copy: Vec<(Bytes, KeyMeta)> = Vec::new();
+        let mut keys: Vec<u8> = Vec::new();
+        let mut copy: Vec<(std::ops::Range<usize>, KeyMeta)> = Vec::new();
         for shard in shards.iter() {
-            // Copy the shard under its read lock (a reference count and a short list per
-            // key), then encode and write without it: a commit to the shard waits for the
-            // copy only, never for the encoding or the disk.
+            // Copy the shard under its read lock (the keys into one buffer, and the entries),
+            // then encode and write without it: a commit to the shard waits for the copy
+            // only, never for the encoding or the disk.
+            keys.clear();
             copy.clear();
-            copy.extend(
-                shard
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .map(|(key, meta)| (key.clone(), meta.clone())),
-            );
-            written = copy.iter().try_for_each(|(key, meta)| {
+            for (key, meta) in shard.read().unwrap_or_else(|p| p.into_inner()).iter() {
+                let start = keys.len();
+                keys.extend_from_slice(key);
+                copy.push((start..keys.len(), meta.clone()));
+            }
+            written = copy.iter().try_for_each(|(range, meta)| {
                 rewrite.push(&EntryRef::Key {
-                    key,
+                    key: keys.get(range.clone()).unwrap_or_default(),
                     meta: Some(meta),
                 })
             });
@@ -976,7 +996,7 @@ mod tests {
         }
         let mut before = BTreeMap::new();
         m.for_each(|k, v| {
-            before.insert(k.clone(), v.clone());
+            before.insert(k.to_vec(), v.clone());
         });
         m.close();
         assert!(m.rewrites() > 0, "no rewrite ran during the changes");
@@ -984,7 +1004,7 @@ mod tests {
         let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
         let mut after = BTreeMap::new();
         m.for_each(|k, v| {
-            after.insert(k.clone(), v.clone());
+            after.insert(k.to_vec(), v.clone());
         });
         assert_eq!(before.len(), 37);
         assert_eq!(before, after);

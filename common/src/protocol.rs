@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::WireError;
 use crate::types::{NodeId, NodeState, NodeStats, Version};
 
-/// Bumped on any incompatible change to the messages below (2: [`Request::Batch`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Bumped on any incompatible change to the messages below (2: [`Request::Batch`]; 3: the
+/// `messages` and `syncs` of [`NodeStats`] and the `writes` of [`ClusterStatus`], which a
+/// build before them cannot decode: structs travel as arrays, and a longer one is refused).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest key accepted. Keys are held in memory by the coordinator and every replica,
 /// so they are kept small enough to make per-key overhead predictable.
@@ -331,7 +333,7 @@ pub struct ClusterStatus {
     /// Fewer than `rf` nodes are up: writes may fail or land on fewer replicas.
     pub degraded: bool,
     pub jobs: Vec<JobProgress>,
-    /// Where acknowledged writes spent their time (0 from a coordinator of an older build).
+    /// Where acknowledged writes spent their time.
     #[serde(default)]
     pub writes: WriteTimings,
 }

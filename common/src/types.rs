@@ -107,8 +107,7 @@ pub struct NodeStats {
     #[serde(default)]
     pub messages: u64,
     /// Fsyncs of the log since start; under `--fsync always` one covers every write that
-    /// arrived while the one before it ran (group commit). Both counters are 0 when a node
-    /// of an older build leaves them out.
+    /// arrived while the one before it ran (group commit).
     #[serde(default)]
     pub syncs: u64,
 }

@@ -61,7 +61,9 @@ impl KeyLocks {
     }
 }
 
-/// Time acknowledged writes spent in each stage, summed since start (for `status`).
+/// Time acknowledged writes spent in each stage, summed since start (for `status`). Each
+/// counter is read on its own, so a reading taken as a write is recorded may count it
+/// before its times are added; the difference of two readings apart is exact enough.
 #[derive(Default)]
 pub struct WriteClock {
     count: AtomicU64,

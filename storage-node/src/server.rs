@@ -8,15 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use ringkv_common::protocol::{
-    Envelope, Reply, Request, Response, Role, ScanEntry, MAX_BATCH_REQUESTS,
-};
+use ringkv_common::protocol::{Envelope, Reply, Request, Response, Role, MAX_BATCH_REQUESTS};
 use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
 use tracing::{error, info};
 
 use crate::log::{EncodedRecord, Log};
-use crate::store::Store;
+use crate::store::{ScanPage, Store};
 
 /// Most entries one `Scan` page may ask for, so one answer stays well under the frame limit.
 const MAX_SCAN_PAGE: usize = 10_000;
@@ -56,22 +54,19 @@ impl Node {
     /// One scan page. A page that starts a scan sorts every key first; on a large table that
     /// takes long (about 0.1 s for 300,000 keys), so the keys are copied under the table lock
     /// and sorted on a blocking thread, while the node goes on serving.
-    async fn scan(
-        &self,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<(Vec<ScanEntry>, Option<Bytes>), WireError> {
-        let unsorted = {
-            let store = self.lock();
-            store.scan_needs_order(after).then(|| store.keys())
-        };
-        let Some(mut keys) = unsorted else {
-            return Ok(self.lock().scan(after, limit));
+    async fn scan(&self, after: Option<&[u8]>, limit: usize) -> Result<ScanPage, WireError> {
+        let snapshot = {
+            let mut store = self.lock();
+            match store.scan_or_snapshot(after, limit) {
+                Ok(page) => return Ok(page),
+                Err(snapshot) => snapshot,
+            }
         };
         let sorted = tokio::task::spawn_blocking(move || {
             fail::fail_point!("node-scan-sort");
-            keys.sort_unstable();
-            keys
+            let mut snapshot = snapshot;
+            snapshot.keys.sort_unstable();
+            snapshot
         })
         .await
         .map_err(|e| WireError::Internal(format!("sorting the keys for a scan failed: {e}")))?;

@@ -41,8 +41,18 @@ const SCAN_ORDER_TTL: Duration = Duration::from_secs(30);
 /// instead of a pass over the whole table.
 struct ScanOrder {
     keys: Vec<Bytes>,
-    sorted_at: Instant,
+    /// When the keys were taken from the table.
+    taken_at: Instant,
 }
+
+/// Every key of the table at one moment, for a scan's order once sorted.
+pub struct KeySnapshot {
+    pub keys: Vec<Bytes>,
+    taken_at: Instant,
+}
+
+/// A scan page: its entries, and the key to continue after (`None` at the end).
+pub type ScanPage = (Vec<ScanEntry>, Option<Bytes>);
 
 impl Store {
     /// Rebuild the table from replayed log records (file order).
@@ -110,49 +120,64 @@ impl Store {
     /// page. Entries are read from the table when their page is served, so values are
     /// current; a key written after the scan started may be missed, and a key removed since
     /// is skipped (a page may then hold fewer than `limit` entries).
-    pub fn scan(&mut self, after: Option<&[u8]>, limit: usize) -> (Vec<ScanEntry>, Option<Bytes>) {
-        if self.scan_needs_order(after) {
-            let mut keys = self.keys();
-            keys.sort_unstable();
-            return self.scan_in_order(keys, after, limit);
+    pub fn scan(&mut self, after: Option<&[u8]>, limit: usize) -> ScanPage {
+        match self.scan_or_snapshot(after, limit) {
+            Ok(page) => page,
+            Err(mut snapshot) => {
+                snapshot.keys.sort_unstable();
+                self.scan_in_order(snapshot, after, limit)
+            }
         }
-        self.page(after, limit)
     }
 
-    /// Whether a scan page starting after `after` needs the keys sorted first: it starts a
-    /// scan, or the order of the scan it continues has expired or was freed.
-    pub fn scan_needs_order(&self, after: Option<&[u8]>) -> bool {
+    /// The page [`Store::scan`] would give, if the order of the scan it continues can serve
+    /// it; otherwise (the page starts a scan, or the order expired or was freed) every key
+    /// as it is now, for the caller to sort, without the table, and hand to
+    /// [`Store::scan_in_order`]: sorting a large table takes long.
+    pub fn scan_or_snapshot(
+        &mut self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<ScanPage, KeySnapshot> {
         let reusable = after.is_some()
             && self
                 .scan_order
                 .as_ref()
-                .is_some_and(|o| o.sorted_at.elapsed() < SCAN_ORDER_TTL);
-        !reusable
+                .is_some_and(|o| o.taken_at.elapsed() < SCAN_ORDER_TTL);
+        if reusable {
+            return Ok(self.page(after, limit));
+        }
+        Err(KeySnapshot {
+            keys: self.map.keys().cloned().collect(),
+            taken_at: Instant::now(),
+        })
     }
 
-    /// Every key, unsorted: what [`Store::scan_in_order`] wants sorted.
-    pub fn keys(&self) -> Vec<Bytes> {
-        self.map.keys().cloned().collect()
-    }
-
-    /// As [`Store::scan`], with `keys` (every key, taken by [`Store::keys`] since the scan
-    /// started, then sorted) as the order for this page and the pages after it. Sorting a
-    /// large table takes long, so a caller can sort without holding the table.
+    /// The page, from `sorted` (a [`KeySnapshot`] whose keys the caller sorted) unless the
+    /// order already there was taken later: a scan that started after this one and sorted
+    /// first holds every key this one's does, and those written since. The order kept
+    /// serves this scan's later pages and any other scan's.
     pub fn scan_in_order(
         &mut self,
-        keys: Vec<Bytes>,
+        sorted: KeySnapshot,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> (Vec<ScanEntry>, Option<Bytes>) {
-        self.scan_order = Some(ScanOrder {
-            keys,
-            sorted_at: Instant::now(),
-        });
+    ) -> ScanPage {
+        let newer = self
+            .scan_order
+            .as_ref()
+            .is_some_and(|o| o.taken_at > sorted.taken_at);
+        if !newer {
+            self.scan_order = Some(ScanOrder {
+                keys: sorted.keys,
+                taken_at: sorted.taken_at,
+            });
+        }
         self.page(after, limit)
     }
 
     /// One page of the current scan order.
-    fn page(&mut self, after: Option<&[u8]>, limit: usize) -> (Vec<ScanEntry>, Option<Bytes>) {
+    fn page(&mut self, after: Option<&[u8]>, limit: usize) -> ScanPage {
         let limit = limit.max(1);
         let Some(order) = self.scan_order.as_ref() else {
             return (Vec::new(), None);
@@ -343,34 +368,71 @@ mod tests {
         assert_eq!(seen, expected);
     }
 
+    /// Walk a scan to its end from `first`, a first page, through [`Store::scan`].
+    fn rest_of_scan(s: &mut Store, first: ScanPage) -> Vec<Bytes> {
+        let (page, mut next) = first;
+        let mut seen: Vec<Bytes> = page.into_iter().map(|e| e.key).collect();
+        while let Some(after) = next {
+            let (page, n) = s.scan(Some(&after), 10);
+            seen.extend(page.into_iter().map(|e| e.key));
+            next = n;
+        }
+        seen
+    }
+
+    fn sorted(mut snapshot: KeySnapshot) -> KeySnapshot {
+        snapshot.keys.sort_unstable();
+        snapshot
+    }
+
     #[test]
     fn a_scan_started_with_keys_sorted_elsewhere_pages_like_one_sorted_here() {
         let mut s = Store::default();
         for i in (0..25).rev() {
             s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
         }
-        assert!(s.scan_needs_order(None), "a new scan always sorts");
-        let mut keys = s.keys();
-        keys.sort_unstable();
+        let Err(snapshot) = s.scan_or_snapshot(None, 10) else {
+            panic!("a new scan always takes the keys to sort");
+        };
         // Written after the keys were taken: this scan may miss it.
         s.apply(b("k05x"), Version(99), Some(b("late")));
-        let (first, mut next) = s.scan_in_order(keys, None, 10);
-        let mut seen: Vec<Bytes> = first.into_iter().map(|e| e.key).collect();
-        while let Some(after) = next {
-            assert!(
-                !s.scan_needs_order(Some(&after)),
-                "later pages reuse the order"
-            );
-            let (page, n) = s.scan(Some(&after), 10);
-            seen.extend(page.into_iter().map(|e| e.key));
-            next = n;
-        }
-        let expected: Vec<Bytes> = (0..25).map(|i| b(&format!("k{i:02}"))).collect();
-        assert_eq!(seen, expected);
+        let first = s.scan_in_order(sorted(snapshot), None, 10);
         assert!(
-            s.scan_needs_order(Some(b"k10")),
+            s.scan_or_snapshot(first.1.as_deref(), 10).is_ok(),
+            "later pages reuse the order"
+        );
+        let expected: Vec<Bytes> = (0..25).map(|i| b(&format!("k{i:02}"))).collect();
+        assert_eq!(rest_of_scan(&mut s, first), expected);
+        assert!(
+            s.scan_or_snapshot(Some(b"k10"), 10).is_err(),
             "a finished scan frees its order"
         );
+    }
+
+    #[test]
+    fn an_older_order_sorted_late_does_not_replace_a_newer_one() {
+        let mut s = Store::default();
+        for i in 0..30 {
+            s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
+        }
+        // Scan A takes the keys; a key is written; scan C takes the keys, sorts them and
+        // serves its first page before A's sort is done.
+        let Err(older) = s.scan_or_snapshot(None, 10) else {
+            panic!("a new scan takes the keys");
+        };
+        s.apply(b("k15x"), Version(99), Some(b("new")));
+        let Err(newer) = s.scan_or_snapshot(None, 10) else {
+            panic!("a new scan takes the keys");
+        };
+        let c_first = s.scan_in_order(sorted(newer), None, 10);
+        let a_first = s.scan_in_order(sorted(older), None, 10);
+        // C's later pages still see the key written before C started.
+        let c = rest_of_scan(&mut s, c_first);
+        assert!(c.contains(&b("k15x")), "{c:?}");
+        assert_eq!(c.len(), 31);
+        // A got every key it should have; the one written after it started is allowed in.
+        let a = rest_of_scan(&mut s, a_first);
+        assert!(a.len() >= 30, "{a:?}");
     }
 
     #[test]

@@ -646,7 +646,10 @@ mod tests {
         // The entry is the variant around the same fields: its encoding ends with theirs.
         let fields = owned.get(1..).unwrap();
         assert!(borrowed.ends_with(fields), "{borrowed:x?} vs {owned:x?}");
-        assert!(borrowed.windows(2).any(|w| w == [0xc4, 2]), "bin8 of 2 bytes");
+        assert!(
+            borrowed.windows(2).any(|w| w == [0xc4, 2]),
+            "bin8 of 2 bytes"
+        );
     }
 
     #[test]

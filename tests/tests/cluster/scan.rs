@@ -15,8 +15,9 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 #[test]
 fn a_node_answers_requests_while_a_scan_sorts_its_keys() {
     let dir = tempfile::tempdir().unwrap();
-    // The sort that starts a scan takes 3 s longer than it would.
-    let slow_sort = [("FAILPOINTS", "node-scan-sort=sleep(3000)")];
+    // The sort that starts a scan takes 8 s longer than it would: the fetch behind it, a
+    // memory lookup, has that long to be answered first.
+    let slow_sort = [("FAILPOINTS", "node-scan-sort=sleep(8000)")];
     let node = NodeProcess::start(dir.path(), None, &[], &slow_sort);
     runtime().block_on(async {
         let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)

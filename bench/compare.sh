@@ -31,36 +31,21 @@ RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 on_exit() { if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT"; fi; }
 
-# RingKV's write-stage sums (`status --json` .writes), or null.
-write_sums() {
-    "$BIN/ringkv" --coordinator "$RINGKV_ADDR" --json status 2>/dev/null | jq -c .writes \
-        || echo null
-}
-
 # run LABEL TARGET-ARGS... -- BENCH-ARGS...: one bench run, its JSON appended to RESULTS.
-# A RingKV run also records where its writes waited, from `status` before and after.
+# A RingKV run's report also says where its writes waited (`write_stages_us`).
 run() {
     local label=$1 system=$2
     shift 2
-    local out before=null after=null
-    if [ "$system" = ringkv ]; then before=$(write_sums); fi
+    local out
     # `ringkv bench` exits 1 when some operations failed; the report says how many.
     out=$("$BIN/ringkv" "$@" --json --duration "$DURATION" --warmup "$WARMUP" \
         --connections "$CONNECTIONS" --keys "$KEYS" || true)
-    if [ "$system" = ringkv ]; then after=$(write_sums); fi
     if ! echo "$out" | jq -e .throughput >/dev/null 2>&1; then
         echo "bench failed ($label, $system): $out" >&2
         out='{"throughput":0,"latency_us":{"p99":0},"error_total":-1}'
     fi
     echo "$out" | jq -c --arg lab "$label" --arg sys "$system" \
-        --argjson b "$before" --argjson a "$after" '
-        . + {"label": $lab, "system": $sys}
-        + (if $a != null and $b != null and ($a.count - $b.count) > 0 then
-             ($a.count - $b.count) as $n
-             | {"stages_us": {"lock": (($a.lock_wait_us - $b.lock_wait_us) / $n),
-                              "quorum": (($a.quorum_wait_us - $b.quorum_wait_us) / $n),
-                              "commit": (($a.commit_wait_us - $b.commit_wait_us) / $n)}}
-           else {} end)' >> "$RESULTS"
+        '. + {"label": $lab, "system": $sys}' >> "$RESULTS"
     echo "$out" | jq -r --arg l "$label" --arg s "$system" \
         '"  \($s | . + "      " | .[0:6]) \($l): \(.throughput | floor) ops/s, p99 \(.latency_us.p99 / 1000) ms, errors \(.error_total)"' >&2
 }
@@ -131,10 +116,10 @@ jq -rs '
         + " |" )
 ' "$RESULTS"
 
-# Where RingKV's writes waited: the mean latency the client saw, and the coordinator's
-# average per write (warm-up included) for the key lock, the write quorum (node log appends
-# and their fsyncs) and the metadata commit; the rest is reading, queueing for a core and
-# answering.
+# Where RingKV's writes waited: the mean latency the client saw, and the coordinator's own
+# average per write (each report's write_stages_us, warm-up included) for the key lock, the
+# write quorum (node log appends and their fsyncs) and the metadata commit; the rest is
+# reading, queueing for a core and answering.
 echo
 echo "Where RingKV's PUTs waited (mean, microseconds):"
 echo
@@ -142,8 +127,8 @@ jq -rs '
   def r(x): x | round;
   "| workload | client mean | key lock | write quorum | metadata commit | rest |",
   "| --- | ---: | ---: | ---: | ---: | ---: |",
-  ( .[] | select(.system == "ringkv" and .stages_us != null and (.label | startswith("put")))
-    | "| \(.label) | \(r(.latency_us.mean)) | \(r(.stages_us.lock)) | \(r(.stages_us.quorum)) | "
-      + "\(r(.stages_us.commit)) | "
-      + "\(r(.latency_us.mean - .stages_us.lock - .stages_us.quorum - .stages_us.commit)) |" )
+  ( .[] | select(.system == "ringkv" and .write_stages_us != null)
+    | .write_stages_us as $w
+    | "| \(.label) | \(r(.latency_us.mean)) | \(r($w.lock)) | \(r($w.quorum)) | "
+      + "\(r($w.commit)) | \(r(.latency_us.mean - $w.lock - $w.quorum - $w.commit)) |" )
 ' "$RESULTS"

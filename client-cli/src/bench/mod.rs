@@ -27,7 +27,7 @@ use ringkv_common::client::{CallError, Client};
 use ringkv_common::protocol::{Request, Response, MAX_VALUE_LEN};
 
 use self::redis::{RedisClient, RedisError};
-use self::report::{Preload, Recorder, Report, Settings};
+use self::report::{Preload, Recorder, Report, Settings, WriteStages};
 use self::workload::{Generator, Op, Workload};
 use crate::cli::parse_duration;
 
@@ -225,6 +225,7 @@ pub async fn run(
         None
     };
 
+    let writes_before = write_sums(&conns, timeout).await;
     let start = Instant::now();
     let window = Window {
         start: start + args.warmup,
@@ -259,6 +260,10 @@ pub async fn run(
             Err(_) => total.error("internal"),
         }
     }
+    let write_stages = match (writes_before, write_sums(&conns, timeout).await) {
+        (Some(before), Some(after)) => WriteStages::between(&before, &after),
+        _ => None,
+    };
     let settings = Settings {
         target: args.target_name().into(),
         addr,
@@ -269,7 +274,24 @@ pub async fn run(
         pipeline: args.pipeline,
         warmup_secs: args.warmup.as_secs_f64(),
     };
-    Ok(Report::new(settings, &total, args.duration, preload))
+    let mut report = Report::new(settings, &total, args.duration, preload);
+    report.write_stages_us = write_stages;
+    Ok(report)
+}
+
+/// RingKV's write-stage sums from `status`; `None` for Redis, or when `status` fails (the
+/// benchmark goes on without them).
+async fn write_sums(
+    conns: &[Conn],
+    timeout: Duration,
+) -> Option<ringkv_common::protocol::WriteTimings> {
+    let Some(Conn::Ringkv(client)) = conns.first() else {
+        return None;
+    };
+    match client.call_timeout(Request::Status, timeout).await {
+        Ok(Response::Status(status)) => Some(status.writes),
+        _ => None,
+    }
 }
 
 /// The measured window: operations count if they start at or after `start` and finish by `end`.

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use ringkv_common::protocol::WriteTimings;
 use serde::Serialize;
 
 /// Largest latency the histogram tells apart, in microseconds (one hour); larger ones are
@@ -143,6 +144,38 @@ pub struct Preload {
     pub secs: f64,
 }
 
+/// Where RingKV's coordinator said its acknowledged writes waited during a run, on average
+/// per write, in microseconds: the difference of the `writes` sums of `status` read before
+/// the first operation and after the last (so the warm-up counts, and so would another
+/// client's writes).
+#[derive(Serialize, Debug, Clone, Copy, PartialEq)]
+pub struct WriteStages {
+    /// Writes the coordinator acknowledged between the two readings.
+    pub writes: u64,
+    /// Waiting for the key's lock.
+    pub lock: f64,
+    /// Waiting for the write quorum of replicas.
+    pub quorum: f64,
+    /// The metadata commit.
+    pub commit: f64,
+}
+
+impl WriteStages {
+    /// The averages between two readings; `None` when no write was acknowledged between.
+    pub fn between(before: &WriteTimings, after: &WriteTimings) -> Option<WriteStages> {
+        let writes = after.count.checked_sub(before.count).filter(|&n| n > 0)?;
+        let avg = |after: u64, before: u64| {
+            (after.saturating_sub(before) as f64 / writes as f64 * 10.0).round() / 10.0
+        };
+        Some(WriteStages {
+            writes,
+            lock: avg(after.lock_wait_us, before.lock_wait_us),
+            quorum: avg(after.quorum_wait_us, before.quorum_wait_us),
+            commit: avg(after.commit_wait_us, before.commit_wait_us),
+        })
+    }
+}
+
 /// How a benchmark was run; echoed in the report so a JSON document stands on its own.
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -177,6 +210,8 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub error_total: u64,
     pub preload: Option<Preload>,
+    /// RingKV only, when it acknowledged writes: where they waited.
+    pub write_stages_us: Option<WriteStages>,
 }
 
 impl Report {
@@ -206,6 +241,7 @@ impl Report {
             errors: recorder.errors.clone(),
             error_total: recorder.error_total(),
             preload,
+            write_stages_us: None,
         }
     }
 
@@ -252,6 +288,14 @@ impl Report {
             ms(l.max),
             ms(l.mean)
         );
+        if let Some(w) = self.write_stages_us {
+            let _ = writeln!(
+                out,
+                "writes      waited on average {:.0} µs for the key lock, {:.0} µs for the write \
+                 quorum, {:.0} µs for the metadata commit ({} writes, warm-up included)",
+                w.lock, w.quorum, w.commit, w.writes
+            );
+        }
         if self.errors.is_empty() {
             let _ = writeln!(out, "errors      none");
         } else {
@@ -357,5 +401,40 @@ mod tests {
             assert!((199.0..=201.0).contains(&x), "{p} = {x}");
         }
         assert!(r.human().contains("timeout 1"));
+        assert!(v["write_stages_us"].is_null());
+        assert!(!r.human().contains("waited"));
+    }
+
+    #[test]
+    fn write_stages_are_averages_between_two_readings() {
+        let before = WriteTimings {
+            count: 10,
+            lock_wait_us: 100,
+            quorum_wait_us: 5_000,
+            commit_wait_us: 1_000,
+        };
+        let after = WriteTimings {
+            count: 14,
+            lock_wait_us: 110,
+            quorum_wait_us: 7_001,
+            commit_wait_us: 1_400,
+        };
+        let w = WriteStages::between(&before, &after).unwrap();
+        assert_eq!(w.writes, 4);
+        assert_eq!((w.lock, w.quorum, w.commit), (2.5, 500.3, 100.0));
+        assert_eq!(
+            WriteStages::between(&after, &after),
+            None,
+            "no write between"
+        );
+        let mut r = Report::new(settings(), &Recorder::new(), Duration::from_secs(1), None);
+        r.write_stages_us = Some(w);
+        let v: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
+        assert_eq!(v["write_stages_us"]["quorum"], 500.3);
+        assert!(
+            r.human().contains("500 µs for the write quorum"),
+            "{}",
+            r.human()
+        );
     }
 }

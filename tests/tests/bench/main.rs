@@ -39,11 +39,17 @@ fn bench_reports_well_formed_figures() {
         assert_eq!(report["workload"], workload, "{report}");
         assert_eq!(report["error_total"], 0, "{report}");
         assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+        let stages = &report["write_stages_us"];
         if workload == "get" {
             assert_eq!(report["misses"], 0, "every key was preloaded: {report}");
             assert_eq!(report["preload"]["keys"], 200, "{report}");
+            assert_eq!(*stages, Value::Null, "no write during the run: {report}");
         } else {
             assert_eq!(report["preload"], Value::Null, "{report}");
+            // The coordinator counted every write of the window, and those of the warm-up.
+            let counted = stages["writes"].as_u64().expect("write_stages_us.writes");
+            assert!(counted >= report["writes"].as_u64().unwrap(), "{report}");
+            assert!(stages["quorum"].as_f64().expect("quorum") > 0.0, "{report}");
         }
         let ops = report["ops"].as_u64().expect("ops");
         assert!(ops > 0, "{report}");

@@ -223,9 +223,12 @@ fn node_table(nodes: &[NodeInfo]) -> Table {
             "pid",
             "keys",
             "bytes",
+            "requests",
+            "per message",
+            "fsyncs",
             "last heartbeat",
         ],
-        &[0, 3, 4, 5, 6],
+        &[0, 3, 4, 5, 6, 7, 8],
     );
     for node in nodes {
         table.add_row(vec![
@@ -235,6 +238,9 @@ fn node_table(nodes: &[NodeInfo]) -> Table {
             node.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
             node.stats.keys.to_string(),
             human_bytes(node.stats.bytes),
+            node.stats.ops.to_string(),
+            per_message(&node.stats),
+            node.stats.syncs.to_string(),
             node.last_heartbeat_ms.map_or_else(
                 || "never".to_string(),
                 |ms| format!("{} ago", human_age(ms)),
@@ -242,6 +248,14 @@ fn node_table(nodes: &[NodeInfo]) -> Table {
         ]);
     }
     table
+}
+
+/// Requests per message a node received, `-` before its first: how well batching works.
+fn per_message(stats: &ringkv_common::NodeStats) -> String {
+    if stats.messages == 0 {
+        return "-".to_string();
+    }
+    format!("{:.1}", stats.ops as f64 / stats.messages as f64)
 }
 
 fn status_text(status: &ClusterStatus) -> String {
@@ -679,6 +693,8 @@ mod tests {
         assert!(text.contains("2m05s ago"), "{text}");
         assert!(text.contains("never"), "{text}");
         assert!(text.contains("1.5 KiB"), "{text}");
+        assert!(text.contains("per message"), "{text}");
+        assert!(text.contains("3.0"), "99 requests in 33 messages: {text}");
         assert!(
             text.contains("job re-replication: 120/1000 keys, 1.0 MiB/10.0 MiB (10%), eta unknown"),
             "{text}"

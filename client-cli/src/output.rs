@@ -313,9 +313,13 @@ pub fn health_summary(status: &ClusterStatus) -> String {
         1 => "1 job running".to_string(),
         n => format!("{n} jobs running"),
     };
+    let keys = match status.keys {
+        1 => "1 key".to_string(),
+        n => format!("{n} keys"),
+    };
     format!(
-        "{label}: {up}/{members} nodes up, {} keys, {} under-replicated, {jobs}",
-        status.keys, status.under_replicated
+        "{label}: {up}/{members} nodes up, {keys}, {} under-replicated, {jobs}",
+        status.under_replicated
     )
 }
 
@@ -708,6 +712,12 @@ mod tests {
         );
         let text = String::from_utf8(render(&Outcome::Status(status(true, 7)), false)).unwrap();
         assert!(text.contains("DEGRADED: 1/2 nodes up, 1000 keys, 7 under-replicated"));
+        let one = ClusterStatus {
+            keys: 1,
+            ..status(false, 0)
+        };
+        let text = String::from_utf8(render(&Outcome::Status(one), false)).unwrap();
+        assert!(text.contains("nodes up, 1 key, 0 under"), "{text}");
         let quiet = ClusterStatus {
             jobs: Vec::new(),
             writes: WriteTimings::default(),

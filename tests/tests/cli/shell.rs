@@ -61,7 +61,7 @@ fn the_shell_runs_lines_from_stdin_and_survives_errors() {
     assert!(out.contains("last heartbeat"), "{both}");
     let summaries = out
         .lines()
-        .filter(|l| l.contains(" nodes up, 1 keys, ") && l.ends_with(" running"))
+        .filter(|l| l.contains(" nodes up, 1 key, ") && l.ends_with(" running"))
         .count();
     assert_eq!(summaries, 2, "{both}");
     assert!(out.contains("ok: greeting = \"hello world\""), "{both}");

@@ -338,14 +338,12 @@ impl Client {
 
     /// Send `req` and wait for its answer, however long it takes.
     pub async fn call(&self, req: Request) -> Result<Response, CallError> {
-        let (id, rx, room) = self.start(req, None)?;
-        self.finish(id, rx, room).await
+        self.start(req, None)?.await
     }
 
     /// Send `req` and wait at most `after` (plus up to two [`TIMEOUT_TICK`]s) for its answer.
     pub async fn call_timeout(&self, req: Request, after: Duration) -> Result<Response, CallError> {
-        let (id, rx, room) = self.start(req, Some(after))?;
-        self.finish(id, rx, room).await
+        self.start(req, Some(after))?.await
     }
 
     /// Queue `req` now, before this returns, and give back the call to await for its answer
@@ -353,22 +351,12 @@ impl Client {
     /// started together and awaited in any order without a future of their own each. When
     /// the queue is full, the request is queued once the call is first polled instead.
     pub fn start_call(&self, req: Request, after: Duration) -> Result<PendingCall, CallError> {
-        let (id, rx, room) = self.start(req, Some(after))?;
-        Ok(PendingCall {
-            client: self.clone(),
-            id,
-            rx,
-            room,
-        })
+        self.start(req, Some(after))
     }
 
-    /// Register a call and queue its request, without waiting. When the queue is full, the
-    /// wait for room (within the call's timeout) is returned too.
-    fn start(
-        &self,
-        req: Request,
-        after: Option<Duration>,
-    ) -> Result<(u64, oneshot::Receiver<Outcome>, Option<WaitForRoom>), CallError> {
+    /// Register a call and queue its request, without waiting; the call waits for room in a
+    /// full queue (within its timeout) once it is first polled.
+    fn start(&self, req: Request, after: Option<Duration>) -> Result<PendingCall, CallError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (slot, rx) = oneshot::channel();
         let in_flight = &self.inner.in_flight;
@@ -414,23 +402,12 @@ impl Client {
                 return Err(self.lost());
             }
         };
-        Ok((id, rx, room))
-    }
-
-    /// Wait for room in the queue if needed, then for the answer.
-    async fn finish(
-        &self,
-        id: u64,
-        rx: oneshot::Receiver<Outcome>,
-        room: Option<WaitForRoom>,
-    ) -> Result<Response, CallError> {
-        if let Some(room) = room {
-            if let Err(e) = room.await {
-                self.forget(id);
-                return Err(e);
-            }
-        }
-        self.answer(rx.await)
+        Ok(PendingCall {
+            client: self.clone(),
+            id,
+            rx,
+            room,
+        })
     }
 
     /// What a call's slot received, as the call's result.

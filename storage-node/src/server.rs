@@ -64,9 +64,7 @@ impl Node {
         };
         let sorted = tokio::task::spawn_blocking(move || {
             fail::fail_point!("node-scan-sort");
-            let mut snapshot = snapshot;
-            snapshot.keys.sort_unstable();
-            snapshot
+            snapshot.sorted()
         })
         .await
         .map_err(|e| WireError::Internal(format!("sorting the keys for a scan failed: {e}")))?;

@@ -47,8 +47,16 @@ struct ScanOrder {
 
 /// Every key of the table at one moment, for a scan's order once sorted.
 pub struct KeySnapshot {
-    pub keys: Vec<Bytes>,
+    keys: Vec<Bytes>,
     taken_at: Instant,
+}
+
+impl KeySnapshot {
+    /// The keys in order, as a scan wants them.
+    pub fn sorted(mut self) -> KeySnapshot {
+        self.keys.sort_unstable();
+        self
+    }
 }
 
 /// A scan page: its entries, and the key to continue after (`None` at the end).
@@ -123,10 +131,7 @@ impl Store {
     pub fn scan(&mut self, after: Option<&[u8]>, limit: usize) -> ScanPage {
         match self.scan_or_snapshot(after, limit) {
             Ok(page) => page,
-            Err(mut snapshot) => {
-                snapshot.keys.sort_unstable();
-                self.scan_in_order(snapshot, after, limit)
-            }
+            Err(snapshot) => self.scan_in_order(snapshot.sorted(), after, limit),
         }
     }
 
@@ -380,11 +385,6 @@ mod tests {
         seen
     }
 
-    fn sorted(mut snapshot: KeySnapshot) -> KeySnapshot {
-        snapshot.keys.sort_unstable();
-        snapshot
-    }
-
     #[test]
     fn a_scan_started_with_keys_sorted_elsewhere_pages_like_one_sorted_here() {
         let mut s = Store::default();
@@ -396,7 +396,7 @@ mod tests {
         };
         // Written after the keys were taken: this scan may miss it.
         s.apply(b("k05x"), Version(99), Some(b("late")));
-        let first = s.scan_in_order(sorted(snapshot), None, 10);
+        let first = s.scan_in_order(snapshot.sorted(), None, 10);
         assert!(
             s.scan_or_snapshot(first.1.as_deref(), 10).is_ok(),
             "later pages reuse the order"
@@ -424,8 +424,8 @@ mod tests {
         let Err(newer) = s.scan_or_snapshot(None, 10) else {
             panic!("a new scan takes the keys");
         };
-        let c_first = s.scan_in_order(sorted(newer), None, 10);
-        let a_first = s.scan_in_order(sorted(older), None, 10);
+        let c_first = s.scan_in_order(newer.sorted(), None, 10);
+        let a_first = s.scan_in_order(older.sorted(), None, 10);
         // C's later pages still see the key written before C started.
         let c = rest_of_scan(&mut s, c_first);
         assert!(c.contains(&b("k15x")), "{c:?}");

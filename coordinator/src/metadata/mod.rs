@@ -117,18 +117,18 @@ struct Job {
 /// without knowing the seed. A key is a boxed slice of its own: 16 bytes in the slot and an
 /// allocation of the key's length, where a `Bytes` takes 32 in the slot and, once shared,
 /// a reference-count block besides.
-type Shard = RwLock<HashMap<Box<[u8]>, KeyMeta, foldhash::fast::RandomState>>;
+type Shard = RwLock<KeyMap>;
+type KeyMap = HashMap<Box<[u8]>, KeyMeta, foldhash::fast::RandomState>;
 
-/// Set `key` to `meta` in `map`, copying the key only when it is new.
-fn put_entry(
-    map: &mut HashMap<Box<[u8]>, KeyMeta, foldhash::fast::RandomState>,
-    key: &[u8],
-    meta: KeyMeta,
-) {
-    match map.get_mut(key) {
-        Some(slot) => *slot = meta,
-        None => {
+/// Set `key` to `meta` in `map` (`None` removes it), copying the key only when it is new.
+fn set_entry(map: &mut KeyMap, key: &[u8], meta: Option<KeyMeta>) {
+    match (map.get_mut(key), meta) {
+        (Some(slot), Some(meta)) => *slot = meta,
+        (None, Some(meta)) => {
             map.insert(Box::from(key), meta);
+        }
+        (_, None) => {
+            map.remove(key);
         }
     }
 }
@@ -205,12 +205,7 @@ impl Metadata {
                 Entry::Key { key, meta } => {
                     if let Some(shard) = shards.get(shard_of(&key)) {
                         let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
-                        match meta {
-                            Some(m) => put_entry(&mut guard, &key, m),
-                            None => {
-                                guard.remove(key.as_ref());
-                            }
-                        }
+                        set_entry(&mut guard, &key, meta);
                     }
                 }
                 Entry::Node(record) => {
@@ -726,12 +721,7 @@ impl Writer {
                 (touched.remove(&key), self.shards.get(shard_of(&key)))
             {
                 let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
-                match meta {
-                    Some(m) => put_entry(&mut guard, &key, m),
-                    None => {
-                        guard.remove(key.as_ref());
-                    }
-                }
+                set_entry(&mut guard, &key, meta);
             }
         }
         Ok(())

@@ -115,6 +115,9 @@ impl Hasher for IdHasher {
 
 type CallMap = HashMap<u64, Pending, BuildHasherDefault<IdHasher>>;
 
+/// The ids of the calls each batch frame in flight carries, by the frame's own id.
+type BatchMap = HashMap<u64, Vec<u64>, BuildHasherDefault<IdHasher>>;
+
 /// The calls waiting for an answer, and whether the connection is gone.
 struct InFlight {
     /// `None` once the connection is gone, so late callers fail instead of waiting forever.
@@ -123,6 +126,10 @@ struct InFlight {
     closed: AtomicBool,
     /// Sweeps done so far: deadlines are counted in sweeps.
     sweeps: AtomicU64,
+    /// The calls of every batch frame sent and not yet answered, so that an error answered
+    /// to a frame as a whole reaches each of its calls. Never locked while `calls` is held,
+    /// except by the sweep, which takes `calls` first.
+    batches: Mutex<BatchMap>,
 }
 
 struct Inner {
@@ -196,6 +203,7 @@ impl Client {
             calls: Mutex::new(Some(CallMap::default())),
             closed: AtomicBool::new(false),
             sweeps: AtomicU64::new(0),
+            batches: Mutex::new(BatchMap::default()),
         });
 
         // Sweep: fail the calls that are overdue.
@@ -222,6 +230,10 @@ impl Client {
             let mut answered: Vec<(Pending, Reply)> = Vec::new();
             while let Some(Ok(Ok(env))) = frames.next().await {
                 if let Ok(Response::Batch(answers)) = env.msg {
+                    // The first part of a batch's answers (a large one comes in several).
+                    if let Ok(mut batches) = reader_in_flight.batches.lock() {
+                        batches.remove(&env.id);
+                    }
                     // One lock for the whole batch; the waiters are woken outside it.
                     if let Ok(mut guard) = reader_in_flight.calls.lock() {
                         if let Some(map) = guard.as_mut() {
@@ -236,6 +248,11 @@ impl Client {
                         let _ = pending.slot.send(Ok(reply));
                     }
                     continue;
+                }
+                if let Err(refusal) = &env.msg {
+                    if refuse_batch(&reader_in_flight, env.id, refusal) {
+                        continue;
+                    }
                 }
                 let pending = match reader_in_flight.calls.lock() {
                     Ok(mut guard) => guard.as_mut().and_then(|m| m.remove(&env.id)),
@@ -283,6 +300,7 @@ impl Client {
                     }
                 }
                 batcher.close_batches();
+                batcher.register_batches(&writer_in_flight);
                 let mut ok = true;
                 while let Some(frame) = batcher.ready.pop_front() {
                     ok = ok && sink.feed(frame).await.is_ok();
@@ -523,10 +541,9 @@ impl OpenBatch {
         if self.items.len() == 1 {
             ready.extend(self.items.pop());
         } else if let Some(first) = self.items.first() {
-            // The batch travels under its first request's id: an error answered to the
-            // frame as a whole (a node sends one only for a frame it cannot read) reaches
-            // that call, and the others end at their timeouts. Refusals a node can give
-            // per request, such as a batch over its limit, reach every call.
+            // The batch travels under its first request's id. A node answers each request
+            // under its own id; an error it answers to the frame as a whole (one it cannot
+            // read) reaches every call of the batch through `InFlight::batches`.
             let id = first.id;
             ready.push_back(Envelope {
                 id,
@@ -573,6 +590,44 @@ impl Batcher {
         self.reads.close_into(&mut self.ready);
         self.writes.close_into(&mut self.ready);
     }
+
+    /// Record the calls of every batch about to be sent, before it is sent (its answer
+    /// cannot come first).
+    fn register_batches(&self, in_flight: &InFlight) {
+        let mut frames = self.ready.iter().filter_map(|frame| match &frame.msg {
+            Request::Batch(items) => Some((frame.id, items.iter().map(|e| e.id).collect())),
+            _ => None,
+        });
+        let Some(first) = frames.next() else {
+            return;
+        };
+        if let Ok(mut batches) = in_flight.batches.lock() {
+            batches.extend(std::iter::once(first).chain(frames));
+        }
+    }
+}
+
+/// If `id` is a batch frame in flight, fail each of its calls still waiting with `refusal`,
+/// the error the peer answered to the frame as a whole, and say so.
+fn refuse_batch(in_flight: &InFlight, id: u64, refusal: &WireError) -> bool {
+    let members = match in_flight.batches.lock() {
+        Ok(mut batches) => batches.remove(&id),
+        Err(_) => None,
+    };
+    let Some(members) = members else {
+        return false;
+    };
+    let waiting: Vec<Pending> = match in_flight.calls.lock() {
+        Ok(mut guard) => match guard.as_mut() {
+            Some(map) => members.iter().filter_map(|id| map.remove(id)).collect(),
+            None => Vec::new(),
+        },
+        Err(_) => Vec::new(),
+    };
+    for pending in waiting {
+        let _ = pending.slot.send(Ok(Err(refusal.clone())));
+    }
+    true
 }
 
 /// Fail every call in flight and refuse new ones.
@@ -584,6 +639,9 @@ fn fail_all(in_flight: &InFlight) {
     };
     // Dropping the senders (outside the lock) wakes every waiter with `ConnectionLost`.
     drop(taken);
+    if let Ok(mut batches) = in_flight.batches.lock() {
+        batches.clear();
+    }
 }
 
 /// Sweeps that make up `after`, rounded up.
@@ -603,7 +661,14 @@ fn sweep(in_flight: &InFlight, addr: &str) {
                     .filter(|(_, p)| p.deadline <= now)
                     .map(|(id, _)| *id)
                     .collect();
-                ids.iter().filter_map(|id| map.remove(id)).collect()
+                let overdue = ids.iter().filter_map(|id| map.remove(id)).collect();
+                // A batch whose calls have all given up will not be asked about again.
+                if !ids.is_empty() {
+                    if let Ok(mut batches) = in_flight.batches.lock() {
+                        batches.retain(|_, calls| calls.iter().any(|id| map.contains_key(id)));
+                    }
+                }
+                overdue
             }
             None => return,
         },
@@ -882,6 +947,8 @@ mod tests {
             "{:?}",
             results[0]
         );
+        // Answered (all but the call that timed out): nothing is kept for the batch.
+        assert!(client.inner.in_flight.batches.lock().unwrap().is_empty());
         for (key, result) in keys.iter().zip(&results).skip(1) {
             match result {
                 Ok(Response::Fetched { value: Some(v), .. }) => {
@@ -890,6 +957,59 @@ mod tests {
                 other => panic!("{key}: {other:?}"),
             }
         }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_error_answered_to_a_whole_batch_reaches_every_call_of_it() {
+        let (client, mut peer) = connected_with(1 << 20, Batching::On).await;
+        let calls = futures::future::join_all((0..5).map(|i| {
+            let client = client.clone();
+            let req = store(&format!("key-{i}"), 10);
+            // Long enough that a call the refusal missed fails the test by its timeout.
+            async move { client.call_timeout(req, Duration::from_secs(30)).await }
+        }));
+        let refuse = async {
+            let env = peer.next().await.unwrap().unwrap().unwrap();
+            let Request::Batch(items) = &env.msg else {
+                panic!("expected one batch, got {:?}", env.msg);
+            };
+            assert_eq!(items.len(), 5);
+            let refusal = WireError::BadRequest("cannot read this frame".into());
+            peer.send(Envelope {
+                id: env.id,
+                msg: Err(refusal),
+            })
+            .await
+            .unwrap();
+            peer
+        };
+        let started = std::time::Instant::now();
+        let (results, mut peer) = tokio::join!(calls, refuse);
+        assert!(started.elapsed() < Duration::from_secs(20));
+        for result in &results {
+            assert!(
+                matches!(result, Err(CallError::Remote(WireError::BadRequest(m))) if m.contains("cannot read")),
+                "{result:?}"
+            );
+        }
+        assert!(client.inner.in_flight.batches.lock().unwrap().is_empty());
+        // The connection still serves calls after the refusal.
+        let (again, ()) = tokio::join!(
+            client.call_timeout(fetch("after"), Duration::from_secs(30)),
+            async {
+                let env = peer.next().await.unwrap().unwrap().unwrap();
+                peer.send(Envelope {
+                    id: env.id,
+                    msg: Ok(Response::Fetched {
+                        version: crate::Version::ZERO,
+                        value: None,
+                    }),
+                })
+                .await
+                .unwrap();
+            }
+        );
+        assert!(matches!(again, Ok(Response::Fetched { .. })), "{again:?}");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -697,8 +697,29 @@ mod tests {
         assert!(text.contains("2m05s ago"), "{text}");
         assert!(text.contains("never"), "{text}");
         assert!(text.contains("1.5 KiB"), "{text}");
-        assert!(text.contains("per message"), "{text}");
-        assert!(text.contains("3.0"), "99 requests in 33 messages: {text}");
+        // The node's own row, cell by cell under the header's columns.
+        let cells = |needle: &str| -> Vec<String> {
+            let row = text.lines().find(|l| l.contains(needle));
+            let row = row.unwrap_or_else(|| panic!("no row with {needle}: {text}"));
+            row.split(['│', '┆'])
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect()
+        };
+        let header = cells("per message");
+        let row = cells("127.0.0.1:7401");
+        let cell = |column: &str| {
+            let at = header.iter().position(|h| h == column);
+            let at = at.unwrap_or_else(|| panic!("no column {column}: {header:?}"));
+            row[at].clone()
+        };
+        assert_eq!(cell("requests"), "99", "{text}");
+        assert_eq!(
+            cell("per message"),
+            "3.0",
+            "99 requests in 33 messages: {text}"
+        );
+        assert_eq!(cell("fsyncs"), "7", "{text}");
         assert!(
             text.contains("job re-replication: 120/1000 keys, 1.0 MiB/10.0 MiB (10%), eta unknown"),
             "{text}"

@@ -397,5 +397,7 @@ fn pipelined_puts_reach_the_nodes_in_batches_unless_batching_is_off() {
         } else {
             assert_eq!(messages, ops, "without batching every request is a message");
         }
+        // Every store is synced (`--node-fsync always`), so the count cannot be zero.
+        assert!(syncs > 0, "no fsyncs counted for {ops} stores");
     }
 }

@@ -84,7 +84,8 @@ struct Args {
     #[arg(long)]
     node_binary: Option<PathBuf>,
     /// Async worker threads (default: half the cores, at least 1, leaving the rest to the
-    /// spawned nodes and the clients on the same machine).
+    /// spawned nodes and the clients on the same machine). One worker runs
+    /// every task on the main thread (a single-threaded runtime).
     #[arg(long)]
     worker_threads: Option<std::num::NonZeroUsize>,
     /// Async worker threads of each spawned node (default: the node's own, half the cores).

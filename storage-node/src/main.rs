@@ -51,7 +51,8 @@ struct Args {
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN)]
     max_frame_len: usize,
     /// Async worker threads (default: half the cores, at least 1, leaving the rest to the
-    /// other nodes and the coordinator on the same machine).
+    /// other nodes and the coordinator on the same machine). One worker runs
+    /// every task on the main thread (a single-threaded runtime).
     #[arg(long)]
     worker_threads: Option<std::num::NonZeroUsize>,
 }

@@ -594,6 +594,9 @@ impl Batcher {
     /// Record the calls of every batch about to be sent, before it is sent (its answer
     /// cannot come first).
     fn register_batches(&self, in_flight: &InFlight) {
+        if in_flight.closed.load(Ordering::Acquire) {
+            return; // Nothing will be answered; `fail_all` has cleared the map.
+        }
         let mut frames = self.ready.iter().filter_map(|frame| match &frame.msg {
             Request::Batch(items) => Some((frame.id, items.iter().map(|e| e.id).collect())),
             _ => None,
@@ -965,8 +968,8 @@ mod tests {
         let calls = futures::future::join_all((0..5).map(|i| {
             let client = client.clone();
             let req = store(&format!("key-{i}"), 10);
-            // Long enough that a call the refusal missed fails the test by its timeout.
-            async move { client.call_timeout(req, Duration::from_secs(30)).await }
+            // A call the refusal missed ends in a timeout, which the checks below reject.
+            async move { client.call_timeout(req, Duration::from_secs(3)).await }
         }));
         let refuse = async {
             let env = peer.next().await.unwrap().unwrap().unwrap();
@@ -983,9 +986,7 @@ mod tests {
             .unwrap();
             peer
         };
-        let started = std::time::Instant::now();
         let (results, mut peer) = tokio::join!(calls, refuse);
-        assert!(started.elapsed() < Duration::from_secs(20));
         for result in &results {
             assert!(
                 matches!(result, Err(CallError::Remote(WireError::BadRequest(m))) if m.contains("cannot read")),
@@ -995,7 +996,7 @@ mod tests {
         assert!(client.inner.in_flight.batches.lock().unwrap().is_empty());
         // The connection still serves calls after the refusal.
         let (again, ()) = tokio::join!(
-            client.call_timeout(fetch("after"), Duration::from_secs(30)),
+            client.call_timeout(fetch("after"), Duration::from_secs(3)),
             async {
                 let env = peer.next().await.unwrap().unwrap().unwrap();
                 peer.send(Envelope {
@@ -1010,6 +1011,76 @@ mod tests {
             }
         );
         assert!(matches!(again, Ok(Response::Fetched { .. })), "{again:?}");
+    }
+
+    /// Batch ids this client still keeps for frames in flight.
+    fn kept_batches(client: &Client) -> usize {
+        client.inner.in_flight.batches.lock().unwrap().len()
+    }
+
+    /// Start `n` fetches (timing out after `after`) that travel as one batch, and receive it.
+    async fn one_batch(
+        client: &Client,
+        peer: &mut Peer,
+        n: usize,
+        after: Duration,
+    ) -> (Vec<PendingCall>, Envelope<Request>) {
+        let calls = (0..n)
+            .map(|i| client.start_call(fetch(&format!("k{i}")), after).unwrap())
+            .collect();
+        let env = peer.next().await.unwrap().unwrap().unwrap();
+        assert!(
+            matches!(&env.msg, Request::Batch(items) if items.len() == n),
+            "{env:?}"
+        );
+        (calls, env)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_batch_leaves_nothing_kept_once_answered_timed_out_or_disconnected() {
+        // Answered: the entry goes with the answer, long before any call could time out.
+        let (client, mut peer) = connected_with(1 << 20, Batching::On).await;
+        let (calls, env) = one_batch(&client, &mut peer, 3, Duration::from_secs(60)).await;
+        assert_eq!(kept_batches(&client), 1);
+        let Request::Batch(items) = env.msg else {
+            unreachable!()
+        };
+        let answers = items
+            .iter()
+            .map(|e| Envelope {
+                id: e.id,
+                msg: Ok(Response::Fetched {
+                    version: crate::Version::ZERO,
+                    value: None,
+                }),
+            })
+            .collect();
+        peer.send(Envelope {
+            id: env.id,
+            msg: Ok(Response::Batch(answers)),
+        })
+        .await
+        .unwrap();
+        for call in calls {
+            assert!(matches!(call.await, Ok(Response::Fetched { .. })));
+        }
+        assert_eq!(kept_batches(&client), 0, "an answered batch is forgotten");
+
+        // Never answered: the sweep forgets the batch once all its calls have timed out.
+        let (calls, _) = one_batch(&client, &mut peer, 3, Duration::from_millis(30)).await;
+        for call in calls {
+            assert!(matches!(call.await, Err(CallError::Timeout { .. })));
+        }
+        assert_eq!(kept_batches(&client), 0, "a timed-out batch is forgotten");
+
+        // Disconnected: everything kept goes with the connection.
+        let (calls, _) = one_batch(&client, &mut peer, 3, Duration::from_secs(60)).await;
+        assert_eq!(kept_batches(&client), 1);
+        drop(peer);
+        for call in calls {
+            assert!(matches!(call.await, Err(CallError::ConnectionLost(_))));
+        }
+        assert_eq!(kept_batches(&client), 0, "a lost connection keeps no batch");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -997,8 +997,8 @@ mod tests {
         m.for_each(|k, v| {
             before.insert(k.to_vec(), v.clone());
         });
-        m.close();
         assert!(m.rewrites() > 0, "no rewrite ran during the changes");
+        m.close();
         drop(m);
         let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
         let mut after = BTreeMap::new();

@@ -28,12 +28,7 @@ WORKLOADS=${WORKLOADS:-"get:1 put:1 get:16 put:16"}
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 need_redis
-if ! command -v haproxy >/dev/null 2>&1; then
-    echo "haproxy not found; installing Debian's haproxy package" >&2
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq haproxy >/dev/null
-fi
+need_package haproxy
 
 start_redis redis-plain --appendonly no
 
@@ -58,15 +53,7 @@ EOF
 haproxy -db -f "$WORK/haproxy.cfg" > "$WORK/haproxy.log" 2>&1 &
 PIDS+=("$!")
 PROXY_ADDR="127.0.0.1:$PROXY_PORT"
-for _ in $(seq 100); do
-    if redis-cli -h 127.0.0.1 -p "$PROXY_PORT" ping 2>/dev/null | grep -q PONG; then break; fi
-    sleep 0.1
-done
-redis-cli -h 127.0.0.1 -p "$PROXY_PORT" ping 2>/dev/null | grep -q PONG || {
-    echo "haproxy did not start; log:" >&2
-    cat "$WORK/haproxy.log" >&2
-    exit 1
-}
+wait_for_ping "$PROXY_PORT" haproxy "$WORK/haproxy.log"
 
 start_ringkv ringkv-plain never
 

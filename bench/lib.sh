@@ -15,14 +15,31 @@ for b in ringkv ringkv-coordinator ringkv-node; do
     [ -x "$BIN/$b" ] || { echo "missing $BIN/$b (build with cargo build --release)" >&2; exit 2; }
 done
 
-# need_redis: install Debian's redis-server package unless redis-server is on the PATH.
-need_redis() {
-    if ! command -v redis-server >/dev/null 2>&1; then
-        echo "redis-server not found; installing Debian's redis-server package" >&2
+# need_package COMMAND: install Debian's package of that name unless COMMAND is on the PATH.
+need_package() {
+    if ! command -v "$1" >/dev/null 2>&1; then
+        echo "$1 not found; installing Debian's $1 package" >&2
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo=sudo
-        $sudo apt-get update -qq && $sudo apt-get install -y -qq redis-server >/dev/null
+        $sudo apt-get update -qq && $sudo apt-get install -y -qq "$1" >/dev/null
     fi
+}
+
+# need_redis: redis-server (and redis-cli) from Debian's package unless installed.
+need_redis() {
+    need_package redis-server
+}
+
+# wait_for_ping PORT NAME LOG: wait (10 s at most) until a Redis-protocol server answers PING
+# on 127.0.0.1:PORT; if none does, print LOG and exit.
+wait_for_ping() {
+    for _ in $(seq 100); do
+        if redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null | grep -q PONG; then return; fi
+        sleep 0.1
+    done
+    echo "$2 did not start; log:" >&2
+    cat "$3" >&2
+    exit 1
 }
 
 WORK=$(mktemp -d -t ringkv-bench.XXXXXX)
@@ -84,13 +101,7 @@ start_redis() {
     REDIS_PID=$!
     PIDS+=("$REDIS_PID")
     REDIS_ADDR="127.0.0.1:$port"
-    for _ in $(seq 100); do
-        if redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then return; fi
-        sleep 0.1
-    done
-    echo "redis ($name) did not start; log:" >&2
-    cat "$dir/redis.log" >&2
-    exit 1
+    wait_for_ping "$port" "redis ($name)" "$dir/redis.log"
 }
 
 # start_ringkv NAME FSYNC: start a coordinator with NODES nodes, set RINGKV_ADDR and RINGKV_PID.

@@ -936,12 +936,7 @@ mod tests {
                     }
                 })
                 .collect();
-            peer.send(Envelope {
-                id: env.id,
-                msg: Ok(Response::Batch(answers)),
-            })
-            .await
-            .unwrap();
+            send_batch(&mut peer, env.id, answers).await;
             peer
         };
         let (results, _peer) = tokio::join!(calls, answer);
@@ -951,7 +946,7 @@ mod tests {
             results[0]
         );
         // Answered (all but the call that timed out): nothing is kept for the batch.
-        assert!(client.inner.in_flight.batches.lock().unwrap().is_empty());
+        assert_eq!(kept_batches(&client), 0);
         for (key, result) in keys.iter().zip(&results).skip(1) {
             match result {
                 Ok(Response::Fetched { value: Some(v), .. }) => {
@@ -993,7 +988,7 @@ mod tests {
                 "{result:?}"
             );
         }
-        assert!(client.inner.in_flight.batches.lock().unwrap().is_empty());
+        assert_eq!(kept_batches(&client), 0);
         // The connection still serves calls after the refusal.
         let (again, ()) = tokio::join!(
             client.call_timeout(fetch("after"), Duration::from_secs(3)),
@@ -1011,6 +1006,12 @@ mod tests {
             }
         );
         assert!(matches!(again, Ok(Response::Fetched { .. })), "{again:?}");
+    }
+
+    /// Answer the batch frame `id` with `answers`, each under its own call's id.
+    async fn send_batch(peer: &mut Peer, id: u64, answers: Vec<Envelope<Reply>>) {
+        let msg = Ok(Response::Batch(answers));
+        peer.send(Envelope { id, msg }).await.unwrap();
     }
 
     /// Batch ids this client still keeps for frames in flight.
@@ -1055,12 +1056,7 @@ mod tests {
                 }),
             })
             .collect();
-        peer.send(Envelope {
-            id: env.id,
-            msg: Ok(Response::Batch(answers)),
-        })
-        .await
-        .unwrap();
+        send_batch(&mut peer, env.id, answers).await;
         for call in calls {
             assert!(matches!(call.await, Ok(Response::Fetched { .. })));
         }

@@ -1,28 +1,30 @@
 //! A pipelining client over one TCP connection.
 //!
-//! Any number of tasks may [`Client::call`] at once. Each call gets a fresh request id and a
-//! slot in the in-flight map; a writer task coalesces queued requests into few socket writes
+//! Any number of tasks may [`Client::call`] at once. Each call gets a slot in the connection's
+//! table of calls ([`calls`]), whose id is the request's id; a writer task coalesces queued requests into few socket writes
 //! (it yields once before each flush, so callers that are about to send join the batch) and a
 //! reader task routes each answer to its slot by id, in whatever order answers come.
 //! On a connection to a storage node ([`Batching::On`]), the writer also puts the node
 //! requests it drained together into [`Request::Batch`] frames, reads and writes apart, and
 //! the reader hands out each answer of a batch to its own call: callers still make one call
 //! per key, while the node handles one message per round.
-//! Timeouts are kept by a sweep over the in-flight map every [`TIMEOUT_TICK`], not by a timer
+//! Timeouts are kept by a sweep over the table every [`TIMEOUT_TICK`], not by a timer
 //! per call: a call then costs no timer registration and no clock read.
 //! When the connection drops, every call still in flight fails with
 //! [`CallError::ConnectionLost`], and so does every later call: a `Client` never reconnects
 //! by itself, the owner makes a new one.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+mod calls;
+
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -81,60 +83,32 @@ impl CallError {
     }
 }
 
-/// What a waiting call receives: the server's reply, or the sweep's verdict that it is overdue.
-type Outcome = Result<Reply, CallError>;
-
-/// One call waiting for its answer.
-struct Pending {
-    slot: oneshot::Sender<Outcome>,
-    /// The sweep at which the call is overdue (`u64::MAX`: never).
-    deadline: u64,
-    after: Duration,
-}
-
-/// Hashes request ids, which are distinct sequential integers: one multiplication spreads
-/// them well enough, where the default SipHash costs more than the rest of the lookup.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type CallMap = HashMap<u64, Pending, BuildHasherDefault<IdHasher>>;
-
-/// The ids of the calls each batch frame in flight carries, by the frame's own id.
-type BatchMap = HashMap<u64, Vec<u64>, BuildHasherDefault<IdHasher>>;
+use calls::{Calls, Polled};
 
 /// The calls waiting for an answer, and whether the connection is gone.
 struct InFlight {
-    /// `None` once the connection is gone, so late callers fail instead of waiting forever.
-    calls: Mutex<Option<CallMap>>,
-    /// Set together with `calls` becoming `None`; read without the lock.
+    calls: Mutex<Calls>,
+    /// Set as the table closes; read without the lock.
     closed: AtomicBool,
     /// Sweeps done so far: deadlines are counted in sweeps.
     sweeps: AtomicU64,
-    /// The calls of every batch frame sent and not yet answered, so that an error answered
-    /// to a frame as a whole reaches each of its calls. Never locked while `calls` is held,
-    /// except by the sweep, which takes `calls` first.
-    batches: Mutex<BatchMap>,
+}
+
+impl InFlight {
+    /// The table. Every change to it is complete before the lock is released, so a panic
+    /// elsewhere while it was held leaves it consistent.
+    fn calls(&self) -> MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Wake the calls whose outcome came in, once the table's lock is released.
+fn wake_all(wake: &mut Vec<Waker>) {
+    wake.drain(..).for_each(Waker::wake);
 }
 
 struct Inner {
     addr: String,
-    next_id: AtomicU64,
     in_flight: Arc<InFlight>,
     requests: mpsc::Sender<Envelope<Request>>,
     /// The reader, writer and sweep tasks, stopped when the last `Client` clone is dropped.
@@ -200,10 +174,9 @@ impl Client {
         );
         let (tx, mut rx) = mpsc::channel::<Envelope<Request>>(SEND_QUEUE);
         let in_flight = Arc::new(InFlight {
-            calls: Mutex::new(Some(CallMap::default())),
+            calls: Mutex::new(Calls::new()),
             closed: AtomicBool::new(false),
             sweeps: AtomicU64::new(0),
-            batches: Mutex::new(BatchMap::default()),
         });
 
         // Sweep: fail the calls that are overdue.
@@ -227,50 +200,40 @@ impl Client {
         let reader_stops_sweeper = sweeper.clone();
         let reader = tokio::spawn(async move {
             // EOF, a broken stream or a frame we cannot read: the connection is done.
-            let mut answered: Vec<(Pending, Reply)> = Vec::new();
+            let mut wake: Vec<Waker> = Vec::new();
             while let Some(Ok(Ok(env))) = frames.next().await {
-                if let Ok(Response::Batch(answers)) = env.msg {
-                    // The first part of a batch's answers (a large one comes in several).
-                    if let Ok(mut batches) = reader_in_flight.batches.lock() {
-                        batches.remove(&env.id);
-                    }
-                    // One lock for the whole batch; the waiters are woken outside it.
-                    if let Ok(mut guard) = reader_in_flight.calls.lock() {
-                        if let Some(map) = guard.as_mut() {
-                            answered.extend(
-                                answers
-                                    .into_iter()
-                                    .filter_map(|a| Some((map.remove(&a.id)?, a.msg))),
-                            );
+                let id = env.id;
+                match env.msg {
+                    // The first part of a batch's answers (a large one comes in several):
+                    // one lock for the whole batch; the waiters are woken outside it.
+                    Ok(Response::Batch(answers)) => {
+                        let mut calls = reader_in_flight.calls();
+                        calls.batch_answered(id);
+                        for answer in answers {
+                            calls.complete(answer.id, Ok(answer.msg), &mut wake);
                         }
                     }
-                    for (pending, reply) in answered.drain(..) {
-                        let _ = pending.slot.send(Ok(reply));
+                    // An error answered to a batch frame as a whole reaches each of its calls.
+                    Err(refusal) if id == 0 => {
+                        // A connection-level error from the server (e.g. an oversized
+                        // frame); it closes next, which fails everything in flight.
+                        tracing::debug!(error = %refusal, "server reported a connection error");
                     }
-                    continue;
-                }
-                if let Err(refusal) = &env.msg {
-                    if refuse_batch(&reader_in_flight, env.id, refusal) {
-                        continue;
-                    }
-                }
-                let pending = match reader_in_flight.calls.lock() {
-                    Ok(mut guard) => guard.as_mut().and_then(|m| m.remove(&env.id)),
-                    Err(_) => None,
-                };
-                match pending {
-                    Some(pending) => {
-                        let _ = pending.slot.send(Ok(env.msg));
-                    }
-                    None if env.id == 0 => {
-                        // A connection-level error from the server (e.g. oversized frame);
-                        // it closes next, which fails everything in flight.
-                        if let Err(e) = env.msg {
-                            tracing::debug!(error = %e, "server reported a connection error");
+                    Err(refusal) => {
+                        let mut calls = reader_in_flight.calls();
+                        let refused = || Ok(Err(refusal.clone()));
+                        if !calls.refuse_batch(id, refused, &mut wake) {
+                            calls.complete(id, Ok(Err(refusal)), &mut wake);
                         }
                     }
-                    None => {} // The caller gave up (timeout) before the answer came.
+                    // No call waits for an answer whose caller gave up (timeout) first.
+                    Ok(msg) => {
+                        reader_in_flight
+                            .calls()
+                            .complete(id, Ok(Ok(msg)), &mut wake);
+                    }
                 }
+                wake_all(&mut wake);
             }
             fail_all(&reader_in_flight);
             if let Some(writer) = reader_stops_writer.get() {
@@ -324,7 +287,6 @@ impl Client {
         let client = Client {
             inner: Arc::new(Inner {
                 addr: addr.to_string(),
-                next_id: AtomicU64::new(1),
                 in_flight,
                 requests: tx,
                 tasks: [reader, writer, sweeper],
@@ -375,8 +337,6 @@ impl Client {
     /// Register a call and queue its request, without waiting; the call waits for room in a
     /// full queue (within its timeout) once it is first polled.
     fn start(&self, req: Request, after: Option<Duration>) -> Result<PendingCall, CallError> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (slot, rx) = oneshot::channel();
         let in_flight = &self.inner.in_flight;
         let deadline = match after {
             // The sweep now under way may be about to end: count one more.
@@ -387,18 +347,10 @@ impl Client {
                 .saturating_add(1),
             None => u64::MAX,
         };
-        let pending = Pending {
-            slot,
-            deadline,
-            after: after.unwrap_or(Duration::MAX),
-        };
-        {
-            let mut guard = in_flight.calls.lock().map_err(|_| self.lost())?;
-            guard
-                .as_mut()
-                .ok_or_else(|| self.lost())?
-                .insert(id, pending);
-        }
+        let id = in_flight
+            .calls()
+            .insert(deadline, after.unwrap_or(Duration::MAX))
+            .ok_or_else(|| self.lost())?;
         let room = match self.inner.requests.try_send(Envelope { id, msg: req }) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(env)) => {
@@ -423,31 +375,14 @@ impl Client {
         Ok(PendingCall {
             client: self.clone(),
             id,
-            rx,
+            taken: false,
             room,
         })
     }
 
-    /// What a call's slot received, as the call's result.
-    fn answer(
-        &self,
-        received: Result<Outcome, oneshot::error::RecvError>,
-    ) -> Result<Response, CallError> {
-        match received {
-            Ok(Ok(Ok(resp))) => Ok(resp),
-            Ok(Ok(Err(e))) => Err(CallError::Remote(e)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(self.lost()),
-        }
-    }
-
     /// Drop the slot of a call that will not wait for its answer.
     fn forget(&self, id: u64) {
-        if let Ok(mut guard) = self.inner.in_flight.calls.lock() {
-            if let Some(map) = guard.as_mut() {
-                map.remove(&id);
-            }
-        }
+        self.inner.in_flight.calls().forget(id);
     }
 
     fn timed_out(&self, after: Duration) -> CallError {
@@ -464,12 +399,21 @@ impl Client {
 
 /// A call whose request is queued; awaiting it gives the answer. It is `Unpin`, so a caller
 /// can keep a few in a plain array and poll them in place. Dropping it gives up on the
-/// answer (the call's slot is freed when the answer or its timeout comes).
+/// answer (the call's slot is freed at once; an answer that comes later is dropped).
 pub struct PendingCall {
     client: Client,
     id: u64,
-    rx: oneshot::Receiver<Outcome>,
+    /// The outcome was taken, and with it the slot.
+    taken: bool,
     room: Option<WaitForRoom>,
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.client.forget(self.id);
+        }
+    }
 }
 
 impl std::future::Future for PendingCall {
@@ -488,13 +432,26 @@ impl std::future::Future for PendingCall {
                 Poll::Ready(Err(e)) => {
                     this.room = None;
                     this.client.forget(this.id);
+                    this.taken = true;
                     return Poll::Ready(Err(e));
                 }
             }
         }
-        std::pin::Pin::new(&mut this.rx)
-            .poll(cx)
-            .map(|received| this.client.answer(received))
+        if this.taken {
+            return Poll::Ready(Err(this.client.lost()));
+        }
+        let polled = this.client.inner.in_flight.calls().poll(this.id, cx);
+        let outcome = match polled {
+            Polled::Pending => return Poll::Pending,
+            Polled::Ready(outcome) => outcome,
+            Polled::Lost => Err(this.client.lost()),
+        };
+        this.taken = true;
+        Poll::Ready(match outcome {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(CallError::Remote(e)),
+            Err(e) => Err(e),
+        })
     }
 }
 
@@ -604,47 +561,18 @@ impl Batcher {
         let Some(first) = frames.next() else {
             return;
         };
-        if let Ok(mut batches) = in_flight.batches.lock() {
-            batches.extend(std::iter::once(first).chain(frames));
-        }
+        in_flight
+            .calls()
+            .add_batches(std::iter::once(first).chain(frames));
     }
-}
-
-/// If `id` is a batch frame in flight, fail each of its calls still waiting with `refusal`,
-/// the error the peer answered to the frame as a whole, and say so.
-fn refuse_batch(in_flight: &InFlight, id: u64, refusal: &WireError) -> bool {
-    let members = match in_flight.batches.lock() {
-        Ok(mut batches) => batches.remove(&id),
-        Err(_) => None,
-    };
-    let Some(members) = members else {
-        return false;
-    };
-    let waiting: Vec<Pending> = match in_flight.calls.lock() {
-        Ok(mut guard) => match guard.as_mut() {
-            Some(map) => members.iter().filter_map(|id| map.remove(id)).collect(),
-            None => Vec::new(),
-        },
-        Err(_) => Vec::new(),
-    };
-    for pending in waiting {
-        let _ = pending.slot.send(Ok(Err(refusal.clone())));
-    }
-    true
 }
 
 /// Fail every call in flight and refuse new ones.
 fn fail_all(in_flight: &InFlight) {
     in_flight.closed.store(true, Ordering::Release);
-    let taken = match in_flight.calls.lock() {
-        Ok(mut guard) => guard.take(),
-        Err(p) => p.into_inner().take(),
-    };
-    // Dropping the senders (outside the lock) wakes every waiter with `ConnectionLost`.
-    drop(taken);
-    if let Ok(mut batches) = in_flight.batches.lock() {
-        batches.clear();
-    }
+    let mut wake = Vec::new();
+    in_flight.calls().close(&mut wake);
+    wake_all(&mut wake);
 }
 
 /// Sweeps that make up `after`, rounded up.
@@ -656,33 +584,13 @@ fn sweeps_in(after: Duration) -> u64 {
 /// Count one sweep and fail every call whose deadline it reaches.
 fn sweep(in_flight: &InFlight, addr: &str) {
     let now = in_flight.sweeps.fetch_add(1, Ordering::Relaxed) + 1;
-    let overdue: Vec<Pending> = match in_flight.calls.lock() {
-        Ok(mut guard) => match guard.as_mut() {
-            Some(map) => {
-                let ids: Vec<u64> = map
-                    .iter()
-                    .filter(|(_, p)| p.deadline <= now)
-                    .map(|(id, _)| *id)
-                    .collect();
-                let overdue = ids.iter().filter_map(|id| map.remove(id)).collect();
-                // A batch whose calls have all given up will not be asked about again.
-                if !ids.is_empty() {
-                    if let Ok(mut batches) = in_flight.batches.lock() {
-                        batches.retain(|_, calls| calls.iter().any(|id| map.contains_key(id)));
-                    }
-                }
-                overdue
-            }
-            None => return,
-        },
-        Err(_) => return,
+    let timed_out = |after| CallError::Timeout {
+        addr: addr.to_string(),
+        after,
     };
-    for pending in overdue {
-        let _ = pending.slot.send(Err(CallError::Timeout {
-            addr: addr.to_string(),
-            after: pending.after,
-        }));
-    }
+    let mut wake = Vec::new();
+    in_flight.calls().sweep(now, timed_out, &mut wake);
+    wake_all(&mut wake);
 }
 
 #[cfg(test)]
@@ -1016,7 +924,7 @@ mod tests {
 
     /// Batch ids this client still keeps for frames in flight.
     fn kept_batches(client: &Client) -> usize {
-        client.inner.in_flight.batches.lock().unwrap().len()
+        client.inner.in_flight.calls().batches_kept()
     }
 
     /// Start `n` fetches (timing out after `after`) that travel as one batch, and receive it.

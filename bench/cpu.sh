@@ -10,6 +10,9 @@
 # Settings (environment): DURATION (8s), CONNECTIONS (50), KEYS (10000), NODES (5),
 # VALUE_SIZE (100), WORKLOADS ("get:1 put:1 get:16 put:16", WORKLOAD:PIPELINE), and
 # FSYNC_WORKLOADS ("put:1 put:16", run with fsync on every write on both systems).
+# WORKLOAD is get, put, or miss: reads of keys never written (`--no-preload`), which RingKV's
+# coordinator answers from its metadata without a node, so the row is the coordinator's own
+# cost of a request against Redis's (e.g. WORKLOADS="miss:16 get:16").
 #
 # CPU is user + system time from /proc/PID/stat (servers) and from the shell's `time` (the
 # load generator), over the whole run: connecting and, for GET, writing every key once are
@@ -80,7 +83,7 @@ measure() {
 
 # runs WORKLOADS SUFFIX: every workload against the running RingKV cluster and Redis server.
 runs() {
-    local w workload depth label nodes
+    local w workload depth label nodes flags
     nodes=$(pgrep -P "$RINGKV_PID" | tr '\n' ' ' || true)
     if [ -z "$nodes" ]; then
         echo "the coordinator has no node processes" >&2
@@ -90,10 +93,12 @@ runs() {
         workload=${w%%:*}
         depth=${w##*:}
         label="$workload ${VALUE_SIZE}B pipeline $depth$2"
+        flags=(--workload "$workload")
+        [ "$workload" = miss ] && flags=(--workload get --no-preload)
         measure "$label" ringkv "$RINGKV_PID $nodes" -- --coordinator "$RINGKV_ADDR" bench \
-            --workload "$workload" --value-size "$VALUE_SIZE" --pipeline "$depth"
+            "${flags[@]}" --value-size "$VALUE_SIZE" --pipeline "$depth"
         measure "$label" redis "$REDIS_PID" -- bench --redis "$REDIS_ADDR" \
-            --workload "$workload" --value-size "$VALUE_SIZE" --pipeline "$depth"
+            "${flags[@]}" --value-size "$VALUE_SIZE" --pipeline "$depth"
     done
 }
 

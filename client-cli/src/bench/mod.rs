@@ -47,6 +47,7 @@ Examples:
   ringkv bench --workload get --value-size 100 --connections 50 --duration 10s
   ringkv bench --workload mixed:0.9 --pipeline 16 --json
   ringkv bench --redis 127.0.0.1:6379 --workload put --value-size 1024
+  ringkv bench --workload get --no-preload --pipeline 16   # misses: the coordinator alone
 
 The figures count only operations that start after the warm-up and finish inside the
 measured window. Latencies are microseconds in --json. The exit code is 0 when every
@@ -97,6 +98,11 @@ pub struct BenchArgs {
     /// Seed of the key and operation sequence; the same seed asks for the same operations.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub seed: u64,
+
+    /// Do not write the keys before a reading workload: every read is then a miss, which
+    /// RingKV's coordinator answers from its metadata without a node (its own cost per request).
+    #[arg(long)]
+    pub no_preload: bool,
 }
 
 /// A warm-up duration: as `--duration`, or `0` for none.
@@ -219,7 +225,7 @@ pub async fn run(
     let conns = connect_all(args, &addr, timeout).await?;
     let value = workload::value(args.value_size, args.seed);
 
-    let preload = if args.workload.reads() {
+    let preload = if args.workload.reads() && !args.no_preload {
         Some(preload(&conns, args.keys, &value, timeout).await?)
     } else {
         None
@@ -504,7 +510,9 @@ mod tests {
         assert_eq!(a.workload, Workload::Get);
         assert_eq!((a.connections, a.pipeline, a.value_size), (50, 1, 100));
         assert_eq!(a.warmup, Duration::from_secs(1));
+        assert!(!a.no_preload);
         assert!(a.check().is_ok());
+        assert!(parse(&["--no-preload"]).unwrap().no_preload);
         let a = parse(&[
             "--workload",
             "mixed:0.9",

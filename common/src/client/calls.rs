@@ -1,8 +1,8 @@
 //! The calls in flight on one client connection: a slot per call, found by its request id.
 //!
-//! A call's id names its slot (the low 32 bits) and the slot's generation (the high 32), so a
+//! A call's id names its slot (the low 24 bits) and the slot's generation (the high 40), so a
 //! slot can be reused at once and a late answer to an earlier call of the same slot finds a
-//! different generation and is dropped. The slot holds the waiting call's waker and then its
+//! different generation and is dropped (an id repeats only after 2^40 calls of one slot). The slot holds the waiting call's waker and then its
 //! outcome, so that a call costs no allocation, no hashing and no channel of its own: one
 //! lock to start it, one (per batch of answers) to complete it, one per poll to look. The
 //! table belongs to one connection; the caller keeps it behind that connection's mutex.
@@ -55,9 +55,15 @@ enum State {
     Lost,
 }
 
+/// Bits of an id that name the slot; the rest name the generation.
+const INDEX_BITS: u32 = 24;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+/// Generations wrap within 40 bits, so that every id fits in 64.
+const GENERATION_MASK: u64 = (1 << (64 - INDEX_BITS)) - 1;
+
 struct Slot {
     /// Never 0, so that no id is 0 (the id of connection-level errors).
-    generation: u32,
+    generation: u64,
     state: State,
 }
 
@@ -85,13 +91,13 @@ pub(super) struct Calls {
     batches: BatchMap,
 }
 
-fn id_of(index: u32, generation: u32) -> u64 {
-    u64::from(generation) << 32 | u64::from(index)
+fn id_of(index: u32, generation: u64) -> u64 {
+    generation << INDEX_BITS | u64::from(index)
 }
 
-fn parts(id: u64) -> (usize, u32) {
-    // Truncation is the encoding: the low half is the index, the high half the generation.
-    ((id & u64::from(u32::MAX)) as usize, (id >> 32) as u32)
+fn parts(id: u64) -> (usize, u64) {
+    // The mask keeps the index within 24 bits, so it fits any usize of 32 bits or more.
+    ((id & INDEX_MASK) as usize, id >> INDEX_BITS)
 }
 
 impl Calls {
@@ -106,7 +112,7 @@ impl Calls {
     }
 
     /// Register a call overdue at sweep `deadline` (after `after`); its id, or `None` once
-    /// the connection is gone.
+    /// the connection is gone (or, beyond any real use, with 2^24 calls waiting at once).
     pub(super) fn insert(&mut self, deadline: u64, after: Duration) -> Option<u64> {
         if !self.open {
             return None;
@@ -119,7 +125,9 @@ impl Calls {
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
-                let index = u32::try_from(self.slots.len()).ok()?;
+                let index = u32::try_from(self.slots.len())
+                    .ok()
+                    .filter(|&i| u64::from(i) <= INDEX_MASK)?;
                 self.slots.push(Slot {
                     generation: 1,
                     state: State::Free,
@@ -148,7 +156,10 @@ impl Calls {
         if slot.generation != generation || matches!(slot.state, State::Free) {
             return None;
         }
-        slot.generation = slot.generation.checked_add(1).unwrap_or(1);
+        slot.generation = match (slot.generation + 1) & GENERATION_MASK {
+            0 => 1,
+            next => next,
+        };
         self.free.extend(u32::try_from(index).ok());
         Some(std::mem::replace(&mut slot.state, State::Free))
     }
@@ -356,6 +367,21 @@ mod tests {
         assert!(matches!(calls.poll(second, &mut cx), Polled::Pending));
         assert!(calls.complete(second, ok(2), &mut wake));
         assert_eq!(version(calls.poll(second, &mut cx)), 2);
+    }
+
+    #[test]
+    fn generations_wrap_past_zero_and_ids_keep_their_slot() {
+        let mut calls = Calls::new();
+        let id = calls.insert(u64::MAX, Duration::MAX).unwrap();
+        calls.forget(id);
+        // The free slot has been reused 2^40 - 2 times more.
+        calls.slots[0].generation = GENERATION_MASK;
+        let last = calls.insert(u64::MAX, Duration::MAX).unwrap();
+        assert_eq!(parts(last), (0, GENERATION_MASK));
+        calls.forget(last);
+        let wrapped = calls.insert(u64::MAX, Duration::MAX).unwrap();
+        assert_eq!(parts(wrapped), (0, 1), "generation 0 is skipped");
+        assert_ne!(wrapped, 0);
     }
 
     #[test]

@@ -7,8 +7,11 @@ use serde_json::Value;
 #[test]
 fn bench_reports_well_formed_figures() {
     let c = Cluster::start(3);
-    for (workload, pipeline) in [("get", "1"), ("put", "8")] {
-        let args = [
+    // The run without preloading goes first, while no key exists.
+    for (workload, pipeline, preload) in
+        [("get", "8", false), ("get", "1", true), ("put", "8", true)]
+    {
+        let mut args = vec![
             "--json",
             "bench",
             "--workload",
@@ -26,6 +29,9 @@ fn bench_reports_well_formed_figures() {
             "--warmup",
             "200ms",
         ];
+        if !preload {
+            args.push("--no-preload");
+        }
         let out = c.ringkv(&args);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -40,7 +46,12 @@ fn bench_reports_well_formed_figures() {
         assert_eq!(report["error_total"], 0, "{report}");
         assert_eq!(report["errors"], serde_json::json!({}), "{report}");
         let stages = &report["write_stages_us"];
-        if workload == "get" {
+        if !preload {
+            // Keys 0..200 of a fresh cluster were never written: every read is a miss.
+            assert_eq!(report["preload"], Value::Null, "{report}");
+            assert_eq!(report["misses"], report["reads"], "{report}");
+            assert!(report["reads"].as_u64().unwrap() > 0, "{report}");
+        } else if workload == "get" {
             assert_eq!(report["misses"], 0, "every key was preloaded: {report}");
             assert_eq!(report["preload"]["keys"], 200, "{report}");
             assert_eq!(*stages, Value::Null, "no write during the run: {report}");

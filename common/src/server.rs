@@ -52,6 +52,15 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+tokio::task_local! {
+    /// A number shared by the requests of one connection that are read in one pass, and by
+    /// nothing else (the connection's number from [`serve`] in the high half, the pass in
+    /// the low). A handler can use it to send a burst of requests the same way: a
+    /// pipelining peer's burst then travels on as few onward connections as it can, and
+    /// its answers come back together.
+    pub static BURST: std::cell::Cell<u64>;
+}
+
 /// The codec of the server side of a connection.
 pub type ServerCodec = FrameCodec<Envelope<Reply>, Envelope<Request>>;
 
@@ -64,6 +73,7 @@ pub async fn serve<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
+    let mut accepted_so_far: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -74,12 +84,14 @@ pub async fn serve<H: Handler>(
                 debug!(%peer, "accepted connection");
                 let handler = handler.clone();
                 let shutdown = shutdown.clone();
-                tracker.spawn(async move {
+                accepted_so_far += 1;
+                let burst = std::cell::Cell::new(accepted_so_far << 32);
+                tracker.spawn(BURST.scope(burst, async move {
                     if let Err(e) = serve_connection(stream, handler, max_frame_len, shutdown).await
                     {
                         debug!(%peer, error = %e, "connection closed with error");
                     }
-                });
+                }));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -262,6 +274,8 @@ async fn serve_requests<H: Handler>(
     let mut unflushed = false;
 
     std::future::poll_fn(|cx| {
+        // Outside `serve` (tests) there is no burst number to keep.
+        let _ = BURST.try_with(|burst| burst.set(burst.get().wrapping_add(1)));
         if reading && stopping.as_mut().poll(cx).is_ready() {
             reading = false;
         }

@@ -8,7 +8,9 @@
 //!
 //! Reads go to a replica the metadata lists and accept only the version the metadata names:
 //! a replica with an older copy is skipped (and queued for repair), so a stale or deleted
-//! value is never served.
+//! value is never served. The reads a connection sent together try their replicas in one
+//! order of the nodes, drawn afresh for every burst ([`ringkv_common::server::BURST`]), so
+//! a burst reaches few nodes and comes back in few node messages.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +41,16 @@ const LOCK_STRIPES: usize = 65_536;
 
 /// How long a read waits for one replica before trying the next.
 const READ_HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The rank of `node` among the replicas a read of `burst` may use: each burst ranks the
+/// nodes in its own pseudo-random order, so bursts spread evenly over the nodes.
+fn rank_in_burst(burst: u64, node: NodeId) -> u64 {
+    // SplitMix64's finaliser over the pair.
+    let mut x = burst ^ node.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
 
 /// Striped per-key locks.
 pub struct KeyLocks {
@@ -370,14 +382,21 @@ impl Coordinator {
                     value: None,
                 });
             }
-            // Up replicas first (one membership lookup for all), starting at a key-dependent
-            // offset to spread the load.
+            // Up replicas first (one membership lookup for all), in an order that spreads
+            // the load: the burst's own order of the nodes, so that a pipelining client's
+            // burst reaches few nodes and its answers come back in few node messages; or,
+            // outside a connection, a key-dependent rotation.
             let mut candidates = meta.replicas;
             let up = self.members.up_first(&mut candidates);
             if up > 1 {
-                let shift = (ringkv_common::ring::key_hash(&key) as usize) % up;
                 if let Some(head) = candidates.get_mut(..up) {
-                    head.rotate_left(shift);
+                    match ringkv_common::server::BURST.try_with(std::cell::Cell::get) {
+                        Ok(burst) => head.sort_by_key(|node| rank_in_burst(burst, *node)),
+                        Err(_) => {
+                            let shift = (ringkv_common::ring::key_hash(&key) as usize) % up;
+                            head.rotate_left(shift);
+                        }
+                    }
                 }
             }
             let mut stale = false;
@@ -630,4 +649,62 @@ fn crash_point(arg: Option<String>) -> Reply {
         std::process::abort();
     }
     Err(WireError::Internal("failpoint".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The replica a read of `burst` tries first among `replicas`.
+    fn first_choice(burst: u64, replicas: &[NodeId]) -> NodeId {
+        let mut order = replicas.to_vec();
+        order.sort_by_key(|node| rank_in_burst(burst, *node));
+        order[0]
+    }
+
+    /// Every set of 3 replicas out of nodes 1..=5.
+    fn replica_sets() -> Vec<[NodeId; 3]> {
+        let mut sets = Vec::new();
+        for a in 1..=5 {
+            for b in a + 1..=5 {
+                for c in b + 1..=5 {
+                    sets.push([NodeId(a), NodeId(b), NodeId(c)]);
+                }
+            }
+        }
+        sets
+    }
+
+    #[test]
+    fn a_burst_sends_its_reads_to_as_few_nodes_as_the_replica_sets_allow() {
+        let sets = replica_sets();
+        for burst in 0..1000u64 {
+            let mut counts = std::collections::BTreeMap::new();
+            for set in &sets {
+                *counts.entry(first_choice(burst, set)).or_insert(0) += 1;
+            }
+            // The burst's favourite node is in 6 of the 10 sets, its second in 3 of the
+            // other 4, its third in the last: reads of keys spread over every set reach
+            // three nodes, not five.
+            let mut spread: Vec<i32> = counts.values().copied().collect();
+            spread.sort_unstable();
+            assert_eq!(spread, vec![1, 3, 6], "burst {burst}: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn bursts_spread_evenly_over_the_nodes() {
+        let all: Vec<NodeId> = (1..=5).map(NodeId).collect();
+        let mut favourite = [0u32; 5];
+        let bursts = 10_000u64;
+        for burst in 0..bursts {
+            // As `serve` numbers them: one connection's passes, then another's.
+            let burst = ((burst % 50) << 32) | (burst / 50);
+            favourite[(first_choice(burst, &all).0 - 1) as usize] += 1;
+        }
+        for (i, &n) in favourite.iter().enumerate() {
+            let share = f64::from(n) / bursts as f64;
+            assert!((0.16..0.24).contains(&share), "node {}: {share}", i + 1);
+        }
+    }
 }

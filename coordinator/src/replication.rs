@@ -351,7 +351,16 @@ impl Coordinator {
     /// Queue `req` on node `node` now if its connection is open (else connect first, boxed:
     /// that is rare), to be awaited later.
     fn node_call(self: &Arc<Self>, node: NodeId, req: Request) -> NodeCall {
-        let timeout = self.config.node_timeout;
+        self.node_call_within(node, req, self.config.node_timeout)
+    }
+
+    /// As [`node_call`](Self::node_call), waiting at most `timeout` for the answer.
+    fn node_call_within(
+        self: &Arc<Self>,
+        node: NodeId,
+        req: Request,
+        timeout: Duration,
+    ) -> NodeCall {
         match self.members.start_call(node, req, timeout) {
             Ok(Ok(call)) => NodeCall::Queued(call),
             Ok(Err(e)) => NodeCall::Later(Box::pin(std::future::ready(Err(e)))),
@@ -411,7 +420,7 @@ impl Coordinator {
                 } else {
                     self.config.node_timeout
                 };
-                match self.members.call(node, req, timeout).await {
+                match self.node_call_within(node, req, timeout).await {
                     Ok(Response::Fetched {
                         version,
                         value: Some(value),
@@ -443,20 +452,25 @@ impl Coordinator {
                     meta.version
                 )));
             }
-            if newer && pass > 0 {
-                // The lock was free and a replica still holds a version the metadata does
-                // not know: it reached that replica (a write whose outcome was unknown).
-                // Record it, as reconciliation would, so reads can make progress.
-                let _guard = self.locks.lock(&key).await;
-                self.adopt_newer(&key).await;
-            } else {
-                // Let an in-flight write to this key finish its metadata commit.
-                drop(self.locks.lock(&key).await);
-            }
+            // Rare, and boxed so that every read's future stays small.
+            Box::pin(self.settle(&key, newer && pass > 0)).await;
         }
         Err(WireError::Unavailable(
             "the key changed while it was being read; try again".into(),
         ))
+    }
+
+    /// Before a read looks again: let an in-flight write to `key` finish its metadata commit
+    /// (wait for the key's lock), and if `adopt`, record the newer version a replica holds.
+    async fn settle(self: &Arc<Self>, key: &Bytes, adopt: bool) {
+        let guard = self.locks.lock(key).await;
+        if adopt {
+            // The lock was free and a replica still holds a version the metadata does not
+            // know: it reached that replica (a write whose outcome was unknown). Record it,
+            // as reconciliation would, so reads can make progress.
+            self.adopt_newer(key).await;
+        }
+        drop(guard);
     }
 
     /// Under the key lock: if listed replicas hold a version newer than the metadata's,

@@ -43,7 +43,9 @@ impl Handler for Coordinator {
             (_, Request::Delete { key }) => self.write(key, None).await,
             (_, Request::Get { key }) => self.read(key).await,
             (_, Request::Locate { key }) => Box::pin(self.locate(key)).await,
-            (_, Request::Status) => self.status_off_workers().await.map(Response::Status),
+            (_, Request::Status) => Box::pin(self.status_off_workers())
+                .await
+                .map(Response::Status),
             (_, Request::Check) => Box::pin(self.check()).await.map(Response::Checked),
             (_, Request::NodeAdd) => Box::pin(self.add_node()).await,
             (_, Request::NodeRemove { node }) => Box::pin(self.remove_node(node)).await,

@@ -45,11 +45,8 @@ const READ_HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(2
 /// The rank of `node` among the replicas a read of `burst` may use: each burst ranks the
 /// nodes in its own pseudo-random order, so bursts spread evenly over the nodes.
 fn rank_in_burst(burst: u64, node: NodeId) -> u64 {
-    // SplitMix64's finaliser over the pair.
-    let mut x = burst ^ node.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    use std::hash::BuildHasher;
+    foldhash::quality::FixedState::with_seed(burst).hash_one(node.0)
 }
 
 /// Striped per-key locks.

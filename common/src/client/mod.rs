@@ -1,9 +1,10 @@
 //! A pipelining client over one TCP connection.
 //!
-//! Any number of tasks may [`Client::call`] at once. Each call gets a slot in the connection's
-//! table of calls ([`calls`]), whose id is the request's id; a writer task coalesces queued requests into few socket writes
-//! (it yields once before each flush, so callers that are about to send join the batch) and a
-//! reader task routes each answer to its slot by id, in whatever order answers come.
+//! Any number of tasks may [`Client::call`] at once. Each call gets a slot in the
+//! connection's table of calls ([`calls`]), whose id is the request's id; a writer task
+//! coalesces queued requests into few socket writes (it yields once before each flush, so
+//! callers that are about to send join the batch) and a reader task routes each answer to
+//! its slot by id, in whatever order answers come.
 //! On a connection to a storage node ([`Batching::On`]), the writer also puts the node
 //! requests it drained together into [`Request::Batch`] frames, reads and writes apart, and
 //! the reader hands out each answer of a batch to its own call: callers still make one call
@@ -28,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use self::calls::{Calls, Polled};
 use crate::codec::FrameCodec;
 use crate::error::WireError;
 use crate::protocol::{
@@ -82,8 +84,6 @@ impl CallError {
         }
     }
 }
-
-use calls::{Calls, Polled};
 
 /// The calls waiting for an answer, and whether the connection is gone.
 struct InFlight {
@@ -213,12 +213,13 @@ impl Client {
                             calls.complete(answer.id, Ok(answer.msg), &mut wake);
                         }
                     }
-                    // An error answered to a batch frame as a whole reaches each of its calls.
                     Err(refusal) if id == 0 => {
                         // A connection-level error from the server (e.g. an oversized
                         // frame); it closes next, which fails everything in flight.
                         tracing::debug!(error = %refusal, "server reported a connection error");
                     }
+                    // An error answered to a batch frame as a whole reaches each of its
+                    // calls; one answered to a single request, that request's call.
                     Err(refusal) => {
                         let mut calls = reader_in_flight.calls();
                         let refused = || Ok(Err(refusal.clone()));
@@ -500,7 +501,7 @@ impl OpenBatch {
         } else if let Some(first) = self.items.first() {
             // The batch travels under its first request's id. A node answers each request
             // under its own id; an error it answers to the frame as a whole (one it cannot
-            // read) reaches every call of the batch through `InFlight::batches`.
+            // read) reaches every call of the batch through the batches its table keeps.
             let id = first.id;
             ready.push_back(Envelope {
                 id,
@@ -550,10 +551,8 @@ impl Batcher {
 
     /// Record the calls of every batch about to be sent, before it is sent (its answer
     /// cannot come first).
+    /// A closed table keeps none: nothing will be answered.
     fn register_batches(&self, in_flight: &InFlight) {
-        if in_flight.closed.load(Ordering::Acquire) {
-            return; // Nothing will be answered; `fail_all` has cleared the map.
-        }
         let mut frames = self.ready.iter().filter_map(|frame| match &frame.msg {
             Request::Batch(items) => Some((frame.id, items.iter().map(|e| e.id).collect())),
             _ => None,

@@ -24,6 +24,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
+use crate::wire_fast::FastWire;
+
 /// Bytes taken by the length prefix.
 const LEN_PREFIX: usize = 4;
 /// Bytes taken by the CRC inside the length-counted payload.
@@ -90,7 +92,7 @@ pub fn encode_payload<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
 }
 
 /// Check and decode a payload (CRC + MessagePack, length prefix already removed).
-pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+pub fn decode_payload<T: DeserializeOwned + FastWire>(payload: &[u8]) -> Result<T, FrameError> {
     let (crc, body) = match payload.split_first_chunk::<CRC_LEN>() {
         Some((crc, body)) => (u32::from_be_bytes(*crc), body),
         None => return Err(FrameError::Short(payload.len())),
@@ -101,6 +103,9 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameErr
             expected: crc,
             actual,
         });
+    }
+    if let Some(msg) = T::decode_fast(body) {
+        return Ok(msg);
     }
     rmp_serde::from_slice(body).map_err(|e| FrameError::Undecodable {
         id: envelope_id(body),
@@ -119,7 +124,7 @@ fn envelope_id(body: &[u8]) -> Option<u64> {
     rmp_serde::from_slice::<IdOnly>(body).ok().map(|e| e.id)
 }
 
-impl<Out, In: DeserializeOwned> Decoder for FrameCodec<Out, In> {
+impl<Out, In: DeserializeOwned + FastWire> Decoder for FrameCodec<Out, In> {
     type Item = Result<In, FrameError>;
     type Error = CodecError;
 
@@ -161,7 +166,7 @@ impl<Out, In: DeserializeOwned> Decoder for FrameCodec<Out, In> {
     }
 }
 
-impl<Out: Serialize, In> Encoder<Out> for FrameCodec<Out, In> {
+impl<Out: Serialize + FastWire, In> Encoder<Out> for FrameCodec<Out, In> {
     type Error = CodecError;
 
     fn encode(&mut self, msg: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
@@ -172,12 +177,15 @@ impl<Out: Serialize, In> Encoder<Out> for FrameCodec<Out, In> {
         dst.put_u32(0);
         dst.put_u32(0);
         let body_start = dst.len();
-        let mut writer = dst.writer();
-        let encoded = rmp_serde::encode::write(&mut writer, &msg);
-        let dst = writer.into_inner();
-        if let Err(e) = encoded {
-            dst.truncate(start);
-            return Err(CodecError::Encode(e.to_string()));
+        if !msg.encode_fast(dst) {
+            dst.truncate(body_start);
+            let mut writer = dst.writer();
+            let encoded = rmp_serde::encode::write(&mut writer, &msg);
+            let dst = writer.into_inner();
+            if let Err(e) = encoded {
+                dst.truncate(start);
+                return Err(CodecError::Encode(e.to_string()));
+            }
         }
         let size = dst.len() - start - LEN_PREFIX;
         if size > self.max_frame_len {
@@ -313,6 +321,7 @@ mod tests {
         enum Future {
             Teleport,
         }
+        impl crate::wire_fast::FastMessage for Future {}
         let mut buf = BytesMut::new();
         FrameCodec::<Envelope<Future>, ()>::new(1024)
             .encode(

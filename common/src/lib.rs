@@ -4,6 +4,7 @@
 //! - [`types`]: newtypes for node ids and versions, node states and stats.
 //! - [`protocol`]: the envelope, the handshake and the request/response enums.
 //! - [`codec`]: the frame codec (length, CRC32, MessagePack), the one chokepoint for bytes.
+//! - [`wire_fast`]: the codec's hand-written path for the data path's messages.
 //! - [`error`]: the typed errors that cross the wire, classified by whether they may have applied.
 //! - [`ring`]: the consistent-hash ring with virtual nodes.
 //! - [`server`]: the per-connection loop shared by the node and the coordinator (handshake, pipelining).
@@ -26,6 +27,7 @@ pub mod runtime;
 pub mod server;
 pub mod signals;
 pub mod types;
+pub mod wire_fast;
 
 pub use config::parse_duration;
 pub use error::WireError;

@@ -122,6 +122,7 @@ fn unknown_message_gets_bad_request_and_connection_survives() {
     enum Alien {
         Teleport { to: String },
     }
+    impl ringkv_common::wire_fast::FastMessage for Alien {}
     let mut alien = BytesMut::new();
     FrameCodec::<Envelope<Alien>, ()>::new(1 << 20)
         .encode(

@@ -99,8 +99,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub seed: u64,
 
-    /// Do not write the keys before a reading workload: every read is then a miss, which
-    /// RingKV's coordinator answers from its metadata without a node (its own cost per request).
+    /// Do not write the keys before a reading workload, and use keys of their own (`absent:`
+    /// instead of `bench:`, which other runs write): every read of a `get` workload is then a
+    /// miss, which RingKV's coordinator answers from its metadata without a node (its own cost
+    /// per request).
     #[arg(long)]
     pub no_preload: bool,
 }
@@ -250,6 +252,11 @@ pub async fn run(
                 conn: conn.clone(),
                 generator,
                 value: value.clone(),
+                key: if args.no_preload {
+                    workload::absent_key
+                } else {
+                    workload::key
+                },
                 pipeline: args.pipeline,
                 window,
                 timeout,
@@ -447,6 +454,8 @@ async fn preload(
 struct Job {
     conn: Conn,
     generator: Generator,
+    /// The key of each index: [`workload::key`], or [`workload::absent_key`] for `--no-preload`.
+    key: fn(u64) -> Bytes,
     value: Bytes,
     pipeline: usize,
     window: Window,
@@ -462,12 +471,12 @@ async fn drive(mut job: Job) -> Recorder {
         while in_flight.len() < job.pipeline && Instant::now() < job.window.end {
             let op = job.generator.next_op();
             let value = job.value.clone();
-            let timeout = job.timeout;
+            let (key, timeout) = (job.key, job.timeout);
             in_flight.push(async move {
                 let started = Instant::now();
                 let outcome = match op {
-                    Op::Get(i) => conn.get(workload::key(i), timeout).await,
-                    Op::Put(i) => conn.put(workload::key(i), value, timeout).await,
+                    Op::Get(i) => conn.get(key(i), timeout).await,
+                    Op::Put(i) => conn.put(key(i), value, timeout).await,
                 };
                 (started, Instant::now(), outcome)
             });

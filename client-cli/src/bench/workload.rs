@@ -155,6 +155,12 @@ pub fn key(i: u64) -> Bytes {
     Bytes::from(format!("bench:{i:010}"))
 }
 
+/// The key with index `i` in the space of `--no-preload` runs, which no preload writes:
+/// `absent:` and nine digits, as long as [`key`]'s.
+pub fn absent_key(i: u64) -> Bytes {
+    Bytes::from(format!("absent:{i:09}"))
+}
+
 /// A value of `size` pseudo-random printable bytes, fixed by `seed`.
 pub fn value(size: usize, seed: u64) -> Bytes {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -229,6 +235,8 @@ mod tests {
     fn keys_and_values() {
         assert_eq!(key(7), Bytes::from_static(b"bench:0000000007"));
         assert_eq!(key(7).len(), key(9_999_999_999).len());
+        assert_eq!(absent_key(7), Bytes::from_static(b"absent:000000007"));
+        assert_eq!(absent_key(7).len(), key(7).len());
         let v = value(1024, 3);
         assert_eq!(v.len(), 1024);
         assert!(v.iter().all(u8::is_ascii_graphic));

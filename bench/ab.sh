@@ -8,13 +8,15 @@
 #   A_ARGS=--no-node-batching bench/ab.sh                                  # two flag sets
 #
 # Settings (environment): BIN_A, BIN_B (default: target/release), A_ARGS, B_ARGS, REPS (4),
-# DURATION (5s), CONNECTIONS (50), NODES (5), WORKLOADS ("never:get:1 never:put:1
-# never:get:16 never:put:16", as FSYNC:WORKLOAD:PIPELINE). Prints every run, then the means.
+# DURATION (5s), CONNECTIONS (50), NODES (5), VALUE_SIZE (100), WORKLOADS ("never:get:1
+# never:put:1 never:get:16 never:put:16", as FSYNC:WORKLOAD:PIPELINE). Prints every run, then
+# the means.
 set -euo pipefail
 
 REPS=${REPS:-4}
 DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-50}
+VALUE_SIZE=${VALUE_SIZE:-100}
 NODES=${NODES:-5}
 WORKLOADS=${WORKLOADS:-"never:get:1 never:put:1 never:get:16 never:put:16"}
 
@@ -47,8 +49,8 @@ for w in $WORKLOADS; do
             c0=$(ticks "$RINGKV_PID"); n0=$(ticks $nodes)
             TIMEFORMAT='%3U %3S'
             { time "$BIN_B/ringkv" --coordinator "$RINGKV_ADDR" bench --workload "$workload" \
-                --pipeline "$depth" --connections "$CONNECTIONS" --duration "$DURATION" \
-                --warmup 0s --json > "$WORK/run.json" 2> "$WORK/bench.err" || true; } 2> "$WORK/time"
+                --pipeline "$depth" --connections "$CONNECTIONS" --value-size "$VALUE_SIZE" \
+                --duration "$DURATION" --warmup 0s --json > "$WORK/run.json" 2> "$WORK/bench.err" || true; } 2> "$WORK/time"
             # shellcheck disable=SC2086
             c1=$(ticks "$RINGKV_PID"); n1=$(ticks $nodes)
             if ! jq -e '.ops > 0' "$WORK/run.json" >/dev/null 2>&1; then

@@ -17,7 +17,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::WireError;
-use crate::protocol::{Envelope, Request, Response};
+use crate::protocol::{Envelope, Request, Response, MAX_BATCH_REQUESTS};
 use crate::types::Version;
 
 /// A message with a fast path through the frame codec. Both methods may decline: `false` or
@@ -92,11 +92,15 @@ fn write_batch<M: FastMessage>(dst: &mut BytesMut, items: &[Envelope<M>]) -> boo
 
 fn read_batch<M: FastMessage>(r: &mut Reader<'_>) -> Option<Vec<Envelope<M>>> {
     let n = r.array_len()?;
-    // Every item takes at least four bytes, so a hostile count cannot make us allocate.
+    // Every item takes at least four bytes: a larger count is not a batch.
     if n > r.buf.len() / 4 {
         return None;
     }
-    let mut items = Vec::with_capacity(n);
+    // An item in memory is 20-30 times its smallest encoding, so room for more items than a
+    // batch is formed with is not taken on the strength of the count (a longer one grows as
+    // it is read): a frame of junk behind a large count would otherwise cost hundreds of
+    // megabytes before its first item fails.
+    let mut items = Vec::with_capacity(n.min(MAX_BATCH_REQUESTS));
     for _ in 0..n {
         items.push(read_envelope(r, false)?);
     }
@@ -643,6 +647,65 @@ mod tests {
             .filter(|r| r.as_ref().map_or(true, |r| small(&r.payload_len())))
             .collect();
         check_mutations(envelopes(replies));
+    }
+
+    /// The largest single allocation made on each thread, so that a test can see what
+    /// decoding a message asked for.
+    struct LargestAllocation;
+
+    thread_local! {
+        static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    // SAFETY: every call is passed on to the system allocator unchanged; the thread-local
+    // is a plain `Cell` with no destructor, which allocates nothing.
+    unsafe impl std::alloc::GlobalAlloc for LargestAllocation {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            let _ = LARGEST.try_with(|l| l.set(l.get().max(layout.size())));
+            // SAFETY: the caller's contract is the system allocator's.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            // SAFETY: `ptr` came from `alloc` above, that is from the system allocator.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: LargestAllocation = LargestAllocation;
+
+    /// The largest allocation `f` made on this thread.
+    fn largest_allocation(f: impl FnOnce()) -> usize {
+        LARGEST.with(|l| l.set(0));
+        f();
+        LARGEST.with(std::cell::Cell::get)
+    }
+
+    #[test]
+    fn a_large_batch_count_over_junk_allocates_little() {
+        // A batch of (len / 4) items, then junk: the count passes the first check and the
+        // first item fails. Room is made for MAX_BATCH_REQUESTS items, not for the count.
+        let junk = 4 << 20;
+        let batch = |prefix: &[u8]| {
+            let mut body = vec![0x92, 0x01];
+            body.extend_from_slice(prefix);
+            body.extend_from_slice(b"\x81\xa5Batch\xdd");
+            body.extend_from_slice(&((junk / 4) as u32).to_be_bytes());
+            body.resize(body.len() + junk, 0xc1);
+            body
+        };
+        let requests = batch(b"");
+        let replies = batch(b"\x81\xa2Ok");
+        let most = 64 << 10;
+        let used = largest_allocation(|| {
+            assert_eq!(Envelope::<Request>::decode_fast(&requests), None);
+        });
+        assert!(used <= most, "decoding allocated {used} bytes at once");
+        let used = largest_allocation(|| {
+            assert_eq!(Envelope::<Reply>::decode_fast(&replies), None);
+        });
+        assert!(used <= most, "decoding allocated {used} bytes at once");
     }
 
     #[test]

@@ -52,13 +52,13 @@ impl<M: FastMessage> FastWire for Envelope<M> {
 /// The message inside an [`Envelope`]; `batch` is whether a batch may appear here (a batch
 /// item may not itself be a batch on the fast path, so decoding never recurses deeper).
 pub trait FastMessage: Sized {
-    fn write(&self, dst: &mut BytesMut) -> bool {
-        let _ = dst;
+    /// Append this message's encoding, or return `false` to leave it to rmp-serde.
+    fn write(&self, _dst: &mut BytesMut) -> bool {
         false
     }
 
-    fn read(r: &mut Reader<'_>, batch: bool) -> Option<Self> {
-        let _ = (r, batch);
+    /// Read a message in canonical form, or `None` to leave the body to rmp-serde.
+    fn read(_r: &mut Reader<'_>, _batch: bool) -> Option<Self> {
         None
     }
 }

@@ -550,8 +550,7 @@ impl Batcher {
     }
 
     /// Record the calls of every batch about to be sent, before it is sent (its answer
-    /// cannot come first).
-    /// A closed table keeps none: nothing will be answered.
+    /// cannot come first). A closed table keeps none: nothing will be answered.
     fn register_batches(&self, in_flight: &InFlight) {
         let mut frames = self.ready.iter().filter_map(|frame| match &frame.msg {
             Request::Batch(items) => Some((frame.id, items.iter().map(|e| e.id).collect())),

@@ -104,10 +104,9 @@ impl Node {
 
     async fn store(&self, key: Bytes, version: Version, value: Option<Bytes>) -> Reply {
         check_store(&key, version, value.as_ref())?;
-        // Encoded before the key and value move into the table, so neither is cloned.
         let record = EncodedRecord::new(&key, version, value.as_deref())
             .map_err(|e| WireError::BadRequest(e.to_string()))?;
-        let (applied, held) = self.lock().apply(key, version, value);
+        let (applied, held) = self.lock().apply(&key, version, value.as_deref());
         if applied {
             self.append(record).await?;
         }
@@ -171,7 +170,7 @@ impl Node {
                         frames
                             .push(&key, version, value.as_deref())
                             .map_err(|e| WireError::BadRequest(e.to_string()))?;
-                        let (applied, held) = store.apply(key, version, value);
+                        let (applied, held) = store.apply(&key, version, value.as_deref());
                         if !applied {
                             frames.truncate(mark);
                         }
@@ -231,16 +230,8 @@ fn check_store(key: &[u8], version: Version, value: Option<&Bytes>) -> Result<()
 
 /// The answer to a fetch of `key`: the node's copy, or version 0 when it holds none.
 fn fetched(store: &Store, key: &[u8]) -> Response {
-    match store.get(key) {
-        Some(e) => Response::Fetched {
-            version: e.version,
-            value: e.value.clone(),
-        },
-        None => Response::Fetched {
-            version: Version::ZERO,
-            value: None,
-        },
-    }
+    let (version, value) = store.fetch(key).unwrap_or((Version::ZERO, None));
+    Response::Fetched { version, value }
 }
 
 impl Handler for Node {

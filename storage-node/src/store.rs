@@ -4,30 +4,105 @@
 //! retries, re-replication and migration can arrive in any order and any number of times.
 //! Versions are unique per write cluster-wide (the coordinator assigns them), so two writes
 //! never share a version.
+//!
+//! Each entry keeps its key and value together in one allocation, so a lookup touches the
+//! table's slot and that one block: comparing the key brings the start of the value into the
+//! cache with it. With the key, the value and the value's reference count in three places, a
+//! read of a table larger than the cache waited on five memory loads instead of three.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hashbrown::HashTable;
 use ringkv_common::protocol::ScanEntry;
 use ringkv_common::{NodeStats, Version};
 
 use crate::log::Record;
 
-/// What a node holds for one key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
+/// Values up to this size are copied out of the table for an answer; larger ones are shared
+/// (a reference count) rather than copied under the table's lock.
+const COPY_VALUES_UP_TO: usize = 16 * 1024;
+
+/// What a node holds for one key, as [`Store::get`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryRef<'a> {
     pub version: Version,
     /// `None` is a tombstone: the key was deleted at `version`.
-    pub value: Option<Bytes>,
+    pub value: Option<&'a [u8]>,
+}
+
+/// One key's entry in the table.
+struct Slot {
+    /// The key, then the value (nothing after the key for a tombstone).
+    block: Bytes,
+    key_len: u32,
+    tombstone: bool,
+    version: Version,
+}
+
+impl Slot {
+    /// `None` for a key longer than any the protocol lets through.
+    fn new(key: &[u8], version: Version, value: Option<&[u8]>) -> Option<Slot> {
+        let key_len = u32::try_from(key.len()).ok()?;
+        let mut block = Vec::with_capacity(key.len() + value.map_or(0, <[u8]>::len));
+        block.extend_from_slice(key);
+        block.extend_from_slice(value.unwrap_or_default());
+        Some(Slot {
+            block: Bytes::from(block),
+            key_len,
+            tombstone: value.is_none(),
+            version,
+        })
+    }
+
+    fn key(&self) -> &[u8] {
+        self.block.get(..self.key_len as usize).unwrap_or_default()
+    }
+
+    fn value(&self) -> Option<&[u8]> {
+        if self.tombstone {
+            None
+        } else {
+            self.block.get(self.key_len as usize..)
+        }
+    }
+
+    /// The value as an answer carries it: copied if small, shared if large.
+    fn value_bytes(&self) -> Option<Bytes> {
+        let value = self.value()?;
+        if value.len() <= COPY_VALUES_UP_TO {
+            Some(Bytes::copy_from_slice(value))
+        } else {
+            Some(self.block.slice(self.key_len as usize..))
+        }
+    }
+
+    /// The key, sharing the block's memory.
+    fn shared_key(&self) -> Bytes {
+        self.block.slice(..self.key_len as usize)
+    }
+
+    fn entry(&self) -> EntryRef<'_> {
+        EntryRef {
+            version: self.version,
+            value: self.value(),
+        }
+    }
+
+    /// Bytes of key and value, as the live-bytes counter counts them (0 for a tombstone).
+    fn live_len(&self) -> Option<usize> {
+        (!self.tombstone).then_some(self.block.len())
+    }
 }
 
 /// The hash table plus the counters reported in heartbeats.
 #[derive(Default)]
 pub struct Store {
+    map: HashTable<Slot>,
     /// foldhash, seeded at random per process: a fraction of SipHash's cost per lookup, and
     /// keys chosen by clients still cannot be aimed at one bucket without knowing the seed.
-    map: HashMap<Bytes, Entry, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
     live_keys: u64,
     live_bytes: u64,
     /// The keys in order, sorted when a scan starts and used by its later pages.
@@ -72,51 +147,62 @@ impl Store {
         for rec in records {
             // `>=`: a later record at the same version is a forget marker (see `forget`).
             let newer = store
-                .map
                 .get(&rec.key)
                 .is_none_or(|cur| rec.version >= cur.version);
             if newer {
-                store.put_entry(rec.key, rec.version, rec.value);
+                store.put_entry(&rec.key, rec.version, rec.value.as_deref());
             }
         }
-        let tombstones: Vec<Bytes> = store
-            .map
-            .iter()
-            .filter(|(_, e)| e.value.is_none())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in tombstones {
-            store.map.remove(&key);
-        }
+        store.map.retain(|slot| !slot.tombstone);
         store
+    }
+
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn slot(&self, key: &[u8]) -> Option<&Slot> {
+        self.map.find(self.hash(key), |slot| slot.key() == key)
     }
 
     /// Apply a write if `version` is newer than what is held. Returns whether it applied and
     /// the version held afterwards.
-    pub fn apply(&mut self, key: Bytes, version: Version, value: Option<Bytes>) -> (bool, Version) {
-        if let Some(cur) = self.map.get(&key) {
+    pub fn apply(&mut self, key: &[u8], version: Version, value: Option<&[u8]>) -> (bool, Version) {
+        if let Some(cur) = self.slot(key) {
             if cur.version >= version {
                 return (false, cur.version);
             }
         }
-        self.put_entry(key, version, value);
-        (true, version)
+        if self.put_entry(key, version, value) {
+            (true, version)
+        } else {
+            (false, Version::ZERO)
+        }
     }
 
     /// The entry for `key`, if any.
-    pub fn get(&self, key: &[u8]) -> Option<&Entry> {
-        self.map.get(key)
+    pub fn get(&self, key: &[u8]) -> Option<EntryRef<'_>> {
+        self.slot(key).map(Slot::entry)
+    }
+
+    /// The entry for `key` as an answer carries it: its version and value, if any.
+    pub fn fetch(&self, key: &[u8]) -> Option<(Version, Option<Bytes>)> {
+        self.slot(key)
+            .map(|slot| (slot.version, slot.value_bytes()))
     }
 
     /// Remove `key` if what is held is no newer than `version`. Returns the removed version.
     pub fn forget(&mut self, key: &[u8], version: Version) -> Option<Version> {
-        let held = self.map.get(key)?.version;
+        let hash = self.hash(key);
+        let Ok(found) = self.map.find_entry(hash, |slot| slot.key() == key) else {
+            return None;
+        };
+        let held = found.get().version;
         if held > version {
             return None;
         }
-        if let Some(old) = self.map.remove(key) {
-            self.uncount(key.len(), &old);
-        }
+        let (old, _) = found.remove();
+        self.uncount(&old);
         Some(held)
     }
 
@@ -153,7 +239,7 @@ impl Store {
             return Ok(self.page(after, limit));
         }
         Err(KeySnapshot {
-            keys: self.map.keys().cloned().collect(),
+            keys: self.map.iter().map(Slot::shared_key).collect(),
             taken_at: Instant::now(),
         })
     }
@@ -194,11 +280,11 @@ impl Store {
             .iter()
             .take(taken)
             .filter_map(|k| {
-                self.map.get(k).map(|e| ScanEntry {
+                self.get(k).map(|e| ScanEntry {
                     key: k.clone(),
                     version: e.version,
                     tombstone: e.value.is_none(),
-                    value_len: e.value.as_ref().map_or(0, |v| v.len() as u64),
+                    value_len: e.value.map_or(0, |v| v.len() as u64),
                 })
             })
             .collect();
@@ -212,14 +298,14 @@ impl Store {
         (entries, next)
     }
 
-    /// Every entry as a log record, for compaction.
+    /// Every entry as a log record, for compaction: the records share the table's memory.
     pub fn records(&self) -> Vec<Record> {
         self.map
             .iter()
-            .map(|(k, e)| Record {
-                key: k.clone(),
-                version: e.version,
-                value: e.value.clone(),
+            .map(|slot| Record {
+                key: slot.shared_key(),
+                version: slot.version,
+                value: (!slot.tombstone).then(|| slot.block.slice(slot.key_len as usize..)),
             })
             .collect()
     }
@@ -244,21 +330,37 @@ impl Store {
         }
     }
 
-    fn put_entry(&mut self, key: Bytes, version: Version, value: Option<Bytes>) {
-        let key_len = key.len();
-        if let Some(v) = &value {
+    /// Insert or replace the entry of `key`; false (and nothing changed) for a key longer
+    /// than any the protocol lets through.
+    fn put_entry(&mut self, key: &[u8], version: Version, value: Option<&[u8]>) -> bool {
+        let Some(slot) = Slot::new(key, version, value) else {
+            return false;
+        };
+        if let Some(len) = slot.live_len() {
             self.live_keys += 1;
-            self.live_bytes += (key_len + v.len()) as u64;
+            self.live_bytes += len as u64;
         }
-        if let Some(old) = self.map.insert(key, Entry { version, value }) {
-            self.uncount(key_len, &old);
+        let hasher = &self.hasher;
+        let hash = hasher.hash_one(key);
+        match self
+            .map
+            .entry(hash, |s| s.key() == key, |s| hasher.hash_one(s.key()))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut held) => {
+                let old = std::mem::replace(held.get_mut(), slot);
+                self.uncount(&old);
+            }
+            hashbrown::hash_table::Entry::Vacant(free) => {
+                free.insert(slot);
+            }
         }
+        true
     }
 
-    fn uncount(&mut self, key_len: usize, old: &Entry) {
-        if let Some(v) = &old.value {
+    fn uncount(&mut self, old: &Slot) {
+        if let Some(len) = old.live_len() {
             self.live_keys -= 1;
-            self.live_bytes -= (key_len + v.len()) as u64;
+            self.live_bytes -= len as u64;
         }
     }
 }
@@ -275,32 +377,56 @@ mod tests {
     fn only_newer_versions_apply() {
         let mut s = Store::default();
         assert_eq!(
-            s.apply(b("k"), Version(5), Some(b("five"))),
+            s.apply(b"k", Version(5), Some(&b"five"[..])),
             (true, Version(5))
         );
         assert_eq!(
-            s.apply(b("k"), Version(3), Some(b("three"))),
+            s.apply(b"k", Version(3), Some(&b"three"[..])),
             (false, Version(5))
         );
         assert_eq!(
-            s.apply(b("k"), Version(5), Some(b("again"))),
+            s.apply(b"k", Version(5), Some(&b"again"[..])),
             (false, Version(5))
         );
-        assert_eq!(s.get(b"k").and_then(|e| e.value.clone()), Some(b("five")));
-        assert_eq!(s.apply(b("k"), Version(7), None), (true, Version(7)));
+        assert_eq!(s.get(b"k").and_then(|e| e.value), Some(&b"five"[..]));
+        assert_eq!(s.apply(b"k", Version(7), None), (true, Version(7)));
         assert_eq!(s.stats().keys, 0);
         assert_eq!(
-            s.apply(b("k"), Version(6), Some(b("six"))),
+            s.apply(b"k", Version(6), Some(&b"six"[..])),
             (false, Version(7))
         );
     }
 
     #[test]
+    fn an_empty_value_is_not_a_tombstone_and_large_values_come_back_whole() {
+        let mut s = Store::default();
+        s.apply(b"empty", Version(1), Some(b""));
+        s.apply(b"gone", Version(2), None);
+        let large = vec![7u8; COPY_VALUES_UP_TO + 1];
+        s.apply(b"large", Version(3), Some(&large));
+        assert_eq!(s.get(b"empty").and_then(|e| e.value), Some(&b""[..]));
+        assert_eq!(s.fetch(b"empty"), Some((Version(1), Some(Bytes::new()))));
+        assert_eq!(s.fetch(b"gone"), Some((Version(2), None)));
+        assert_eq!(
+            s.fetch(b"large").and_then(|(_, v)| v).as_deref(),
+            Some(&large[..])
+        );
+        assert_eq!(s.stats().keys, 2);
+        assert_eq!(s.stats().bytes, (5 + 5 + large.len()) as u64);
+        let mut records = s.records();
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&[u8]> = records.iter().map(|r| r.key.as_ref()).collect();
+        assert_eq!(keys, [&b"empty"[..], b"gone", b"large"]);
+        assert_eq!(records[1].value, None);
+        assert_eq!(records[2].value.as_deref(), Some(&large[..]));
+    }
+
+    #[test]
     fn stats_track_live_keys_and_bytes() {
         let mut s = Store::default();
-        s.apply(b("a"), Version(1), Some(b("xx")));
-        s.apply(b("b"), Version(2), Some(b("yyy")));
-        s.apply(b("a"), Version(3), Some(b("z")));
+        s.apply(b"a", Version(1), Some(&b"xx"[..]));
+        s.apply(b"b", Version(2), Some(&b"yyy"[..]));
+        s.apply(b"a", Version(3), Some(&b"z"[..]));
         assert_eq!(s.stats().keys, 2);
         assert_eq!(s.stats().bytes, (1 + 1 + 1 + 3) as u64);
         s.forget(b"b", Version(2));
@@ -348,7 +474,7 @@ mod tests {
         assert_eq!(s.get(b"c").map(|e| e.version), Some(Version(9)));
         // A forgotten key can be stored again at its old version.
         assert_eq!(
-            s.apply(b("a"), Version(1), Some(b("1"))),
+            s.apply(b"a", Version(1), Some(&b"1"[..])),
             (true, Version(1))
         );
     }
@@ -357,7 +483,11 @@ mod tests {
     fn scan_pages_in_key_order() {
         let mut s = Store::default();
         for i in 0..25 {
-            s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
+            s.apply(
+                format!("k{i:02}").as_bytes(),
+                Version(i + 1),
+                Some(&b"v"[..]),
+            );
         }
         let mut after: Option<Bytes> = None;
         let mut seen = Vec::new();
@@ -389,13 +519,17 @@ mod tests {
     fn a_scan_started_with_keys_sorted_elsewhere_pages_like_one_sorted_here() {
         let mut s = Store::default();
         for i in (0..25).rev() {
-            s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
+            s.apply(
+                format!("k{i:02}").as_bytes(),
+                Version(i + 1),
+                Some(&b"v"[..]),
+            );
         }
         let Err(snapshot) = s.scan_or_snapshot(None, 10) else {
             panic!("a new scan always takes the keys to sort");
         };
         // Written after the keys were taken: this scan may miss it.
-        s.apply(b("k05x"), Version(99), Some(b("late")));
+        s.apply(b"k05x", Version(99), Some(&b"late"[..]));
         let first = s.scan_in_order(snapshot.sorted(), None, 10);
         assert!(
             s.scan_or_snapshot(first.1.as_deref(), 10).is_ok(),
@@ -413,14 +547,18 @@ mod tests {
     fn an_older_order_sorted_late_does_not_replace_a_newer_one() {
         let mut s = Store::default();
         for i in 0..30 {
-            s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
+            s.apply(
+                format!("k{i:02}").as_bytes(),
+                Version(i + 1),
+                Some(&b"v"[..]),
+            );
         }
         // Scan A takes the keys; a key is written; scan C takes the keys, sorts them and
         // serves its first page before A's sort is done.
         let Err(older) = s.scan_or_snapshot(None, 10) else {
             panic!("a new scan takes the keys");
         };
-        s.apply(b("k15x"), Version(99), Some(b("new")));
+        s.apply(b"k15x", Version(99), Some(&b"new"[..]));
         let Err(newer) = s.scan_or_snapshot(None, 10) else {
             panic!("a new scan takes the keys");
         };
@@ -439,14 +577,18 @@ mod tests {
     fn scan_pages_see_current_versions_and_skip_removed_keys() {
         let mut s = Store::default();
         for i in 0..30 {
-            s.apply(b(&format!("k{i:02}")), Version(i + 1), Some(b("v")));
+            s.apply(
+                format!("k{i:02}").as_bytes(),
+                Version(i + 1),
+                Some(&b"v"[..]),
+            );
         }
         let (first, next) = s.scan(None, 10);
         assert_eq!(first.len(), 10);
         // Between pages: one key changes, one is forgotten, one is added after the cursor.
-        s.apply(b("k15"), Version(100), Some(b("new")));
+        s.apply(b"k15", Version(100), Some(&b"new"[..]));
         s.forget(b"k16", Version(17));
-        s.apply(b("k99"), Version(101), Some(b("late")));
+        s.apply(b"k99", Version(101), Some(&b"late"[..]));
         let mut after = next;
         let mut rest: Vec<ScanEntry> = Vec::new();
         while let Some(cursor) = after {
@@ -482,7 +624,7 @@ mod tests {
     #[test]
     fn a_cursor_past_every_key_ends_the_scan() {
         let mut s = Store::default();
-        s.apply(b("a"), Version(1), Some(b("v")));
+        s.apply(b"a", Version(1), Some(&b"v"[..]));
         let (page, next) = s.scan(Some(b"zzz"), 10);
         assert!(page.is_empty());
         assert!(next.is_none());

@@ -22,6 +22,7 @@
 //! never go backwards or repeat.
 
 pub mod journal;
+mod key_map;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -35,6 +36,7 @@ use tracing::{error, info, warn};
 
 pub use journal::MetaFsync;
 use journal::{Entry, EntryRef, Journal, JournalError};
+use key_map::KeyMap;
 
 /// Versions reserved per durable lease. Large enough that a lease write is rare (one per
 /// million writes), small enough that a restart skipping the rest of a lease does not matter
@@ -112,26 +114,8 @@ struct Job {
     done: oneshot::Sender<Result<(), String>>,
 }
 
-/// One shard of the key map. foldhash, seeded at random per process, costs a fraction of
-/// SipHash per lookup, and keys chosen by clients still cannot be aimed at one bucket
-/// without knowing the seed. A key is a boxed slice of its own: 16 bytes in the slot and an
-/// allocation of the key's length, where a `Bytes` takes 32 in the slot and, once shared,
-/// a reference-count block besides.
+/// One shard of the key map.
 type Shard = RwLock<KeyMap>;
-type KeyMap = HashMap<Box<[u8]>, KeyMeta, foldhash::fast::RandomState>;
-
-/// Set `key` to `meta` in `map` (`None` removes it), copying the key only when it is new.
-fn set_entry(map: &mut KeyMap, key: &[u8], meta: Option<KeyMeta>) {
-    match (map.get_mut(key), meta) {
-        (Some(slot), Some(meta)) => *slot = meta,
-        (None, Some(meta)) => {
-            map.insert(Box::from(key), meta);
-        }
-        (_, None) => {
-            map.remove(key);
-        }
-    }
-}
 
 struct VersionLease {
     next: u64,
@@ -196,7 +180,7 @@ impl Metadata {
         let max_group = max_group.max(1);
         std::fs::create_dir_all(dir)?;
         let shards: Vec<Shard> = (0..SHARDS)
-            .map(|_| RwLock::new(HashMap::default()))
+            .map(|_| RwLock::new(KeyMap::default()))
             .collect();
         let mut nodes: BTreeMap<u64, NodeRecord> = BTreeMap::new();
         let mut ceiling = 1u64;
@@ -205,7 +189,7 @@ impl Metadata {
                 Entry::Key { key, meta } => {
                     if let Some(shard) = shards.get(shard_of(&key)) {
                         let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
-                        set_entry(&mut guard, &key, meta);
+                        guard.set(&key, meta);
                     }
                 }
                 Entry::Node(record) => {
@@ -721,7 +705,7 @@ impl Writer {
                 (touched.remove(&key), self.shards.get(shard_of(&key)))
             {
                 let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
-                set_entry(&mut guard, &key, meta);
+                guard.set(&key, meta);
             }
         }
         Ok(())

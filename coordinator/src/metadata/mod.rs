@@ -649,6 +649,12 @@ impl Writer {
 
     /// One journal write for a group of jobs, then publish the new entries to the map.
     fn commit_group(&mut self, jobs: &[Job], write_now: bool) -> Result<(), MetaError> {
+        // Most groups are one write's own change, committed inline by its caller.
+        if let [job] = jobs {
+            if let [Op::Key(key, update)] = job.ops.as_slice() {
+                return self.commit_one(key, update, write_now, job.needs_sync());
+            }
+        }
         // Working copy of the entries this group touches, starting from the map (which
         // equals what the journal holds: only this thread writes either).
         let mut touched: HashMap<Bytes, Option<KeyMeta>> = HashMap::new();
@@ -707,6 +713,43 @@ impl Writer {
                 let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
                 guard.set(&key, meta);
             }
+        }
+        Ok(())
+    }
+}
+
+impl Writer {
+    /// [`commit_group`](Writer::commit_group) for a group of one key change, without its
+    /// working copy of the touched entries; `sync` as its `registry_changed`.
+    fn commit_one(
+        &mut self,
+        key: &Bytes,
+        update: &KeyUpdate,
+        write_now: bool,
+        sync: bool,
+    ) -> Result<(), MetaError> {
+        let shard = self.shards.get(shard_of(key));
+        let mut current = shard.and_then(|s| {
+            s.read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key.as_ref())
+                .cloned()
+        });
+        let changed = apply_update(&mut current, update);
+        if changed {
+            self.journal.append(&EntryRef::Key {
+                key,
+                meta: current.as_ref(),
+            })?;
+        }
+        if write_now || sync || self.journal.buffered() >= INLINE_FLUSH_BYTES {
+            self.journal.commit(sync)?;
+        }
+        if let (true, Some(shard)) = (changed, shard) {
+            shard
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .set(key, current);
         }
         Ok(())
     }

@@ -277,7 +277,7 @@ impl Coordinator {
             tombstone,
         };
         self.meta
-            .update(vec![(key.clone(), KeyUpdate::Set(meta))])
+            .update_key(key.clone(), KeyUpdate::Set(meta))
             .await
             .map_err(|e| WireError::Indeterminate(format!("metadata commit failed: {e}")))?;
         let committed = Instant::now();
@@ -329,7 +329,7 @@ impl Coordinator {
                         let update = KeyUpdate::AddReplica { version, node };
                         if this
                             .meta
-                            .update(vec![(late_key.clone(), update)])
+                            .update_key(late_key.clone(), update)
                             .await
                             .is_err()
                         {

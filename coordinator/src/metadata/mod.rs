@@ -358,25 +358,33 @@ impl Metadata {
             .await
     }
 
+    /// [`update`](Metadata::update) of one key.
+    pub async fn update_key(&self, key: Bytes, update: KeyUpdate) -> Result<(), MetaError> {
+        self.submit(vec![Op::Key(key, update)]).await
+    }
+
     /// Make one node record durable.
     pub async fn save_node(&self, record: NodeRecord) -> Result<(), MetaError> {
         self.submit(vec![Op::Node(record)]).await
     }
 
     async fn submit(&self, ops: Vec<Op>) -> Result<(), MetaError> {
+        let ops = match (&self.inline, ops.as_slice()) {
+            (Some(queue), [op @ Op::Key(key, update)]) if !op_needs_sync(op) => {
+                match self.commit_now(queue, key, update) {
+                    Some(outcome) => return outcome,
+                    None => ops,
+                }
+            }
+            _ => ops,
+        };
         let (done, rx) = oneshot::channel();
         let job = Job { ops, done };
         match &self.inline {
             Some(queue) if !job.needs_sync() => {
                 lock(&queue.jobs).push(job);
                 if commit_inline(&self.state, queue) == Some(true) {
-                    // Rewriting takes a while: wake the writer thread to do it.
-                    if let Some(tx) = lock(&self.writer).as_ref() {
-                        let _ = tx.send(Job {
-                            ops: Vec::new(),
-                            done: oneshot::channel().0,
-                        });
-                    }
+                    self.wake_for_rewrite();
                 }
             }
             _ => {
@@ -389,6 +397,48 @@ impl Metadata {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(MetaError::Write(e)),
             Err(_) => Err(MetaError::Closed),
+        }
+    }
+
+    /// Commit one key change inline at once, without queueing it: `None` when the journal's
+    /// state is held or other inline changes wait before it (they keep their order).
+    fn commit_now(
+        &self,
+        queue: &InlineQueue,
+        key: &Bytes,
+        update: &KeyUpdate,
+    ) -> Option<Result<(), MetaError>> {
+        let mut writer = match self.state.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        if !lock(&queue.jobs).is_empty() {
+            return None;
+        }
+        let outcome = writer.commit_alone(key, update);
+        let rewrite = writer.rewrite_due();
+        drop(writer);
+        // A change queued while the state was held here found it busy and left its commit
+        // to the holder.
+        let drained = if lock(&queue.jobs).is_empty() {
+            None
+        } else {
+            commit_inline(&self.state, queue)
+        };
+        if rewrite || drained == Some(true) {
+            self.wake_for_rewrite();
+        }
+        Some(outcome.map_err(MetaError::Write))
+    }
+
+    /// Rewriting takes a while: wake the writer thread to do it.
+    fn wake_for_rewrite(&self) {
+        if let Some(tx) = lock(&self.writer).as_ref() {
+            let _ = tx.send(Job {
+                ops: Vec::new(),
+                done: oneshot::channel().0,
+            });
         }
     }
 
@@ -437,11 +487,16 @@ impl Job {
     /// when they replay their logs). A change to an entry that is already a tombstone needs
     /// no sync: losing it leaves the synced tombstone.
     fn needs_sync(&self) -> bool {
-        self.ops.iter().any(|op| match op {
-            Op::Node(_) | Op::Ceiling(_) => true,
-            Op::Key(_, KeyUpdate::Set(meta)) => meta.tombstone,
-            Op::Key(..) => false,
-        })
+        self.ops.iter().any(op_needs_sync)
+    }
+}
+
+/// Whether `op` must be synced whatever the policy (see [`Job::needs_sync`]).
+fn op_needs_sync(op: &Op) -> bool {
+    match op {
+        Op::Node(_) | Op::Ceiling(_) => true,
+        Op::Key(_, KeyUpdate::Set(meta)) => meta.tombstone,
+        Op::Key(..) => false,
     }
 }
 
@@ -719,6 +774,19 @@ impl Writer {
 }
 
 impl Writer {
+    /// Commit one key change that needs no sync, as [`answer`](Writer::answer) would a job
+    /// of it alone (left in the journal's buffer), and say how it went.
+    fn commit_alone(&mut self, key: &Bytes, update: &KeyUpdate) -> Result<(), String> {
+        if self.closed {
+            return Err("metadata writer has stopped".to_string());
+        }
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.commit_one(key, update, false, false)
+            .map_err(|e| self.fail(e))
+    }
+
     /// [`commit_group`](Writer::commit_group) for a group of one key change, without its
     /// working copy of the touched entries; `sync` as its `registry_changed`.
     fn commit_one(

@@ -345,8 +345,8 @@ pub struct ClusterStatus {
 pub struct WriteTimings {
     /// Writes acknowledged.
     pub count: u64,
-    /// Waiting for the key's lock, held by an earlier write to it (or to a key sharing its
-    /// lock stripe) until that write's metadata commit.
+    /// Waiting for the key's lock, held by an earlier write to it until that write's
+    /// metadata commit.
     pub lock_wait_us: u64,
     /// From queueing the stores to the write quorum's answers: the nodes' log appends and,
     /// under `--fsync always`, their fsyncs.

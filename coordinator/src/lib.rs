@@ -18,6 +18,7 @@
 pub mod audit;
 pub mod config;
 pub mod failure_detector;
+pub mod key_locks;
 pub mod membership_ops;
 pub mod metadata;
 pub mod repair;
@@ -41,9 +42,10 @@ use tracing::{info, warn};
 pub use config::CoordinatorConfig;
 pub use state::{Coordinator, ReadyGate};
 
+use crate::key_locks::KeyLocks;
 use crate::metadata::Metadata;
 use crate::repair::RepairQueue;
-use crate::replication::{KeyLocks, WriteClock};
+use crate::replication::WriteClock;
 use crate::ring_state::Membership;
 use crate::supervisor::Supervisor;
 

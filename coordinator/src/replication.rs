@@ -1,10 +1,10 @@
 //! The data path: quorum writes, version-checked reads, and copying a key between replicas.
 //!
-//! Writes to one key are serialised by a striped lock held from version assignment until the
-//! metadata commit, so versions of a key are committed in order. A write is acknowledged only
-//! after `W` replicas stored it and the metadata naming those replicas is durable; replicas
-//! that answer later are added to the metadata in the background, and those that never do
-//! are left to the repair loop.
+//! Writes to one key are serialised by its lock ([`crate::key_locks`]), held from version
+//! assignment until the metadata commit, so versions of a key are committed in order. A
+//! write is acknowledged only after `W` replicas stored it and the metadata naming those
+//! replicas is durable; replicas that answer later are added to the metadata in the
+//! background, and those that never do are left to the repair loop.
 //!
 //! Reads go to a replica the metadata lists and accept only the version the metadata names:
 //! a replica with an older copy is skipped (and queued for repair), so a stale or deleted
@@ -25,19 +25,11 @@ use ringkv_common::client::{CallError, PendingCall};
 use ringkv_common::protocol::{Location, ReplicaInfo, Reply, Request, Response, WriteTimings};
 use ringkv_common::{NodeId, Version, WireError};
 use smallvec::SmallVec;
-use tokio::sync::{Mutex, MutexGuard};
 use tracing::debug;
 
 use crate::metadata::{KeyMeta, KeyUpdate, Replicas};
 use crate::state::Coordinator;
 pub use ringkv_common::protocol::check_sizes;
-
-/// Lock stripes for per-key write serialisation. Two keys share a stripe with probability
-/// 1/65536, which costs a little concurrency, never correctness: with 800 writes in flight
-/// (50 connections, 16 each) one write in about 80 waits for a write to an unrelated key,
-/// where with 4096 stripes it was one in five, and the wait is a whole write. The stripes
-/// take 2.5 MiB.
-const LOCK_STRIPES: usize = 65_536;
 
 /// How long a read waits for one replica before trying the next.
 const READ_HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
@@ -47,27 +39,6 @@ const READ_HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(2
 fn rank_in_burst(burst: u64, node: NodeId) -> u64 {
     use std::hash::BuildHasher;
     foldhash::quality::FixedState::with_seed(burst).hash_one(node.0)
-}
-
-/// Striped per-key locks.
-pub struct KeyLocks {
-    stripes: Vec<Mutex<()>>,
-}
-
-impl Default for KeyLocks {
-    fn default() -> Self {
-        KeyLocks {
-            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-        }
-    }
-}
-
-impl KeyLocks {
-    /// Wait for exclusive access to `key`.
-    pub async fn lock(&self, key: &[u8]) -> Option<MutexGuard<'_, ()>> {
-        let i = (ringkv_common::ring::key_hash(key) as usize) % LOCK_STRIPES;
-        Some(self.stripes.get(i)?.lock().await)
-    }
 }
 
 /// Time acknowledged writes spent in each stage, summed since start (for `status`). Each
@@ -185,11 +156,7 @@ impl Coordinator {
         let rf = self.config.rf;
         let quorum = self.config.write_quorum;
         let started = Instant::now();
-        let _guard = self
-            .locks
-            .lock(&key)
-            .await
-            .ok_or_else(|| WireError::Internal("lock stripe missing".into()))?;
+        let _guard = self.locks.lock(&key).await;
         let locked = Instant::now();
         let targets = self.members.preference_list(&key, rf);
         if targets.len() < quorum {

@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::CoordinatorConfig;
+use crate::key_locks::KeyLocks;
 use crate::metadata::Metadata;
 use crate::repair::RepairQueue;
-use crate::replication::{KeyLocks, WriteClock};
+use crate::replication::WriteClock;
 use crate::ring_state::Membership;
 use crate::supervisor::Supervisor;
 

@@ -239,7 +239,13 @@ impl Store {
             return Ok(self.page(after, limit));
         }
         Err(KeySnapshot {
-            keys: self.map.iter().map(Slot::shared_key).collect(),
+            // Copies: a slice of a block would keep its value alive for as long as the
+            // order is kept, after the key is overwritten or forgotten.
+            keys: self
+                .map
+                .iter()
+                .map(|slot| Bytes::copy_from_slice(slot.key()))
+                .collect(),
             taken_at: Instant::now(),
         })
     }

@@ -1144,6 +1144,36 @@ mod tests {
         }
     }
 
+    /// Under `never`, a change committed by its caller at once is refused after `close()`:
+    /// the journal already ends in its clean marker, so nothing after it would be replayed.
+    #[tokio::test]
+    async fn a_change_committed_inline_after_close_is_refused() {
+        let options = MetaOptions {
+            fsync: MetaFsync::Never,
+            ..MetaOptions::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+        let key = Bytes::from_static(b"k");
+        m.update_key(key.clone(), KeyUpdate::Set(meta(1, &[1])))
+            .await
+            .unwrap();
+        m.close();
+        let late = m
+            .update_key(key.clone(), KeyUpdate::Set(meta(2, &[1])))
+            .await;
+        assert!(late.is_err(), "{late:?}");
+        assert_eq!(
+            m.get(&key),
+            Some(meta(1, &[1])),
+            "a refused change is not visible"
+        );
+        drop(m);
+        let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+        assert_eq!(m.get(&key), Some(meta(1, &[1])));
+        assert!(!m.may_lack_changes(), "the close was clean");
+    }
+
     /// Under `never`, a deletion is in the file (as a process crash would leave it) once it
     /// is acknowledged, while inline puts to the same keys go on around it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -444,7 +444,15 @@ impl Metadata {
 
     /// Journal rewrites finished since open.
     pub fn rewrites(&self) -> u64 {
-        lock(&self.state).rewrites
+        let rewrites = lock(&self.state).rewrites;
+        // A change queued inline while the state was held here left its commit to us (after
+        // close() no writer thread comes by to take it).
+        if let Some(queue) = &self.inline {
+            if !lock(&queue.jobs).is_empty() {
+                let _ = commit_inline(&self.state, queue);
+            }
+        }
+        rewrites
     }
 
     /// Stop the writer after it commits what is queued. Blocking; idempotent.

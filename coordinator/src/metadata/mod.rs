@@ -628,15 +628,11 @@ impl Writer {
     /// (and syncs it as the policy or the content requires); otherwise it stays in the
     /// journal's buffer until that fills or the next flush, unless it must be synced.
     fn answer(&mut self, jobs: Vec<Job>, write_now: bool) {
-        let outcome = if self.closed {
-            Err("metadata writer has stopped".to_string())
-        } else {
-            match &self.failed {
-                Some(e) => Err(e.clone()),
-                None => self
-                    .commit_group(&jobs, write_now)
-                    .map_err(|e| self.fail(e)),
-            }
+        let outcome = match self.refusal() {
+            Some(e) => Err(e),
+            None => self
+                .commit_group(&jobs, write_now)
+                .map_err(|e| self.fail(e)),
         };
         for job in jobs {
             let _ = job.done.send(outcome.clone());
@@ -779,17 +775,21 @@ impl Writer {
         }
         Ok(())
     }
-}
 
-impl Writer {
+    /// Why nothing may be committed any more, if so: the journal was closed, or a write to
+    /// it failed.
+    fn refusal(&self) -> Option<String> {
+        if self.closed {
+            return Some("metadata writer has stopped".to_string());
+        }
+        self.failed.clone()
+    }
+
     /// Commit one key change that needs no sync, as [`answer`](Writer::answer) would a job
     /// of it alone (left in the journal's buffer), and say how it went.
     fn commit_alone(&mut self, key: &Bytes, update: &KeyUpdate) -> Result<(), String> {
-        if self.closed {
-            return Err("metadata writer has stopped".to_string());
-        }
-        if let Some(e) = &self.failed {
-            return Err(e.clone());
+        if let Some(e) = self.refusal() {
+            return Err(e);
         }
         self.commit_one(key, update, false, false)
             .map_err(|e| self.fail(e))

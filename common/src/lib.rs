@@ -20,6 +20,7 @@ pub mod codec;
 pub mod config;
 pub mod dir_lock;
 pub mod error;
+pub mod id_hash;
 pub mod process;
 pub mod protocol;
 pub mod ring;

@@ -9,35 +9,16 @@
 //! it, and tokio's mutex took a lock of its own on every release: 6% of the coordinator's CPU
 //! under pipelined PUTs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
-use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use ringkv_common::id_hash::IdMap;
+
 /// Shards of the held-lock maps, so that several worker threads rarely meet on one.
 const SHARDS: usize = 64;
-
-/// The keys' hashes are already well mixed (xxh3): the map uses them as they are.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl std::hash::Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
 
 /// One held lock: who holds it, and who waits for it, in order.
 struct Held {
@@ -46,7 +27,7 @@ struct Held {
     waiting: VecDeque<(u64, Option<Waker>)>,
 }
 
-type HeldMap = HashMap<u64, Held, BuildHasherDefault<PassThrough>>;
+type HeldMap = IdMap<Held>;
 
 /// The held key locks.
 pub struct KeyLocks {
@@ -118,41 +99,38 @@ impl<'a> Future for Lock<'a> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<KeyGuard<'a>> {
         let this = &mut *self;
         let mut map = this.locks.shard(this.hash);
-        let granted = match this.ticket {
-            None => match map.get_mut(&this.hash) {
-                None => {
-                    map.insert(
-                        this.hash,
-                        Held {
-                            owner: 0,
-                            next_ticket: 1,
-                            waiting: VecDeque::new(),
-                        },
-                    );
-                    Some(0)
-                }
-                Some(held) => {
-                    let ticket = held.next_ticket;
-                    held.next_ticket += 1;
-                    held.waiting.push_back((ticket, Some(cx.waker().clone())));
-                    this.ticket = Some(ticket);
-                    None
-                }
-            },
-            Some(ticket) => match map.get_mut(&this.hash) {
-                Some(held) if held.owner == ticket => Some(ticket),
-                Some(held) => {
-                    if let Some((_, waker)) = held.waiting.iter_mut().find(|(t, _)| *t == ticket) {
-                        match waker {
-                            Some(w) if w.will_wake(cx.waker()) => {}
-                            _ => *waker = Some(cx.waker().clone()),
-                        }
+        let granted = match (this.ticket, map.get_mut(&this.hash)) {
+            (Some(ticket), Some(held)) if held.owner == ticket => Some(ticket),
+            // Still waiting: keep the latest waker.
+            (Some(ticket), Some(held)) => {
+                if let Some((_, waker)) = held.waiting.iter_mut().find(|(t, _)| *t == ticket) {
+                    match waker {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => *waker = Some(cx.waker().clone()),
                     }
-                    None
                 }
-                // Cannot happen: a lock with waiters is never freed.
-                None => None,
-            },
+                None
+            }
+            (None, Some(held)) => {
+                let ticket = held.next_ticket;
+                held.next_ticket += 1;
+                held.waiting.push_back((ticket, Some(cx.waker().clone())));
+                this.ticket = Some(ticket);
+                None
+            }
+            // Free: take it. (A lock with waiters is never freed, so a ticket never finds
+            // its lock gone; if it did, taking the free lock would still be right.)
+            (_, None) => {
+                map.insert(
+                    this.hash,
+                    Held {
+                        owner: 0,
+                        next_ticket: 1,
+                        waiting: VecDeque::new(),
+                    },
+                );
+                Some(0)
+            }
         };
         drop(map);
         match granted {

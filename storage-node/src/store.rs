@@ -74,8 +74,13 @@ impl Slot {
         if value.len() <= COPY_VALUES_UP_TO {
             Some(Bytes::copy_from_slice(value))
         } else {
-            Some(self.block.slice(self.key_len as usize..))
+            self.shared_value()
         }
+    }
+
+    /// The value, sharing the block's memory.
+    fn shared_value(&self) -> Option<Bytes> {
+        (!self.tombstone).then(|| self.block.slice(self.key_len as usize..))
     }
 
     /// The key, sharing the block's memory.
@@ -146,12 +151,9 @@ impl Store {
         let mut store = Store::default();
         for rec in records {
             // `>=`: a later record at the same version is a forget marker (see `forget`).
-            let newer = store
-                .get(&rec.key)
-                .is_none_or(|cur| rec.version >= cur.version);
-            if newer {
-                store.put_entry(&rec.key, rec.version, rec.value.as_deref());
-            }
+            store.put_if(&rec.key, rec.version, rec.value.as_deref(), |held, new| {
+                new >= held
+            });
         }
         store.map.retain(|slot| !slot.tombstone);
         store
@@ -168,16 +170,7 @@ impl Store {
     /// Apply a write if `version` is newer than what is held. Returns whether it applied and
     /// the version held afterwards.
     pub fn apply(&mut self, key: &[u8], version: Version, value: Option<&[u8]>) -> (bool, Version) {
-        if let Some(cur) = self.slot(key) {
-            if cur.version >= version {
-                return (false, cur.version);
-            }
-        }
-        if self.put_entry(key, version, value) {
-            (true, version)
-        } else {
-            (false, Version::ZERO)
-        }
+        self.put_if(key, version, value, |held, new| new > held)
     }
 
     /// The entry for `key`, if any.
@@ -311,7 +304,7 @@ impl Store {
             .map(|slot| Record {
                 key: slot.shared_key(),
                 version: slot.version,
-                value: (!slot.tombstone).then(|| slot.block.slice(slot.key_len as usize..)),
+                value: slot.shared_value(),
             })
             .collect()
     }
@@ -336,31 +329,49 @@ impl Store {
         }
     }
 
-    /// Insert or replace the entry of `key`; false (and nothing changed) for a key longer
-    /// than any the protocol lets through.
-    fn put_entry(&mut self, key: &[u8], version: Version, value: Option<&[u8]>) -> bool {
-        let Some(slot) = Slot::new(key, version, value) else {
-            return false;
-        };
-        if let Some(len) = slot.live_len() {
-            self.live_keys += 1;
-            self.live_bytes += len as u64;
-        }
+    /// Put `key` at `version` unless it holds a version `replaces(held, version)` refuses;
+    /// whether it did, and the version held afterwards. A key longer than any the protocol
+    /// lets through is refused as `(false, Version::ZERO)`.
+    fn put_if(
+        &mut self,
+        key: &[u8],
+        version: Version,
+        value: Option<&[u8]>,
+        replaces: impl FnOnce(Version, Version) -> bool,
+    ) -> (bool, Version) {
         let hasher = &self.hasher;
-        let hash = hasher.hash_one(key);
-        match self
-            .map
-            .entry(hash, |s| s.key() == key, |s| hasher.hash_one(s.key()))
-        {
+        let entry = self.map.entry(
+            hasher.hash_one(key),
+            |s| s.key() == key,
+            |s| hasher.hash_one(s.key()),
+        );
+        if let hashbrown::hash_table::Entry::Occupied(held) = &entry {
+            let held = held.get().version;
+            if !replaces(held, version) {
+                return (false, held);
+            }
+        }
+        let Some(slot) = Slot::new(key, version, value) else {
+            return (false, Version::ZERO);
+        };
+        let added = slot.live_len();
+        let old = match entry {
             hashbrown::hash_table::Entry::Occupied(mut held) => {
-                let old = std::mem::replace(held.get_mut(), slot);
-                self.uncount(&old);
+                Some(std::mem::replace(held.get_mut(), slot))
             }
             hashbrown::hash_table::Entry::Vacant(free) => {
                 free.insert(slot);
+                None
             }
+        };
+        if let Some(len) = added {
+            self.live_keys += 1;
+            self.live_bytes += len as u64;
         }
-        true
+        if let Some(old) = old {
+            self.uncount(&old);
+        }
+        (true, version)
     }
 
     fn uncount(&mut self, old: &Slot) {

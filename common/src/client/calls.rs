@@ -7,40 +7,18 @@
 //! lock to start it, one (per batch of answers) to complete it, one per poll to look. The
 //! table belongs to one connection; the caller keeps it behind that connection's mutex.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::task::{Context, Waker};
 use std::time::Duration;
 
 use super::CallError;
+use crate::id_hash::IdMap;
 use crate::protocol::Reply;
 
 /// What a waiting call receives: the server's reply, or the sweep's verdict that it is overdue.
 pub(super) type Outcome = Result<Reply, CallError>;
 
-/// Hashes the ids of batch frames, which are distinct: one multiplication spreads them well
-/// enough, where the default SipHash costs more than the rest of the lookup.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
 /// The ids of the calls each batch frame in flight carries, by the frame's own id.
-type BatchMap = HashMap<u64, Vec<u64>, BuildHasherDefault<IdHasher>>;
+type BatchMap = IdMap<Vec<u64>>;
 
 enum State {
     Free,

@@ -760,11 +760,7 @@ impl Writer {
                 })?;
             }
         }
-        // Node records, lease ceilings and deletions cannot be learnt back from the nodes:
-        // they are synced whatever the policy for key changes (see `Job::needs_sync`).
-        if write_now || registry_changed || self.journal.buffered() >= INLINE_FLUSH_BYTES {
-            self.journal.commit(registry_changed)?;
-        }
+        commit_if_due(&mut self.journal, write_now, registry_changed)?;
         for key in changed {
             if let (Some(meta), Some(shard)) =
                 (touched.remove(&key), self.shards.get(shard_of(&key)))
@@ -796,7 +792,7 @@ impl Writer {
     }
 
     /// [`commit_group`](Writer::commit_group) for a group of one key change, without its
-    /// working copy of the touched entries; `sync` as its `registry_changed`.
+    /// working copy of the touched entries.
     fn commit_one(
         &mut self,
         key: &Bytes,
@@ -818,9 +814,7 @@ impl Writer {
                 meta: current.as_ref(),
             })?;
         }
-        if write_now || sync || self.journal.buffered() >= INLINE_FLUSH_BYTES {
-            self.journal.commit(sync)?;
-        }
+        commit_if_due(&mut self.journal, write_now, sync)?;
         if let (true, Some(shard)) = (changed, shard) {
             shard
                 .write()
@@ -829,6 +823,17 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Write `journal`'s buffer out if `write_now`, if it must be synced (`sync`), or if
+/// it has filled. Node records, lease ceilings and deletions cannot be learnt back from
+/// the nodes: they are synced whatever the policy for key changes (see
+/// [`Job::needs_sync`]).
+fn commit_if_due(journal: &mut Journal, write_now: bool, sync: bool) -> Result<(), MetaError> {
+    if write_now || sync || journal.buffered() >= INLINE_FLUSH_BYTES {
+        journal.commit(sync)?;
+    }
+    Ok(())
 }
 
 /// A journal rewrite under way on its own thread, so that neither commits nor the writer

@@ -31,12 +31,20 @@ RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 on_exit() { if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT"; fi; }
 
-# run LABEL TARGET-ARGS... -- BENCH-ARGS...: one bench run, its JSON appended to RESULTS.
-# A RingKV run's report also says where its writes waited (`write_stages_us`).
+# The machine's CPU time so far, as "total steal" (jiffies): steal is time the hypervisor gave
+# to other guests, which no process here could use.
+cpu_ticks() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat
+}
+
+# run LABEL TARGET-ARGS... -- BENCH-ARGS...: one bench run, its JSON appended to RESULTS with
+# the share of the machine's CPU stolen during it (`steal_pct`). A RingKV run's report also
+# says where its writes waited (`write_stages_us`).
 run() {
     local label=$1 system=$2
     shift 2
-    local out
+    local out t0 s0 t1 s1
+    read -r t0 s0 <<< "$(cpu_ticks)"
     # `ringkv bench` exits 1 when some operations failed; the report says how many.
     out=$("$BIN/ringkv" "$@" --json --duration "$DURATION" --warmup "$WARMUP" \
         --connections "$CONNECTIONS" --keys "$KEYS" || true)
@@ -44,10 +52,13 @@ run() {
         echo "bench failed ($label, $system): $out" >&2
         out='{"throughput":0,"latency_us":{"p99":0},"error_total":-1}'
     fi
-    echo "$out" | jq -c --arg lab "$label" --arg sys "$system" \
-        '. + {"label": $lab, "system": $sys}' >> "$RESULTS"
-    echo "$out" | jq -r --arg l "$label" --arg s "$system" \
-        '"  \($s | . + "      " | .[0:6]) \($l): \(.throughput | floor) ops/s, p99 \(.latency_us.p99 / 1000) ms, errors \(.error_total)"' >&2
+    read -r t1 s1 <<< "$(cpu_ticks)"
+    out=$(echo "$out" | jq -c --arg lab "$label" --arg sys "$system" \
+        --argjson steal "$(awk -v t=$((t1 - t0)) -v s=$((s1 - s0)) 'BEGIN { printf "%.1f", (t > 0 ? 100 * s / t : 0) }')" \
+        '. + {"label": $lab, "system": $sys, "steal_pct": $steal}')
+    echo "$out" >> "$RESULTS"
+    echo "$out" | jq -r \
+        '"  \(.system | . + "      " | .[0:6]) \(.label): \(.throughput | floor) ops/s, p99 \(.latency_us.p99 / 1000) ms, errors \(.error_total), steal \(.steal_pct)%"' >&2
 }
 
 # pair LABEL BENCH-ARGS...: the same run against RingKV, then Redis.
@@ -114,6 +125,10 @@ jq -rs '
         + (if (.rk.error_total != 0 or .rd.error_total != 0)
            then " (errors: ringkv \(.rk.error_total), redis \(.rd.error_total))" else "" end)
         + " |" )
+' "$RESULTS"
+jq -rs '
+  [.[].steal_pct] | "\nCPU stolen by other guests of the machine during the runs: \(min)-\(max)% (above a few"
+    + " percent, the runs of the two systems did not have the same machine)."
 ' "$RESULTS"
 
 # Where RingKV's writes waited: the mean latency the client saw, and the coordinator's own

@@ -481,13 +481,26 @@ fn unsynced_metadata_lost_in_a_machine_crash_is_rebuilt_from_synced_nodes() {
 /// the torn group is cut off and every acknowledged write is still there.
 #[test]
 fn failed_metadata_journal_write_refuses_changes_and_loses_nothing_acknowledged() {
+    failed_metadata_journal_write(&[]);
+}
+
+/// The same under `--meta-fsync never`, where a write's change is committed by the write's own
+/// task into the journal's buffer and the writer thread's periodic flush is what fails: later
+/// writes committed that way must be refused too, and the flushed-or-not changes acknowledged
+/// before the failure come back from the nodes after the restart.
+#[test]
+fn failed_metadata_journal_flush_refuses_inline_commits_and_loses_nothing_acknowledged() {
+    failed_metadata_journal_write(&["--meta-fsync", "never"]);
+}
+
+fn failed_metadata_journal_write(extra_args: &[&str]) {
     let mut c = Cluster::start_with(Options {
         nodes: 3,
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         env: vec![(
             "FAILPOINTS".into(),
             "meta-journal-write=100*off->1*return->off".into(),
         )],
-        ..Options::default()
     });
     let rt = runtime();
     let value = |i: usize| Bytes::from(format!("v{i}"));

@@ -251,7 +251,7 @@ impl Metadata {
             let inline = inline.clone();
             std::thread::Builder::new()
                 .name("meta-writer".into())
-                .spawn(move || run_writer(state, inline.as_deref(), &rx, max_group))?
+                .spawn(move || run_writer(state, inline, &rx, max_group))?
         };
         let meta = Metadata {
             may_lack_changes,
@@ -444,14 +444,10 @@ impl Metadata {
 
     /// Journal rewrites finished since open.
     pub fn rewrites(&self) -> u64 {
-        let rewrites = lock(&self.state).rewrites;
-        // A change queued inline while the state was held here left its commit to us (after
-        // close() no writer thread comes by to take it).
-        if let Some(queue) = &self.inline {
-            if !lock(&queue.jobs).is_empty() {
-                let _ = commit_inline(&self.state, queue);
-            }
-        }
+        let writer = lock(&self.state);
+        let rewrites = writer.rewrites;
+        // After close() no writer thread comes by to take what was queued meanwhile.
+        release(writer, &self.state, self.inline.as_deref());
         rewrites
     }
 
@@ -508,9 +504,26 @@ fn op_needs_sync(op: &Op) -> bool {
     }
 }
 
+/// Let go of the writer state, then commit what was queued inline while it was held: those
+/// changes found it busy and left their commit to the holder. Every holder that waited for the
+/// state lets go through here ([`commit_inline`] and [`Metadata::commit_now`], which only try
+/// for it, look again themselves).
+fn release(
+    writer: std::sync::MutexGuard<'_, Writer>,
+    state: &Mutex<Writer>,
+    inline: Option<&InlineQueue>,
+) {
+    drop(writer);
+    if let Some(queue) = inline {
+        if !lock(&queue.jobs).is_empty() {
+            let _ = commit_inline(state, queue);
+        }
+    }
+}
+
 /// Commit the inline queue if the writer state is free; whoever holds it now commits the
-/// queue before letting go (this function and [`run_writer`] both look again after they
-/// release it). Returns `Some(true)` when the journal has grown enough to be rewritten.
+/// queue before letting go (see [`release`]). Returns `Some(true)` when the journal has grown
+/// enough to be rewritten.
 fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
     let mut wants_rewrite = None;
     loop {
@@ -536,12 +549,13 @@ fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
 /// committers buffered, and the clean close.
 fn run_writer(
     state: Arc<Mutex<Writer>>,
-    inline: Option<&InlineQueue>,
+    inline_queue: Option<Arc<InlineQueue>>,
     rx: &std::sync::mpsc::Receiver<Job>,
     max_group: usize,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
     let state = &state;
+    let inline = inline_queue.as_deref();
     let mut rewriter: Option<std::thread::JoinHandle<()>> = None;
     loop {
         let first = match rx.recv_timeout(FLUSH_EVERY) {
@@ -556,35 +570,32 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        {
-            let mut writer = lock(state);
-            // Jobs queued inline first: they were queued before anything sent after.
-            writer.answer_queued(inline);
-            if !jobs.is_empty() {
-                writer.answer(jobs, true);
-            } else {
-                writer.flush();
-            }
-            if let Some(rewrite) = writer.start_rewrite() {
-                let state = state.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("meta-rewrite".into())
-                    .spawn(move || rewrite.run(&state));
-                match spawned {
-                    Ok(handle) => rewriter = Some(handle),
-                    Err(e) => {
-                        // Try again once the journal has doubled again (the next rewrite
-                        // truncates the file this one left).
-                        warn!(error = %e, "cannot start the metadata journal rewrite");
-                        writer.rewriting = false;
-                        writer.journal.defer_rewrite();
-                    }
+        let mut writer = lock(state);
+        // Jobs queued inline first: they were queued before anything sent after.
+        writer.answer_queued(inline);
+        if !jobs.is_empty() {
+            writer.answer(jobs, true);
+        } else {
+            writer.flush();
+        }
+        if let Some(rewrite) = writer.start_rewrite() {
+            let state = state.clone();
+            let inline = inline_queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name("meta-rewrite".into())
+                .spawn(move || rewrite.run(&state, inline.as_deref()));
+            match spawned {
+                Ok(handle) => rewriter = Some(handle),
+                Err(e) => {
+                    // Try again once the journal has doubled again (the next rewrite
+                    // truncates the file this one left).
+                    warn!(error = %e, "cannot start the metadata journal rewrite");
+                    writer.rewriting = false;
+                    writer.journal.defer_rewrite();
                 }
             }
         }
-        if let Some(queue) = inline {
-            let _ = commit_inline(state, queue);
-        }
+        release(writer, state, inline);
     }
     // A rewrite under way finishes first (it needs the state to switch files).
     if let Some(handle) = rewriter.take() {
@@ -598,12 +609,9 @@ fn run_writer(
             error!(error = %e, "metadata journal sync at close failed");
         }
     }
-    drop(writer);
-    // Jobs queued inline while the journal was closing found the state held: answer them
-    // (with an error, now that it is closed) rather than leave them waiting.
-    if let Some(queue) = inline {
-        let _ = commit_inline(state, queue);
-    }
+    // Jobs queued inline while the journal was closing are answered with an error, now that
+    // it is closed, rather than left waiting.
+    release(writer, state, inline);
 }
 
 /// The writer thread's state: the journal, and what a rewrite needs besides the key map.
@@ -848,7 +856,7 @@ struct BackgroundRewrite {
 }
 
 impl BackgroundRewrite {
-    fn run(self, state: &Mutex<Writer>) {
+    fn run(self, state: &Mutex<Writer>, inline: Option<&InlineQueue>) {
         let BackgroundRewrite {
             mut rewrite,
             shards,
@@ -899,10 +907,9 @@ impl BackgroundRewrite {
         // takes what came during the first), so that the end under the lock is short.
         let snapshot = snapshot.and_then(|mut snapshot| {
             for _ in 0..2 {
-                let (dir, upto) = {
-                    let writer = lock(state);
-                    (writer.journal.dir().to_path_buf(), writer.journal.size())
-                };
+                let writer = lock(state);
+                let (dir, upto) = (writer.journal.dir().to_path_buf(), writer.journal.size());
+                release(writer, state, inline);
                 if let Err(e) = snapshot.catch_up(&dir, upto) {
                     snapshot.abandon();
                     return Err(e);
@@ -915,38 +922,41 @@ impl BackgroundRewrite {
         // What inline commits buffered is written now, so that a failure to write it counts
         // as the journal's failure, not the rewrite's.
         writer.flush();
-        let snapshot = match snapshot {
-            Ok(snapshot) => snapshot,
-            Err(e) => {
-                warn!(error = %e, "metadata journal rewrite failed");
-                writer.journal.defer_rewrite();
-                return;
+        'switch: {
+            let snapshot = match snapshot {
+                Ok(snapshot) => snapshot,
+                Err(e) => {
+                    warn!(error = %e, "metadata journal rewrite failed");
+                    writer.journal.defer_rewrite();
+                    break 'switch;
+                }
+            };
+            if writer.failed.is_some() || writer.closed {
+                snapshot.abandon();
+                break 'switch;
             }
-        };
-        if writer.failed.is_some() || writer.closed {
-            snapshot.abandon();
-            return;
+            match writer.journal.finish_rewrite(snapshot) {
+                Ok(()) => {
+                    writer.rewrites += 1;
+                    info!(
+                        before,
+                        after = writer.journal.size(),
+                        "metadata journal rewritten"
+                    );
+                }
+                Err(e) if writer.journal.is_broken() => {
+                    error!(error = %e, "metadata journal rewrite failed; refusing further changes");
+                    writer.failed = Some(e.to_string());
+                }
+                // The old file is intact (the rename is the switch-over): carry on with it,
+                // and try again only once it has doubled again.
+                Err(e) => {
+                    warn!(error = %e, "metadata journal rewrite failed");
+                    writer.journal.defer_rewrite();
+                }
+            }
         }
-        match writer.journal.finish_rewrite(snapshot) {
-            Ok(()) => {
-                writer.rewrites += 1;
-                info!(
-                    before,
-                    after = writer.journal.size(),
-                    "metadata journal rewritten"
-                );
-            }
-            Err(e) if writer.journal.is_broken() => {
-                error!(error = %e, "metadata journal rewrite failed; refusing further changes");
-                writer.failed = Some(e.to_string());
-            }
-            // The old file is intact (the rename is the switch-over): carry on with it, and
-            // try again only once it has doubled again.
-            Err(e) => {
-                warn!(error = %e, "metadata journal rewrite failed");
-                writer.journal.defer_rewrite();
-            }
-        }
+        release(writer, state, inline);
     }
 }
 

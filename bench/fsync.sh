@@ -5,8 +5,8 @@
 # iowait, idle and steal time (/proc/stat; steal is time the hypervisor gave other guests),
 # context switches per operation, fdatasync calls per operation (if `perf` is installed),
 # and for RingKV the stores each node fsync covered and where the writes waited. Before the
-# runs, the disk's own speed: 2,000 synced 150-byte writes from one stream (dd with O_DSYNC),
-# which moves by 2x within an hour on a shared machine.
+# runs, the disk's own speed: 2,000 synced 150-byte writes from one stream (dd with O_DSYNC);
+# on a shared machine that speed moves by 2x within an hour.
 #
 #   bench/fsync.sh
 #   SKIP_BUILD=1 PIPELINES="1 16" bench/fsync.sh

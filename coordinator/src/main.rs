@@ -23,8 +23,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///   ringkv-coordinator
 ///
 /// Once it accepts clients and its nodes have registered, it prints `listening on ADDR`.
+/// A flag given twice takes its last value, so scripts can append overrides.
 #[derive(Parser, Debug)]
-#[command(version, about, verbatim_doc_comment)]
+#[command(version, about, verbatim_doc_comment, args_override_self = true)]
 struct Args {
     /// Address for clients and nodes.
     #[arg(long, default_value = ringkv_common::DEFAULT_COORDINATOR_ADDR)]
@@ -149,4 +150,25 @@ fn main() -> anyhow::Result<()> {
         })
         .await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value() {
+        let args = Args::try_parse_from([
+            "ringkv-coordinator",
+            "--meta-fsync",
+            "always",
+            "--node-fsync",
+            "always",
+            "--meta-fsync",
+            "never",
+        ])
+        .expect("repeated flags parse");
+        assert_eq!(args.meta_fsync, MetaFsync::Never);
+        assert_eq!(args.node_fsync, "always");
+    }
 }

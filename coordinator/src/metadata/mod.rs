@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 pub use journal::MetaFsync;
-use journal::{Entry, EntryRef, Journal, JournalError};
+use journal::{Entry, EntryRef, Journal, JournalError, Snapshot};
 use key_map::KeyMap;
 
 /// Versions reserved per durable lease. Large enough that a lease write is rare (one per
@@ -418,14 +418,7 @@ impl Metadata {
         }
         let outcome = writer.commit_alone(key, update);
         let rewrite = writer.rewrite_due();
-        drop(writer);
-        // A change queued while the state was held here found it busy and left its commit
-        // to the holder.
-        let drained = if lock(&queue.jobs).is_empty() {
-            None
-        } else {
-            commit_inline(&self.state, queue)
-        };
+        let drained = release(writer, &self.state, Some(queue));
         if rewrite || drained == Some(true) {
             self.wake_for_rewrite();
         }
@@ -505,20 +498,20 @@ fn op_needs_sync(op: &Op) -> bool {
 }
 
 /// Let go of the writer state, then commit what was queued inline while it was held: those
-/// changes found it busy and left their commit to the holder. Every holder that waited for the
-/// state lets go through here ([`commit_inline`] and [`Metadata::commit_now`], which only try
-/// for it, look again themselves).
+/// changes found it busy and left their commit to the holder. Every holder lets go through
+/// here, except [`commit_inline`], which looks again itself. Returns what that commit
+/// returned (`None` if nothing was queued).
 fn release(
     writer: std::sync::MutexGuard<'_, Writer>,
     state: &Mutex<Writer>,
     inline: Option<&InlineQueue>,
-) {
+) -> Option<bool> {
     drop(writer);
-    if let Some(queue) = inline {
-        if !lock(&queue.jobs).is_empty() {
-            let _ = commit_inline(state, queue);
-        }
+    let queue = inline?;
+    if lock(&queue.jobs).is_empty() {
+        return None;
     }
+    commit_inline(state, queue)
 }
 
 /// Commit the inline queue if the writer state is free; whoever holds it now commits the
@@ -632,6 +625,42 @@ struct Writer {
 }
 
 impl Writer {
+    /// The end of a background rewrite, under the state: switch the journal to the rewritten
+    /// file, or keep the old one (and try again once it has doubled again).
+    fn switch_to_rewrite(&mut self, snapshot: Result<Snapshot, JournalError>, before: u64) {
+        let snapshot = match snapshot {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                warn!(error = %e, "metadata journal rewrite failed");
+                self.journal.defer_rewrite();
+                return;
+            }
+        };
+        if self.failed.is_some() || self.closed {
+            snapshot.abandon();
+            return;
+        }
+        match self.journal.finish_rewrite(snapshot) {
+            Ok(()) => {
+                self.rewrites += 1;
+                info!(
+                    before,
+                    after = self.journal.size(),
+                    "metadata journal rewritten"
+                );
+            }
+            Err(e) if self.journal.is_broken() => {
+                error!(error = %e, "metadata journal rewrite failed; refusing further changes");
+                self.failed = Some(e.to_string());
+            }
+            // The old file is intact (the rename is the switch-over): carry on with it.
+            Err(e) => {
+                warn!(error = %e, "metadata journal rewrite failed");
+                self.journal.defer_rewrite();
+            }
+        }
+    }
+
     /// Commit `jobs` as one group and answer each. `write_now` writes the group to the file
     /// (and syncs it as the policy or the content requires); otherwise it stays in the
     /// journal's buffer until that fills or the next flush, unless it must be synced.
@@ -922,40 +951,7 @@ impl BackgroundRewrite {
         // What inline commits buffered is written now, so that a failure to write it counts
         // as the journal's failure, not the rewrite's.
         writer.flush();
-        'switch: {
-            let snapshot = match snapshot {
-                Ok(snapshot) => snapshot,
-                Err(e) => {
-                    warn!(error = %e, "metadata journal rewrite failed");
-                    writer.journal.defer_rewrite();
-                    break 'switch;
-                }
-            };
-            if writer.failed.is_some() || writer.closed {
-                snapshot.abandon();
-                break 'switch;
-            }
-            match writer.journal.finish_rewrite(snapshot) {
-                Ok(()) => {
-                    writer.rewrites += 1;
-                    info!(
-                        before,
-                        after = writer.journal.size(),
-                        "metadata journal rewritten"
-                    );
-                }
-                Err(e) if writer.journal.is_broken() => {
-                    error!(error = %e, "metadata journal rewrite failed; refusing further changes");
-                    writer.failed = Some(e.to_string());
-                }
-                // The old file is intact (the rename is the switch-over): carry on with it,
-                // and try again only once it has doubled again.
-                Err(e) => {
-                    warn!(error = %e, "metadata journal rewrite failed");
-                    writer.journal.defer_rewrite();
-                }
-            }
-        }
+        writer.switch_to_rewrite(snapshot, before);
         release(writer, state, inline);
     }
 }

@@ -455,6 +455,7 @@ mod tests {
                     keys: 5,
                     under_replicated: 0,
                     misplaced: 0,
+                    tombstones: 0,
                     rf: 3,
                     write_quorum: 2,
                     degraded: false,

@@ -9,8 +9,8 @@
 //! - `get`: `{"key","value","version"}`; `value` is null for a missing key. A value that is
 //!   not UTF-8 is shown lossily (U+FFFD for invalid sequences) and gains `"binary":true`.
 //! - `locate`: `{"key","version","replicas":[{"node","addr","state","version"}]}`
-//! - `status`: `{"nodes":[NODE],"keys","under_replicated","degraded","rf","write_quorum",
-//!   "jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
+//! - `status`: `{"nodes":[NODE],"keys","under_replicated","misplaced","tombstones","degraded",
+//!   "rf","write_quorum","jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
 //!   "writes":{"count","lock_wait_us","quorum_wait_us","commit_wait_us"}}`, the last the
 //!   time acknowledged writes spent in each stage, summed since the coordinator started; where
 //!   NODE is `{"id","addr","state","pid","keys","bytes","ops","messages","syncs",
@@ -126,6 +126,7 @@ fn status_json(status: &ClusterStatus) -> Value {
         "keys": status.keys,
         "under_replicated": status.under_replicated,
         "misplaced": status.misplaced,
+        "tombstones": status.tombstones,
         "degraded": status.degraded,
         "rf": status.rf,
         "write_quorum": status.write_quorum,
@@ -526,6 +527,7 @@ mod tests {
             keys: 1000,
             under_replicated,
             misplaced: 0,
+            tombstones: 0,
             rf: 3,
             write_quorum: 2,
             degraded,
@@ -652,6 +654,7 @@ mod tests {
                 "misplaced",
                 "nodes",
                 "rf",
+                "tombstones",
                 "under_replicated",
                 "write_quorum",
                 "writes"

@@ -326,6 +326,9 @@ pub struct ClusterStatus {
     pub under_replicated: u64,
     /// Live keys not (yet) on exactly their preference list: migration still to do.
     pub misplaced: u64,
+    /// Deleted keys whose tombstones are not collected yet.
+    #[serde(default)]
+    pub tombstones: u64,
     /// Replication factor the cluster aims for.
     pub rf: u32,
     /// Write quorum.

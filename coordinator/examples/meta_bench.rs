@@ -38,13 +38,14 @@ async fn run(max_group: usize, writers: u64, seconds: u64) -> anyhow::Result<f64
             let mut i = 0u64;
             while Instant::now() < deadline {
                 let key = Bytes::from(format!("w{w}-k{}", i % 1000));
-                let version = meta.next_version().await?;
+                let ticket = meta.next_version().await?;
                 let update = KeyUpdate::Set(KeyMeta {
-                    version,
+                    version: ticket.version(),
                     replicas: smallvec::smallvec![NodeId(1), NodeId(2), NodeId(3)],
                     tombstone: false,
                 });
                 meta.update(vec![(key, update)]).await?;
+                drop(ticket);
                 done.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }

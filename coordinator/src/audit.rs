@@ -21,8 +21,10 @@ impl Coordinator {
         let mut keys = 0u64;
         let mut under = 0u64;
         let mut misplaced = 0u64;
+        let mut tombstones = 0u64;
         self.meta.for_each(|key, meta| {
             if meta.tombstone {
+                tombstones += 1;
                 return;
             }
             keys += 1;
@@ -44,6 +46,7 @@ impl Coordinator {
             keys,
             under_replicated: under,
             misplaced,
+            tombstones,
             rf: rf as u32,
             write_quorum: self.config.write_quorum as u32,
             degraded: up < rf,

@@ -37,6 +37,8 @@ pub struct CoordinatorConfig {
     /// How long a client connection may hold ready answers while more of its requests are
     /// in flight, to answer a pipelining client in one write (zero: never hold).
     pub answer_hold: Duration,
+    /// How often deleted keys are collected (zero: never).
+    pub collect_tombstones_every: Duration,
 }
 
 impl CoordinatorConfig {
@@ -61,6 +63,7 @@ impl CoordinatorConfig {
             meta_fsync: crate::metadata::MetaFsync::Always,
             node_batching: ringkv_common::client::Batching::On,
             answer_hold: Duration::from_micros(200),
+            collect_tombstones_every: Duration::from_secs(60),
         }
     }
 

@@ -10,6 +10,7 @@
 //! - [`replication`]: the data path (quorum writes, version-checked reads, key copies).
 //! - [`repair`]: background convergence (re-replication, migration, reconciliation).
 //! - [`throttle`]: the token bucket for background transfers.
+//! - [`tombstones`]: collecting deleted keys under the version floor.
 //! - [`membership_ops`]: registration, transitions, node add/remove/signal, start-up.
 //! - [`audit`]: `status` and `check`.
 //! - [`server`]: routing requests to the above.
@@ -28,6 +29,7 @@ pub mod server;
 pub mod state;
 pub mod supervisor;
 pub mod throttle;
+pub mod tombstones;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -114,6 +116,10 @@ pub async fn run(
     loops.spawn(membership_ops::run_detector(coord.clone()));
     loops.spawn(repair::run_worker(coord.clone()));
     loops.spawn(repair::run_sweeper(coord.clone()));
+    loops.spawn(tombstones::run_collector(
+        coord.clone(),
+        coord.config.collect_tombstones_every,
+    ));
 
     let expected = coord.start_nodes().await?;
     let deadline = Instant::now() + coord.config.startup_timeout;

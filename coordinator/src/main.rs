@@ -77,6 +77,11 @@ struct Args {
     /// so that they go out in one write (0 writes each answer as soon as it is ready).
     #[arg(long, default_value = "200us", value_parser = parse_duration)]
     answer_hold: Duration,
+    /// How often deleted keys are collected: their tombstones leave the metadata and the
+    /// nodes, and a copy a node kept from before the delete is forgotten when that node is
+    /// reconciled (0 keeps every tombstone).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    collect_tombstones_every: Duration,
     /// Send every request to a node as a frame of its own, instead of carrying the requests
     /// queued together to a node in one batch (for measuring what batching gains).
     #[arg(long)]
@@ -120,6 +125,7 @@ fn main() -> anyhow::Result<()> {
     config.transfer_concurrency = args.transfer_concurrency;
     config.meta_fsync = args.meta_fsync;
     config.answer_hold = args.answer_hold;
+    config.collect_tombstones_every = args.collect_tombstones_every;
     if args.no_node_batching {
         config.node_batching = ringkv_common::client::Batching::Off;
     }

@@ -477,6 +477,17 @@ impl Coordinator {
                 }
                 KeyUpdate::RemoveReplica { node }
             }
+            None if entry.version <= self.meta.floor() => {
+                // A key deleted and collected (or a write never acknowledged) at a settled
+                // version: the copy is garbage, not a write to learn back.
+                stats.2 += 1;
+                let req = Request::Forget {
+                    key: key.clone(),
+                    version: entry.version,
+                };
+                let _ = self.members.call(node, req, self.config.node_timeout).await;
+                return;
+            }
             _ => {
                 // Newer than the metadata (or unknown): it reached a replica, so record it.
                 stats.0 += 1;

@@ -165,11 +165,14 @@ impl Coordinator {
                 targets.len()
             )));
         }
-        let version = self
+        // In flight until this function returns: no version floor covers it before its
+        // metadata change is committed (or the write gave up).
+        let ticket = self
             .meta
             .next_version()
             .await
             .map_err(|e| WireError::Unavailable(format!("cannot assign a version: {e}")))?;
+        let version = ticket.version();
         let tombstone = value.is_none();
 
         // Each store is queued on its replica's connection right here; the three answers

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Integers are big-endian; the CRC covers `len` and the payload. An entry is the new state of
-//! one key (or its removal), one node record, or a version ceiling; replaying the file in order
+//! one key (or its removal), one node record, a version ceiling or a version floor (see
+//! [`Entry::Floor`]); replaying the file in order
 //! rebuilds the metadata. Appends are written in groups: the writer encodes every change of a
 //! group into one buffer, writes it with one `write` and, under [`MetaFsync::Always`], syncs
 //! once before anyone is answered.
@@ -78,6 +79,10 @@ pub enum Entry {
     Ceiling(u64),
     /// Written last at a graceful close: nothing after it was lost.
     Clean,
+    /// Every version at or below this is settled: a key the metadata does not hold at such
+    /// a version was deleted (or never acknowledged), so a copy of it on a node is garbage.
+    /// Last, so that journals written before it existed read the same.
+    Floor(u64),
 }
 
 /// One change, as written: the same encoding as [`Entry`], from borrowed parts.
@@ -91,6 +96,7 @@ pub enum EntryRef<'a> {
     Node(&'a NodeRecord),
     Ceiling(u64),
     Clean,
+    Floor(u64),
 }
 
 /// A key as MessagePack bin, the encoding `Bytes` has in [`Entry`].

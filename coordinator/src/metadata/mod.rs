@@ -20,12 +20,20 @@
 //! when a node leaves or returns, and keeping a second index would cost memory on every key.
 //! The version lease persists a ceiling: a restarted coordinator starts at it, so versions
 //! never go backwards or repeat.
+//!
+//! Deletions are collected under a version **floor**, also persisted: every version at or
+//! below it is settled, so a key the metadata does not hold at such a version is gone, and a
+//! node's copy of it is garbage to forget, never a write to learn back. The floor is raised
+//! (and synced) only below every write still in flight ([`Metadata::settled_floor`]), so an
+//! acknowledged write is always in the journal before a floor that covers its version, and
+//! only then are tombstones at or below it removed ([`KeyUpdate::Collect`]).
 
 pub mod journal;
 mod key_map;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -88,6 +96,9 @@ pub enum KeyUpdate {
     AddReplica { version: Version, node: NodeId },
     /// Note that `node` no longer holds the key.
     RemoveReplica { node: NodeId },
+    /// Remove the entry if it is still a tombstone at `version`: a deletion at or below the
+    /// floor, collected.
+    Collect { version: Version },
 }
 
 /// Errors of the metadata store.
@@ -107,6 +118,7 @@ enum Op {
     Key(Bytes, KeyUpdate),
     Node(NodeRecord),
     Ceiling(u64),
+    Floor(u64),
 }
 
 struct Job {
@@ -120,6 +132,8 @@ type Shard = RwLock<KeyMap>;
 struct VersionLease {
     next: u64,
     ceiling: u64,
+    /// Versions handed out to writes that have not finished (see [`VersionTicket`]).
+    in_flight: BTreeSet<u64>,
 }
 
 /// How the metadata is persisted.
@@ -154,7 +168,30 @@ pub struct Metadata {
     /// Jobs committed by their own callers (under `never`, for changes that need no sync).
     inline: Option<Arc<InlineQueue>>,
     lease: Mutex<VersionLease>,
+    /// The version floor (see the module docs); raised only by the writer, after its sync.
+    floor: Arc<AtomicU64>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A version handed out to a write, which counts as in flight until the ticket is dropped:
+/// no floor is raised to it before then (see [`Metadata::settled_floor`]). Drop it once the
+/// write's metadata change is committed, or once the write gave up.
+pub struct VersionTicket<'a> {
+    lease: &'a Mutex<VersionLease>,
+    version: Version,
+}
+
+impl VersionTicket<'_> {
+    /// The version handed out.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+}
+
+impl Drop for VersionTicket<'_> {
+    fn drop(&mut self) {
+        lock(self.lease).in_flight.remove(&self.version.0);
+    }
 }
 
 fn shard_of(key: &[u8]) -> usize {
@@ -184,6 +221,7 @@ impl Metadata {
             .collect();
         let mut nodes: BTreeMap<u64, NodeRecord> = BTreeMap::new();
         let mut ceiling = 1u64;
+        let mut floor = 0u64;
         let (mut journal, report) =
             Journal::open(dir, fsync, rewrite_min_bytes, |entry| match entry {
                 Entry::Key { key, meta } => {
@@ -196,6 +234,7 @@ impl Metadata {
                     nodes.insert(record.id.0, record);
                 }
                 Entry::Ceiling(c) => ceiling = ceiling.max(c),
+                Entry::Floor(f) => floor = floor.max(f),
                 Entry::Clean => {}
             })?;
         if report.discarded_bytes > 0 {
@@ -219,6 +258,7 @@ impl Metadata {
             keys,
             nodes = nodes.len(),
             ceiling,
+            floor,
             ?fsync,
             "metadata loaded"
         );
@@ -235,11 +275,13 @@ impl Metadata {
         let shards = Arc::new(shards);
         let records: Vec<NodeRecord> = nodes.values().cloned().collect();
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let floor = Arc::new(AtomicU64::new(floor));
         let state = Arc::new(Mutex::new(Writer {
             journal,
             shards: shards.clone(),
             nodes,
             ceiling,
+            floor: floor.clone(),
             failed: None,
             closed: false,
             rewriting: false,
@@ -263,7 +305,9 @@ impl Metadata {
             lease: Mutex::new(VersionLease {
                 next: ceiling,
                 ceiling,
+                in_flight: BTreeSet::new(),
             }),
+            floor,
             thread: Mutex::new(Some(thread)),
         };
         Ok((meta, records))
@@ -322,15 +366,20 @@ impl Metadata {
         out
     }
 
-    /// A fresh version, newer than every version handed out before, across restarts too.
-    pub async fn next_version(&self) -> Result<Version, MetaError> {
+    /// A fresh version, newer than every version handed out before, across restarts too,
+    /// in flight until the ticket is dropped.
+    pub async fn next_version(&self) -> Result<VersionTicket<'_>, MetaError> {
         loop {
             let needed = {
                 let mut lease = lock(&self.lease);
                 if lease.next < lease.ceiling {
                     let v = lease.next;
                     lease.next += 1;
-                    return Ok(Version(v));
+                    lease.in_flight.insert(v);
+                    return Ok(VersionTicket {
+                        lease: &self.lease,
+                        version: Version(v),
+                    });
                 }
                 lease.next.max(lease.ceiling) + VERSION_LEASE
             };
@@ -350,6 +399,33 @@ impl Metadata {
         if version.0 >= lease.next {
             lease.next = version.0.saturating_add(1);
         }
+    }
+
+    /// The version floor: a key the metadata does not hold at a version at or below it is
+    /// gone (deleted, or never acknowledged).
+    pub fn floor(&self) -> Version {
+        Version(self.floor.load(Ordering::Acquire))
+    }
+
+    /// The highest floor that is safe now: below every version still in flight, and below
+    /// every version not yet handed out. Every write at or below it has finished its
+    /// metadata change (or given up).
+    pub fn settled_floor(&self) -> Version {
+        let lease = lock(&self.lease);
+        let first_open = lease.in_flight.first().copied().unwrap_or(lease.next);
+        Version(first_open.saturating_sub(1))
+    }
+
+    /// Raise the floor to `floor` (never lowers it), synced whatever the policy: after it
+    /// returns, tombstones at or below it may be collected. Pass a [`settled_floor`]
+    /// reading.
+    ///
+    /// [`settled_floor`]: Metadata::settled_floor
+    pub async fn raise_floor(&self, floor: Version) -> Result<(), MetaError> {
+        if floor <= self.floor() {
+            return Ok(());
+        }
+        self.submit(vec![Op::Floor(floor.0)]).await
     }
 
     /// Make `updates` durable (one group commit), then visible.
@@ -479,10 +555,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Job {
-    /// Whether this job must be synced whatever the policy: node records and lease ceilings,
-    /// and deletions, none of which can be learnt back from the nodes (they drop tombstones
-    /// when they replay their logs). A change to an entry that is already a tombstone needs
-    /// no sync: losing it leaves the synced tombstone.
+    /// Whether this job must be synced whatever the policy: node records, lease ceilings,
+    /// version floors and deletions, none of which can be learnt back from the nodes (they
+    /// drop tombstones when they replay their logs). A change to an entry that is already a
+    /// tombstone, its collection included, needs no sync: losing it leaves the synced
+    /// tombstone.
     fn needs_sync(&self) -> bool {
         self.ops.iter().any(op_needs_sync)
     }
@@ -491,7 +568,7 @@ impl Job {
 /// Whether `op` must be synced whatever the policy (see [`Job::needs_sync`]).
 fn op_needs_sync(op: &Op) -> bool {
     match op {
-        Op::Node(_) | Op::Ceiling(_) => true,
+        Op::Node(_) | Op::Ceiling(_) | Op::Floor(_) => true,
         Op::Key(_, KeyUpdate::Set(meta)) => meta.tombstone,
         Op::Key(..) => false,
     }
@@ -613,6 +690,8 @@ struct Writer {
     shards: Arc<Vec<Shard>>,
     nodes: BTreeMap<u64, NodeRecord>,
     ceiling: u64,
+    /// Shared with [`Metadata::floor`]; stored after the sync that made it durable.
+    floor: Arc<AtomicU64>,
     /// Set by the first failed journal write. The file may then end in a partial group, so
     /// nothing more is written: everything later fails until a restart replays the journal.
     failed: Option<String>,
@@ -728,6 +807,7 @@ impl Writer {
                     shards: self.shards.clone(),
                     nodes: self.nodes.values().cloned().collect(),
                     ceiling: self.ceiling,
+                    floor: self.floor.clone(),
                     before: self.journal.size(),
                 })
             }
@@ -756,6 +836,7 @@ impl Writer {
         let mut touched: HashMap<Bytes, Option<KeyMeta>> = HashMap::new();
         let mut changed: Vec<Bytes> = Vec::new();
         let mut registry_changed = jobs.iter().any(Job::needs_sync);
+        let mut new_floor = None;
         for job in jobs {
             for op in &job.ops {
                 match op {
@@ -784,6 +865,14 @@ impl Writer {
                             self.ceiling = *c;
                         }
                     }
+                    Op::Floor(f) => {
+                        let held = new_floor.unwrap_or(self.floor.load(Ordering::Acquire));
+                        if *f > held {
+                            self.journal.append(&EntryRef::Floor(*f))?;
+                            registry_changed = true;
+                            new_floor = Some(*f);
+                        }
+                    }
                 }
             }
         }
@@ -798,6 +887,9 @@ impl Writer {
             }
         }
         commit_if_due(&mut self.journal, write_now, registry_changed)?;
+        if let Some(floor) = new_floor {
+            self.floor.store(floor, Ordering::Release);
+        }
         for key in changed {
             if let (Some(meta), Some(shard)) =
                 (touched.remove(&key), self.shards.get(shard_of(&key)))
@@ -881,6 +973,7 @@ struct BackgroundRewrite {
     shards: Arc<Vec<Shard>>,
     nodes: Vec<NodeRecord>,
     ceiling: u64,
+    floor: Arc<AtomicU64>,
     before: u64,
 }
 
@@ -891,6 +984,7 @@ impl BackgroundRewrite {
             shards,
             nodes,
             ceiling,
+            floor,
             before,
         } = self;
         let mut written = Ok(());
@@ -924,7 +1018,10 @@ impl BackgroundRewrite {
                     .iter()
                     .try_for_each(|n| rewrite.push(&EntryRef::Node(n)))
             })
-            .and_then(|()| rewrite.push(&EntryRef::Ceiling(ceiling)));
+            .and_then(|()| rewrite.push(&EntryRef::Ceiling(ceiling)))
+            // Read after the walk: at least the floor under which the entries it missed
+            // were collected (a collection raises the floor before it removes anything).
+            .and_then(|()| rewrite.push(&EntryRef::Floor(floor.load(Ordering::Acquire))));
         let snapshot = match snapshot {
             Ok(()) => rewrite.sync(),
             Err(e) => {
@@ -982,6 +1079,15 @@ fn apply_update(current: &mut Option<KeyMeta>, update: &KeyUpdate) -> bool {
                     c.replicas.retain(|n| n != node);
                     return true;
                 }
+            }
+        }
+        KeyUpdate::Collect { version } => {
+            if current
+                .as_ref()
+                .is_some_and(|c| c.tombstone && c.version == *version)
+            {
+                *current = None;
+                return true;
             }
         }
     }
@@ -1053,7 +1159,7 @@ mod tests {
         for _ in 0..3 {
             let (m, _) = Metadata::open(dir.path()).unwrap();
             for _ in 0..10 {
-                seen.push(m.next_version().await.unwrap());
+                seen.push(m.next_version().await.unwrap().version());
             }
             m.close();
         }
@@ -1334,6 +1440,8 @@ mod tests {
         let mut last_round = 0u64;
         {
             let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+            // Raised before the rewrites: only their snapshots carry it on.
+            m.raise_floor(Version(77)).await.unwrap();
             // 20 keys overwritten round after round: far more history than live state. The
             // writer writes the buffer out within FLUSH_EVERY and rewrites the journal off
             // the commit path, so keep going (at least 100 rounds, with a deadline) until a
@@ -1368,7 +1476,7 @@ mod tests {
             })
             .await
             .unwrap();
-            m.next_version().await.unwrap();
+            m.next_version().await.unwrap().version();
             m.close();
         }
         let size = std::fs::metadata(&path).unwrap().len();
@@ -1389,8 +1497,100 @@ mod tests {
             );
         }
         assert_eq!(nodes.len(), 1);
+        assert_eq!(m.floor(), Version(77), "the floor survived the rewrites");
         // The lease ceiling survived the rewrites: new versions are above every old one.
-        assert!(m.next_version().await.unwrap() > Version(last_round * 100 + 100));
+        assert!(m.next_version().await.unwrap().version() > Version(last_round * 100 + 100));
+    }
+
+    #[tokio::test]
+    async fn the_settled_floor_stays_below_every_write_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = Metadata::open(dir.path()).unwrap();
+        let first = m.next_version().await.unwrap();
+        let second = m.next_version().await.unwrap();
+        let (v1, v2) = (first.version(), second.version());
+        assert!(v2 > v1);
+        assert_eq!(m.settled_floor(), Version(v1.0 - 1));
+        // The later write finishing first does not settle the earlier one.
+        drop(second);
+        assert_eq!(m.settled_floor(), Version(v1.0 - 1));
+        drop(first);
+        assert_eq!(
+            m.settled_floor(),
+            v2,
+            "every version handed out has finished"
+        );
+        let third = m.next_version().await.unwrap();
+        assert_eq!(m.settled_floor(), Version(third.version().0 - 1));
+    }
+
+    #[tokio::test]
+    async fn the_floor_only_rises_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        for fsync in [MetaFsync::Always, MetaFsync::Never] {
+            let options = MetaOptions {
+                fsync,
+                ..MetaOptions::default()
+            };
+            let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+            m.raise_floor(Version(40)).await.unwrap();
+            m.raise_floor(Version(30)).await.unwrap();
+            assert_eq!(m.floor(), Version(40));
+            // Synced whatever the policy: a copy of the file, taken without a close, has it.
+            let copy = tempfile::tempdir().unwrap();
+            std::fs::copy(dir.path().join("meta.log"), copy.path().join("meta.log")).unwrap();
+            let (replayed, _) = Metadata::open_with(copy.path(), options).unwrap();
+            assert_eq!(replayed.floor(), Version(40), "{fsync:?}");
+            m.close();
+            let (m, _) = Metadata::open_with(dir.path(), options).unwrap();
+            assert_eq!(m.floor(), Version(40), "{fsync:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn collecting_removes_only_the_tombstone_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let tombstone = |v| KeyMeta {
+            tombstone: true,
+            ..meta(v, &[1, 2, 3])
+        };
+        let collect = |v| KeyUpdate::Collect {
+            version: Version(v),
+        };
+        let (gone, stays, live) = (
+            Bytes::from_static(b"gone"),
+            Bytes::from_static(b"rewritten"),
+            Bytes::from_static(b"live"),
+        );
+        {
+            let (m, _) = Metadata::open(dir.path()).unwrap();
+            m.update(vec![
+                (gone.clone(), KeyUpdate::Set(tombstone(5))),
+                (stays.clone(), KeyUpdate::Set(tombstone(6))),
+                (live.clone(), KeyUpdate::Set(meta(7, &[1]))),
+            ])
+            .await
+            .unwrap();
+            // Written again since the collection found it: a newer version stays.
+            m.update_key(stays.clone(), KeyUpdate::Set(tombstone(9)))
+                .await
+                .unwrap();
+            m.update(vec![
+                (gone.clone(), collect(5)),
+                (stays.clone(), collect(6)),
+                (live.clone(), collect(7)),
+            ])
+            .await
+            .unwrap();
+            assert_eq!(m.get(b"gone"), None);
+            assert_eq!(m.get(b"rewritten"), Some(tombstone(9)));
+            assert_eq!(m.get(b"live"), Some(meta(7, &[1])));
+            m.close();
+        }
+        let (m, _) = Metadata::open(dir.path()).unwrap();
+        assert_eq!(m.get(b"gone"), None, "the removal is in the journal");
+        assert_eq!(m.get(b"rewritten"), Some(tombstone(9)));
+        assert_eq!(m.len(), 2);
     }
 
     #[tokio::test]

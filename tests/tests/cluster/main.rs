@@ -5,6 +5,7 @@ mod basics;
 mod batch;
 mod crash;
 mod data_dir;
+mod deletes;
 mod failures;
 mod restart;
 mod scan;

@@ -1,0 +1,139 @@
+//! Deleted keys: their tombstones are collected from the metadata and the nodes, and a
+//! replica that kept an old copy through the delete never brings the key back.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use ringkv_common::client::Client;
+use ringkv_common::protocol::{Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
+use ringkv_common::Version;
+use ringkv_tests::{node_pid, runtime, signal, wait_for, Cluster, Options};
+use serde_json::Value;
+
+/// What each node holds of `keys`: `(version, has a value)` per key, per node address.
+async fn held_by(addr: &str, keys: &[String]) -> Option<Vec<(Version, bool)>> {
+    let client = Client::connect(addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+        .await
+        .ok()?;
+    let mut held = Vec::new();
+    for key in keys {
+        let req = Request::Fetch {
+            key: Bytes::from(key.clone()),
+        };
+        match client.call(req).await.ok()? {
+            Response::Fetched { version, value } => held.push((version, value.is_some())),
+            _ => return None,
+        }
+    }
+    Some(held)
+}
+
+fn node_addrs(status: &Value) -> Vec<(u64, String)> {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["state"] == "up")
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap(),
+                n["addr"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A node paused through a delete keeps the old values. The tombstones are collected while it
+/// is away, so the metadata no longer knows the keys at all; when the node comes back, its
+/// reconciliation must forget those copies (they are below the version floor) rather than
+/// learn them back as writes it missed.
+#[test]
+fn collected_deletions_stay_deleted_when_a_stale_replica_returns() {
+    let c = Cluster::start_with(Options {
+        nodes: 4,
+        extra_args: vec!["--collect-tombstones-every".into(), "200ms".into()],
+        ..Options::default()
+    });
+    let rt = runtime();
+    let mut expected: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for i in 0..120 {
+        let (k, v) = (format!("d{i}"), format!("old-{i}"));
+        c.json(&["put", &k, &v]);
+        expected.insert(k, Some(v));
+    }
+    c.wait_healthy(Duration::from_secs(30));
+
+    let victim = 3u64;
+    let status = c.status();
+    let pid = node_pid(&status, victim).unwrap();
+    let victim_addr = node_addrs(&status)
+        .into_iter()
+        .find(|(id, _)| *id == victim)
+        .unwrap()
+        .1;
+    let deleted: Vec<String> = expected
+        .keys()
+        .filter(|k| {
+            c.json(&["locate", k])["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["node"] == victim)
+        })
+        .cloned()
+        .collect();
+    assert!(deleted.len() > 20, "the victim holds a share of the keys");
+
+    signal(pid, Signal::SIGSTOP);
+    c.wait_state(victim, "down", Duration::from_secs(10));
+    for k in &deleted {
+        c.json(&["del", k]);
+        expected.insert(k.clone(), None);
+    }
+    let live = (expected.len() - deleted.len()) as u64;
+    wait_for(
+        "the tombstones to be collected",
+        Duration::from_secs(30),
+        || {
+            let s = c.status();
+            (s["tombstones"] == 0 && s["keys"] == live).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
+
+    signal(pid, Signal::SIGCONT);
+    c.wait_state(victim, "up", Duration::from_secs(20));
+    // Its reconciliation forgets the old copies: below the floor, and unknown to the metadata.
+    wait_for(
+        "the returning node to forget the deleted keys",
+        Duration::from_secs(30),
+        || {
+            let held = rt.block_on(held_by(&victim_addr, &deleted))?;
+            held.iter().all(|(_, value)| !value).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
+    c.wait_settled(Duration::from_secs(60));
+
+    for (k, v) in &expected {
+        let got = c.json(&["get", k]);
+        let want = v.clone().map_or(Value::Null, Value::String);
+        assert_eq!(got["value"], want, "key {k}");
+    }
+    let s = c.status();
+    assert_eq!(s["keys"], live, "no deleted key came back: {s}");
+    assert_eq!(s["tombstones"], 0, "{s}");
+    // No node keeps anything of the deleted keys, not even a tombstone.
+    for (id, addr) in node_addrs(&s) {
+        let held = rt.block_on(held_by(&addr, &deleted)).unwrap();
+        let kept: Vec<_> = deleted
+            .iter()
+            .zip(&held)
+            .filter(|(_, (version, _))| *version != Version::ZERO)
+            .collect();
+        assert!(kept.is_empty(), "node {id} still holds {kept:?}");
+    }
+    drop(rt);
+}

@@ -456,6 +456,7 @@ mod tests {
                     under_replicated: 0,
                     misplaced: 0,
                     tombstones: 0,
+                    collection: Default::default(),
                     rf: 3,
                     write_quorum: 2,
                     degraded: false,

@@ -9,8 +9,8 @@
 //! - `get`: `{"key","value","version"}`; `value` is null for a missing key. A value that is
 //!   not UTF-8 is shown lossily (U+FFFD for invalid sequences) and gains `"binary":true`.
 //! - `locate`: `{"key","version","replicas":[{"node","addr","state","version"}]}`
-//! - `status`: `{"nodes":[NODE],"keys","under_replicated","misplaced","tombstones","degraded",
-//!   "rf","write_quorum","jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
+//! - `status`: `{"nodes":[NODE],"keys","under_replicated","misplaced","tombstones",
+//!   "collection":{"floor","passes","waiting_for":[node id]},"degraded","rf","write_quorum","jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
 //!   "writes":{"count","lock_wait_us","quorum_wait_us","commit_wait_us"}}`, the last the
 //!   time acknowledged writes spent in each stage, summed since the coordinator started; where
 //!   NODE is `{"id","addr","state","pid","keys","bytes","ops","messages","syncs",
@@ -127,6 +127,11 @@ fn status_json(status: &ClusterStatus) -> Value {
         "under_replicated": status.under_replicated,
         "misplaced": status.misplaced,
         "tombstones": status.tombstones,
+        "collection": json!({
+            "floor": status.collection.floor.0,
+            "passes": status.collection.passes,
+            "waiting_for": status.collection.waiting_for.iter().map(|n| n.0).collect::<Vec<_>>(),
+        }),
         "degraded": status.degraded,
         "rf": status.rf,
         "write_quorum": status.write_quorum,
@@ -273,7 +278,34 @@ fn status_text(status: &ClusterStatus) -> String {
         out.push_str(&line);
         out.push('\n');
     }
+    if let Some(line) = deletions_line(status) {
+        out.push_str(&line);
+        out.push('\n');
+    }
     out
+}
+
+/// `deleted keys: 12 tombstones not yet collected (collection waits for nodes 3, 4 to be
+/// reconciled)`; nothing when there is nothing to collect and nothing to wait for.
+fn deletions_line(status: &ClusterStatus) -> Option<String> {
+    let waiting = &status.collection.waiting_for;
+    if status.tombstones == 0 && waiting.is_empty() {
+        return None;
+    }
+    let mut line = format!(
+        "deleted keys: {} tombstone{} not yet collected",
+        status.tombstones,
+        if status.tombstones == 1 { "" } else { "s" }
+    );
+    if !waiting.is_empty() {
+        let ids: Vec<String> = waiting.iter().map(|n| n.to_string()).collect();
+        line.push_str(&format!(
+            " (collection waits for node{} {} to be reconciled)",
+            if waiting.len() == 1 { "" } else { "s" },
+            ids.join(", ")
+        ));
+    }
+    Some(line)
 }
 
 /// `writes: 1200 acknowledged; each waited on average 3 µs for its key's lock, 850 µs for
@@ -528,6 +560,7 @@ mod tests {
             under_replicated,
             misplaced: 0,
             tombstones: 0,
+            collection: Default::default(),
             rf: 3,
             write_quorum: 2,
             degraded,
@@ -648,6 +681,7 @@ mod tests {
         assert_eq!(
             keys(&doc),
             [
+                "collection",
                 "degraded",
                 "jobs",
                 "keys",
@@ -755,6 +789,23 @@ mod tests {
         assert!(
             !text.contains("writes:"),
             "no line before the first write: {text}"
+        );
+        assert!(!text.contains("deleted keys"), "{text}");
+        let deleting = ClusterStatus {
+            tombstones: 12,
+            collection: ringkv_common::protocol::CollectionStatus {
+                floor: ringkv_common::Version(40),
+                passes: 3,
+                waiting_for: vec![NodeId(3), NodeId(4)],
+            },
+            ..status(false, 0)
+        };
+        let text = String::from_utf8(render(&Outcome::Status(deleting), false)).unwrap();
+        assert!(
+            text.contains(
+                "deleted keys: 12 tombstones not yet collected (collection waits for nodes 3, 4 to be reconciled)"
+            ),
+            "{text}"
         );
     }
 

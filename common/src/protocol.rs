@@ -329,6 +329,8 @@ pub struct ClusterStatus {
     /// Deleted keys whose tombstones are not collected yet.
     #[serde(default)]
     pub tombstones: u64,
+    #[serde(default)]
+    pub collection: CollectionStatus,
     /// Replication factor the cluster aims for.
     pub rf: u32,
     /// Write quorum.
@@ -339,6 +341,19 @@ pub struct ClusterStatus {
     /// Where acknowledged writes spent their time.
     #[serde(default)]
     pub writes: WriteTimings,
+}
+
+/// Tombstone collection (see the coordinator's `tombstones` module).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct CollectionStatus {
+    /// The version floor: a node's copy of a key the metadata does not hold, at this version
+    /// or below, is a deleted key's.
+    pub floor: Version,
+    /// Collection passes since the coordinator started.
+    pub passes: u64,
+    /// Nodes to reconcile before the floor may rise (after a start that did not follow a
+    /// clean shutdown).
+    pub waiting_for: Vec<NodeId>,
 }
 
 /// Where the coordinator's acknowledged writes spent their time, summed since it started:

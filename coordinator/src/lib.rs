@@ -81,6 +81,13 @@ pub async fn run(
     })
     .await?
     .with_context(|| format!("opening metadata in {}", config.data_dir.display()))?;
+    // After an unclean start, deleted keys wait until every node has given back what the
+    // journal may have lost (see `tombstones`).
+    let collection = if meta.may_lack_changes() {
+        tombstones::Collection::waiting_for(records.iter().filter(|r| !r.removed).map(|r| r.id))
+    } else {
+        tombstones::Collection::default()
+    };
     let members = Membership::new(records, config.vnodes, config.node_batching);
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor::new(config.launch.clone(), addr.to_string(), exit_tx);
@@ -95,6 +102,7 @@ pub async fn run(
         ready: ReadyGate::default(),
         tasks: TaskTracker::new(),
         write_clock: WriteClock::default(),
+        collection,
     });
 
     let loops = TaskTracker::new();
@@ -119,6 +127,7 @@ pub async fn run(
     loops.spawn(tombstones::run_collector(
         coord.clone(),
         coord.config.collect_tombstones_every,
+        coord.config.node_timeout,
     ));
 
     let expected = coord.start_nodes().await?;

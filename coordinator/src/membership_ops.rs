@@ -228,6 +228,7 @@ impl Coordinator {
             }
         }
         self.members.set_state(id, NodeState::Removed);
+        self.collection.settled(id);
         if let Some(record) = self.members.record(id) {
             self.meta
                 .save_node(record)

@@ -401,6 +401,7 @@ impl Coordinator {
             }
         }
         info!(%node, adopted = stats.0, relisted = stats.1, dropped = stats.2, unlisted, "node reconciled");
+        self.collection.settled(node);
         true
     }
 

@@ -32,6 +32,8 @@ pub struct Coordinator {
     pub tasks: TaskTracker,
     /// Where acknowledged writes spent their time, for `status`.
     pub write_clock: WriteClock,
+    /// Tombstone collection: the nodes it waits for, its passes.
+    pub collection: crate::tombstones::Collection,
 }
 
 impl Coordinator {

@@ -7,7 +7,7 @@
 //! together under one lock, so the file's order is the map's order.
 //!
 //! Changes that must be synced (every change under `--meta-fsync always`; node records,
-//! lease ceilings and deletions under either policy) go through a writer thread that drains
+//! lease ceilings, version floors and deletions under either policy) go through a writer thread that drains
 //! its queue into a single journal write and fsync (group commit): a burst of N changes
 //! costs one `write` and one fsync, and the map is updated only after the sync, so nothing
 //! is visible that a crash could take back. The other changes under `never` are committed by
@@ -176,6 +176,7 @@ pub struct Metadata {
 /// A version handed out to a write, which counts as in flight until the ticket is dropped:
 /// no floor is raised to it before then (see [`Metadata::settled_floor`]). Drop it once the
 /// write's metadata change is committed, or once the write gave up.
+#[must_use = "the version counts as settled as soon as the ticket is dropped"]
 pub struct VersionTicket<'a> {
     lease: &'a Mutex<VersionLease>,
     version: Version,
@@ -955,8 +956,8 @@ impl Writer {
 }
 
 /// Write `journal`'s buffer out if `write_now`, if it must be synced (`sync`), or if
-/// it has filled. Node records, lease ceilings and deletions cannot be learnt back from
-/// the nodes: they are synced whatever the policy for key changes (see
+/// it has filled. Node records, lease ceilings, version floors and deletions cannot be
+/// learnt back from the nodes: they are synced whatever the policy for key changes (see
 /// [`Job::needs_sync`]).
 fn commit_if_due(journal: &mut Journal, write_now: bool, sync: bool) -> Result<(), MetaError> {
     if write_now || sync || journal.buffered() >= INLINE_FLUSH_BYTES {
@@ -1476,7 +1477,7 @@ mod tests {
             })
             .await
             .unwrap();
-            m.next_version().await.unwrap().version();
+            drop(m.next_version().await.unwrap());
             m.close();
         }
         let size = std::fs::metadata(&path).unwrap().len();

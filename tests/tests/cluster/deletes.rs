@@ -9,7 +9,7 @@ use nix::sys::signal::Signal;
 use ringkv_common::client::Client;
 use ringkv_common::protocol::{Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
 use ringkv_common::Version;
-use ringkv_tests::{node_pid, runtime, signal, wait_for, Cluster, Options};
+use ringkv_tests::{node_pid, runtime, signal, wait_for, Cluster, NodeProcess, Options};
 use serde_json::Value;
 
 /// What each node holds of `keys`: `(version, has a value)` per key, per node address.
@@ -127,13 +127,129 @@ fn collected_deletions_stay_deleted_when_a_stale_replica_returns() {
     assert_eq!(s["tombstones"], 0, "{s}");
     // No node keeps anything of the deleted keys, not even a tombstone.
     for (id, addr) in node_addrs(&s) {
-        let held = rt.block_on(held_by(&addr, &deleted)).unwrap();
-        let kept: Vec<_> = deleted
-            .iter()
-            .zip(&held)
-            .filter(|(_, (version, _))| *version != Version::ZERO)
-            .collect();
+        let mut kept = Vec::new();
+        wait_for("a node to answer", Duration::from_secs(10), || {
+            let held = rt.block_on(held_by(&addr, &deleted))?;
+            kept = deleted
+                .iter()
+                .zip(held)
+                .filter(|(_, (version, _))| *version != Version::ZERO)
+                .collect();
+            Some(())
+        })
+        .unwrap();
         assert!(kept.is_empty(), "node {id} still holds {kept:?}");
     }
+    drop(rt);
+}
+
+/// Nodes holding `key` at `version`, asked directly.
+fn holders(rt: &tokio::runtime::Runtime, c: &Cluster, key: &str, version: u64) -> Vec<u64> {
+    node_addrs(&c.status())
+        .into_iter()
+        .filter(|(_, addr)| {
+            let held = rt.block_on(held_by(addr, &[key.to_string()])).unwrap();
+            held.first().is_some_and(|(v, _)| v.0 == version)
+        })
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// An acknowledged write the journal lost (under `--meta-fsync never`, a crash before the
+/// buffer reached the file: failpoint `meta-journal-hold`), whose every replica is paused
+/// through the restart. The metadata does not know the key, and every version below the old
+/// lease ceiling looks settled; a floor raised to one would make the replicas' reconciliation
+/// forget the write. The floor must wait until every node has been reconciled.
+///
+/// The nodes are started by hand: the coordinator wakes the nodes it spawned when it starts
+/// (its liveness probe is a SIGCONT), and a paused node it spawned does not outlive it (each
+/// is its own process group, which the kernel sends SIGHUP once orphaned with a member
+/// stopped).
+#[test]
+fn after_an_unclean_start_the_floor_waits_for_every_node() {
+    let mut c = Cluster::start_with(Options {
+        nodes: 0,
+        extra_args: [
+            "--meta-fsync",
+            "never",
+            "--collect-tombstones-every",
+            "200ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        env: vec![("FAILPOINTS".into(), "meta-journal-hold=return".into())],
+    });
+    let _nodes: Vec<NodeProcess> = (0..4)
+        .map(|i| c.start_node(&c.dir.path().join(format!("hand-{i}")), &[]))
+        .collect();
+    wait_for("four nodes up", Duration::from_secs(30), || {
+        (node_addrs(&c.status()).len() == 4).then_some(())
+    })
+    .unwrap();
+    let rt = runtime();
+    for i in 0..20 {
+        c.json(&["put", &format!("k{i}"), "v"]);
+    }
+    // A tombstone for the collector to find; a deletion is synced, and with it what came before.
+    c.json(&["del", "k0"]);
+    let written = c.json(&["put", "kept", "acknowledged"]);
+    let version = written["version"].as_u64().unwrap();
+    let mut paused = holders(&rt, &c, "kept", version);
+    paused.sort_unstable();
+    assert!(paused.len() >= 2, "the write quorum holds it: {paused:?}");
+    let status = c.status();
+    let pids: Vec<u32> = paused
+        .iter()
+        .map(|id| node_pid(&status, *id).unwrap())
+        .collect();
+    for pid in &pids {
+        signal(*pid, Signal::SIGSTOP);
+    }
+    c.kill_coordinator();
+    c.opts.env.clear();
+    c.restart();
+    let status = c.status();
+    let mut waiting: Vec<u64> = status["collection"]["waiting_for"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    waiting.sort_unstable();
+    assert!(
+        paused.iter().all(|id| waiting.contains(id)),
+        "collection waits for the paused nodes: {status}"
+    );
+    // Enough passes for a settled floor to come of age (the grace is the 2 s node timeout):
+    // a floor free to rise would have been raised and the tombstone collected by now.
+    let passes = status["collection"]["passes"].as_u64().unwrap();
+    wait_for("collection passes", Duration::from_secs(30), || {
+        (c.status()["collection"]["passes"].as_u64()? >= passes + 15).then_some(())
+    })
+    .unwrap();
+    let status = c.status();
+    assert_eq!(status["tombstones"], 1, "nothing collected yet: {status}");
+    for pid in &pids {
+        signal(*pid, Signal::SIGCONT);
+    }
+    let got = wait_for(
+        "the write to be learnt back",
+        Duration::from_secs(30),
+        || {
+            let got = c.json(&["get", "kept"]);
+            (got["value"] == "acknowledged").then_some(got)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}\n{}", c.json(&["get", "kept"]), c.log_tail()));
+    assert_eq!(got["version"], version);
+    // Every node reconciled: the deletion is collected now, and the write stays.
+    wait_for(
+        "the tombstone to be collected",
+        Duration::from_secs(30),
+        || (c.status()["tombstones"] == 0).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
+    assert_eq!(c.json(&["get", "kept"])["value"], "acknowledged");
+    assert_eq!(c.json(&["get", "k0"])["value"], Value::Null);
     drop(rt);
 }

@@ -47,7 +47,7 @@ impl Coordinator {
             under_replicated: under,
             misplaced,
             tombstones,
-            collection: self.collection.status(self.meta.floor()),
+            collection: self.collection_status(),
             rf: rf as u32,
             write_quorum: self.config.write_quorum as u32,
             degraded: up < rf,

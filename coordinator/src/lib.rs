@@ -81,13 +81,6 @@ pub async fn run(
     })
     .await?
     .with_context(|| format!("opening metadata in {}", config.data_dir.display()))?;
-    // After an unclean start, deleted keys wait until every node has given back what the
-    // journal may have lost (see `tombstones`).
-    let collection = if meta.may_lack_changes() {
-        tombstones::Collection::waiting_for(records.iter().filter(|r| !r.removed).map(|r| r.id))
-    } else {
-        tombstones::Collection::default()
-    };
     let members = Membership::new(records, config.vnodes, config.node_batching);
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor::new(config.launch.clone(), addr.to_string(), exit_tx);
@@ -102,8 +95,15 @@ pub async fn run(
         ready: ReadyGate::default(),
         tasks: TaskTracker::new(),
         write_clock: WriteClock::default(),
-        collection,
+        collection: tombstones::Collection::default(),
     });
+    if coord.meta.may_lack_changes() {
+        // Deleted keys wait until every node has given back what the journal may have lost.
+        coord
+            .owe_reconciliations()
+            .await
+            .context("recording the reconciliations owed")?;
+    }
 
     let loops = TaskTracker::new();
     let serve_stop = CancellationToken::new();

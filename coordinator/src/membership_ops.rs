@@ -158,6 +158,7 @@ impl Coordinator {
             pid: None,
             removed: false,
             leaving: false,
+            owes_reconciliation: false,
         };
         self.members.add(record.clone());
         self.meta.save_node(record).await?;
@@ -228,7 +229,6 @@ impl Coordinator {
             }
         }
         self.members.set_state(id, NodeState::Removed);
-        self.collection.settled(id);
         if let Some(record) = self.members.record(id) {
             self.meta
                 .save_node(record)
@@ -321,6 +321,7 @@ fn joined_record(id: NodeId, addr: &str, data_dir: &str, pid: u32) -> NodeRecord
         pid: Some(pid),
         removed: false,
         leaving: false,
+        owes_reconciliation: false,
     }
 }
 

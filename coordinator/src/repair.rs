@@ -353,10 +353,11 @@ impl Coordinator {
     /// Bring the metadata in line with what `node` reports holding: adopt versions newer
     /// than the metadata knows (they reached a replica before a crash), re-list current
     /// copies, and drop stale ones so they are never served or copied.
-    /// Returns whether the node could be scanned to the end.
+    /// Returns whether the node was reconciled to the end: scanned to the end, and every key
+    /// it reported looked at (a node that did not answer for one is not).
     pub async fn reconcile_node(self: &Arc<Self>, node: NodeId) -> bool {
         let mut after: Option<Bytes> = None;
-        let mut stats = (0u64, 0u64, 0u64); // adopted, relisted, dropped
+        let mut stats = (0u64, 0u64, 0u64, 0u64); // adopted, relisted, dropped, skipped
         let mut seen: HashSet<Bytes> = HashSet::new();
         loop {
             let req = Request::Scan {
@@ -400,8 +401,14 @@ impl Coordinator {
                 unlisted += 1;
             }
         }
+        if stats.3 > 0 {
+            // A key it could not be asked about may be a write only it and the journal's lost
+            // end knew: not reconciled to the end.
+            warn!(%node, skipped = stats.3, "node reconciled except for keys it did not answer for");
+            return false;
+        }
         info!(%node, adopted = stats.0, relisted = stats.1, dropped = stats.2, unlisted, "node reconciled");
-        self.collection.settled(node);
+        self.reconciled(node).await;
         true
     }
 
@@ -434,7 +441,7 @@ impl Coordinator {
         self: &Arc<Self>,
         node: NodeId,
         mut entry: ScanEntry,
-        stats: &mut (u64, u64, u64),
+        stats: &mut (u64, u64, u64, u64),
     ) {
         self.meta.observe_version(entry.version);
         let key = entry.key.clone();
@@ -453,7 +460,12 @@ impl Coordinator {
                 entry.version = version;
                 entry.tombstone = value.is_none();
             }
-            _ => return,
+            // Gone from the node since the scan: nothing to reconcile.
+            Ok(Response::Fetched { .. }) => return,
+            _ => {
+                stats.3 += 1;
+                return;
+            }
         }
         let update = match &meta {
             Some(m) if entry.version == m.version => {
@@ -501,6 +513,7 @@ impl Coordinator {
         };
         if let Err(e) = self.meta.update(vec![(key.clone(), update)]).await {
             warn!(error = %e, "reconcile update failed");
+            stats.3 += 1;
             return;
         }
         drop(_guard);

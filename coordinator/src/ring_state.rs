@@ -217,6 +217,17 @@ impl Membership {
         Some(Transition { node: id, from, to })
     }
 
+    /// Note whether `id` owes a reconciliation; returns the record to persist if that changed.
+    pub fn set_owes_reconciliation(&self, id: NodeId, owes: bool) -> Option<NodeRecord> {
+        let mut inner = self.write();
+        let entry = inner.nodes.get_mut(&id)?;
+        if entry.record.owes_reconciliation == owes {
+            return None;
+        }
+        entry.record.owes_reconciliation = owes;
+        Some(entry.record.clone())
+    }
+
     /// The state of `id`.
     pub fn state(&self, id: NodeId) -> Option<NodeState> {
         self.read().nodes.get(&id).map(|e| e.state)

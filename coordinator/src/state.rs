@@ -32,7 +32,7 @@ pub struct Coordinator {
     pub tasks: TaskTracker,
     /// Where acknowledged writes spent their time, for `status`.
     pub write_clock: WriteClock,
-    /// Tombstone collection: the nodes it waits for, its passes.
+    /// Tombstone collection's counters.
     pub collection: crate::tombstones::Collection,
 }
 

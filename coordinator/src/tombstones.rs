@@ -20,12 +20,14 @@
 //! After a start that did not follow a clean shutdown, the metadata may lack acknowledged
 //! writes that only the nodes still hold (the journal's unsynced end under `--meta-fsync
 //! never`, or a damaged tail), and a settled floor would cover their versions. So the floor
-//! does not rise until every node the registry knows has been reconciled in this run
-//! ([`Collection`]): each lost write is then back in the metadata, learnt from a replica.
+//! does not rise until every node the registry knows has been reconciled: each lost write is
+//! then back in the metadata, learnt from a replica. What is owed is kept in the registry
+//! ([`NodeRecord::owes_reconciliation`](crate::metadata::NodeRecord)), so a clean restart
+//! before every node came back still waits for the rest.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,6 +41,9 @@ use crate::state::Coordinator;
 /// Tombstones removed per metadata commit (and forgotten per round of node requests).
 const CHUNK: usize = 512;
 
+/// How often a node that still owes a reconciliation while up is reconciled again.
+const RECONCILE_RETRY: Duration = Duration::from_secs(60);
+
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Collected {
@@ -48,54 +53,65 @@ pub struct Collected {
     pub floor: Version,
 }
 
-/// What the collector shares with the rest of the coordinator: the nodes whose
-/// reconciliation the version floor waits for (see the module docs; after an unclean start,
-/// every node in the registry that is not removed, after a clean one none), and the passes.
+/// The collector's counters, for `status`.
 #[derive(Debug, Default)]
 pub struct Collection {
-    waiting: Mutex<BTreeSet<NodeId>>,
     passes: AtomicU64,
 }
 
-impl Collection {
-    /// Collection that may raise the floor once each of `nodes` is
-    /// [`settled`](Collection::settled).
-    pub fn waiting_for(nodes: impl IntoIterator<Item = NodeId>) -> Collection {
-        Collection {
-            waiting: Mutex::new(nodes.into_iter().collect()),
-            passes: AtomicU64::new(0),
+impl Coordinator {
+    /// After a start that did not follow a clean shutdown: every node that is not removed owes
+    /// a reconciliation, persisted (synced) before the collector runs, so that it is owed
+    /// across restarts until paid.
+    ///
+    /// # Errors
+    /// A failed registry write: the start fails rather than let the floor rise too early.
+    pub async fn owe_reconciliations(&self) -> Result<(), MetaError> {
+        for record in self.members.records() {
+            if record.removed {
+                continue;
+            }
+            if let Some(record) = self.members.set_owes_reconciliation(record.id, true) {
+                self.meta.save_node(record).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `node` was reconciled to the end: it owes nothing any more.
+    pub async fn reconciled(&self, node: NodeId) {
+        let Some(record) = self.members.set_owes_reconciliation(node, false) else {
+            return;
+        };
+        // Should this fail, the registry on disk still says it owes one: the next start
+        // waits for it again, which is safe.
+        if let Err(e) = self.meta.save_node(record).await {
+            warn!(%node, error = %e, "cannot record that the node was reconciled");
+        }
+        if self.owing().is_empty() {
+            info!("every node reconciled; deleted keys may be collected");
         }
     }
 
-    /// For `status`: the floor, the passes so far and the nodes the floor waits for.
-    pub fn status(&self, floor: Version) -> CollectionStatus {
+    /// Nodes that owe a reconciliation (and are not removed): the floor waits for them.
+    fn owing(&self) -> Vec<NodeId> {
+        self.members
+            .records()
+            .into_iter()
+            .filter(|r| r.owes_reconciliation && !r.removed)
+            .map(|r| r.id)
+            .collect()
+    }
+
+    /// For `status`: the floor, the passes so far, and the nodes the floor waits for.
+    pub fn collection_status(&self) -> CollectionStatus {
+        let mut waiting_for = self.owing();
+        waiting_for.sort_unstable();
         CollectionStatus {
-            floor,
-            passes: self.passes.load(Ordering::Relaxed),
-            waiting_for: self
-                .waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .copied()
-                .collect(),
+            floor: self.meta.floor(),
+            passes: self.collection.passes.load(Ordering::Relaxed),
+            waiting_for,
         }
-    }
-
-    /// `node` was reconciled to the end, or removed: nothing it holds is unknown any more.
-    pub fn settled(&self, node: NodeId) {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if waiting.remove(&node) && waiting.is_empty() {
-            info!("every node reconciled since the start; deleted keys may be collected");
-        }
-    }
-
-    /// Whether the floor may rise: every node it waited for is settled.
-    pub fn is_open(&self) -> bool {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
     }
 }
 
@@ -176,14 +192,28 @@ pub async fn run_collector(coord: Arc<Coordinator>, every: Duration, grace: Dura
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut readings = Readings::default();
+    let mut last_retry = Instant::now();
     loop {
         tokio::select! {
             () = coord.shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
         coord.collection.passes.fetch_add(1, Ordering::Relaxed);
-        if !coord.collection.is_open() {
+        let owing = coord.owing();
+        if !owing.is_empty() {
             readings.clear();
+            // A node still owing while up did not answer for every key when it was
+            // reconciled: try again now and then (it is otherwise reconciled only when it
+            // returns or registers).
+            if last_retry.elapsed() >= RECONCILE_RETRY {
+                last_retry = Instant::now();
+                for node in owing.into_iter().filter(|n| coord.members.is_up(*n)) {
+                    let this = coord.clone();
+                    coord.background(async move {
+                        this.reconcile_node(node).await;
+                    });
+                }
+            }
             continue;
         }
         let now = Instant::now();
@@ -231,23 +261,6 @@ impl Readings {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_floor_may_rise_once_every_node_is_settled() {
-        assert!(
-            Collection::default().is_open(),
-            "a clean start waits for nothing"
-        );
-        let gate = Collection::waiting_for([NodeId(1), NodeId(2)]);
-        assert!(!gate.is_open());
-        gate.settled(NodeId(1));
-        gate.settled(NodeId(1));
-        gate.settled(NodeId(7));
-        assert!(!gate.is_open(), "node 2 is not reconciled yet");
-        assert_eq!(gate.status(Version(5)).waiting_for, [NodeId(2)]);
-        gate.settled(NodeId(2));
-        assert!(gate.is_open());
-    }
 
     #[test]
     fn a_pass_uses_the_newest_reading_at_least_the_grace_old() {

@@ -680,6 +680,7 @@ mod tests {
             pid: None,
             removed: false,
             leaving: false,
+            owes_reconciliation: false,
         };
         j.append(&EntryRef::Key {
             key: &k,

@@ -84,6 +84,12 @@ pub struct NodeRecord {
     pub removed: bool,
     /// Being decommissioned; a restarted coordinator resumes the decommission.
     pub leaving: bool,
+    /// Owes a reconciliation: set by a start that did not follow a clean shutdown, cleared
+    /// once the node has been reconciled to the end. The version floor does not rise while
+    /// any node that is not removed owes one (see `tombstones`). Last and defaulted, so that
+    /// records written before it read the same.
+    #[serde(default)]
+    pub owes_reconciliation: bool,
 }
 
 /// A change to one key's metadata, applied by the writer against the current state so that
@@ -1407,6 +1413,33 @@ mod tests {
         assert_eq!(m.keys_on_node(NodeId(2)).len(), 500);
     }
 
+    #[test]
+    fn a_node_record_written_before_owes_reconciliation_reads_the_same() {
+        #[derive(Serialize)]
+        struct Before {
+            id: NodeId,
+            addr: String,
+            data_dir: String,
+            spawned: bool,
+            pid: Option<u32>,
+            removed: bool,
+            leaving: bool,
+        }
+        let old = rmp_serde::to_vec(&Before {
+            id: NodeId(4),
+            addr: "a".into(),
+            data_dir: "d".into(),
+            spawned: true,
+            pid: Some(9),
+            removed: false,
+            leaving: true,
+        })
+        .unwrap();
+        let read: NodeRecord = rmp_serde::from_slice(&old).unwrap();
+        assert_eq!(read.id, NodeId(4));
+        assert!(read.leaving && !read.owes_reconciliation);
+    }
+
     #[tokio::test]
     async fn registry_persists() {
         let dir = tempfile::tempdir().unwrap();
@@ -1418,6 +1451,7 @@ mod tests {
             pid: Some(9),
             removed: false,
             leaving: false,
+            owes_reconciliation: false,
         };
         {
             let (m, nodes) = Metadata::open(dir.path()).unwrap();
@@ -1474,6 +1508,7 @@ mod tests {
                 pid: None,
                 removed: false,
                 leaving: false,
+                owes_reconciliation: false,
             })
             .await
             .unwrap();

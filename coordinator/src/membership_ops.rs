@@ -50,8 +50,11 @@ impl Coordinator {
                 }
                 if self.members.record(id).is_none() {
                     // A node this coordinator never knew (its registry was lost): accept it
-                    // under the id it carries.
-                    self.members.add(joined_record(id, &addr, &data_dir, pid));
+                    // under the id it carries. What it holds may be writes the metadata lost
+                    // too, so collection waits for its reconciliation.
+                    let mut record = joined_record(id, &addr, &data_dir, pid);
+                    record.owes_reconciliation = true;
+                    self.members.add(record);
                 }
                 id
             }

@@ -173,6 +173,19 @@ impl RepairQueue {
     }
 }
 
+/// What a node's reconciliation did to the metadata, key by key.
+#[derive(Debug, Default)]
+struct ReconcileStats {
+    /// Versions the metadata lacked, recorded.
+    adopted: u64,
+    /// Current copies the metadata did not list, listed.
+    relisted: u64,
+    /// Stale copies (and deleted keys' below the floor), forgotten.
+    dropped: u64,
+    /// Keys the node did not answer for, or whose metadata update failed.
+    skipped: u64,
+}
+
 impl Coordinator {
     /// Whether `node` can serve as a copy source (up, or leaving but still running).
     fn readable(&self, node: NodeId) -> bool {
@@ -357,7 +370,7 @@ impl Coordinator {
     /// it reported looked at (a node that did not answer for one is not).
     pub async fn reconcile_node(self: &Arc<Self>, node: NodeId) -> bool {
         let mut after: Option<Bytes> = None;
-        let mut stats = (0u64, 0u64, 0u64, 0u64); // adopted, relisted, dropped, skipped
+        let mut stats = ReconcileStats::default();
         let mut seen: HashSet<Bytes> = HashSet::new();
         loop {
             let req = Request::Scan {
@@ -401,13 +414,13 @@ impl Coordinator {
                 unlisted += 1;
             }
         }
-        if stats.3 > 0 {
+        if stats.skipped > 0 {
             // A key it could not be asked about may be a write only it and the journal's lost
             // end knew: not reconciled to the end.
-            warn!(%node, skipped = stats.3, "node reconciled except for keys it did not answer for");
+            warn!(%node, skipped = stats.skipped, "node reconciled except for keys it did not answer for");
             return false;
         }
-        info!(%node, adopted = stats.0, relisted = stats.1, dropped = stats.2, unlisted, "node reconciled");
+        info!(%node, adopted = stats.adopted, relisted = stats.relisted, dropped = stats.dropped, unlisted, "node reconciled");
         self.reconciled(node).await;
         true
     }
@@ -441,7 +454,7 @@ impl Coordinator {
         self: &Arc<Self>,
         node: NodeId,
         mut entry: ScanEntry,
-        stats: &mut (u64, u64, u64, u64),
+        stats: &mut ReconcileStats,
     ) {
         self.meta.observe_version(entry.version);
         let key = entry.key.clone();
@@ -463,7 +476,7 @@ impl Coordinator {
             // Gone from the node since the scan: nothing to reconcile.
             Ok(Response::Fetched { .. }) => return,
             _ => {
-                stats.3 += 1;
+                stats.skipped += 1;
                 return;
             }
         }
@@ -472,14 +485,14 @@ impl Coordinator {
                 if m.replicas.contains(&node) {
                     return;
                 }
-                stats.1 += 1;
+                stats.relisted += 1;
                 KeyUpdate::AddReplica {
                     version: m.version,
                     node,
                 }
             }
             Some(m) if entry.version < m.version => {
-                stats.2 += 1;
+                stats.dropped += 1;
                 let req = Request::Forget {
                     key: key.clone(),
                     version: entry.version,
@@ -493,7 +506,7 @@ impl Coordinator {
             None if entry.version <= self.meta.floor() => {
                 // A key deleted and collected (or a write never acknowledged) at a settled
                 // version: the copy is garbage, not a write to learn back.
-                stats.2 += 1;
+                stats.dropped += 1;
                 let req = Request::Forget {
                     key: key.clone(),
                     version: entry.version,
@@ -503,7 +516,7 @@ impl Coordinator {
             }
             _ => {
                 // Newer than the metadata (or unknown): it reached a replica, so record it.
-                stats.0 += 1;
+                stats.adopted += 1;
                 KeyUpdate::Set(KeyMeta {
                     version: entry.version,
                     replicas: smallvec::smallvec![node],
@@ -513,7 +526,7 @@ impl Coordinator {
         };
         if let Err(e) = self.meta.update(vec![(key.clone(), update)]).await {
             warn!(error = %e, "reconcile update failed");
-            stats.3 += 1;
+            stats.skipped += 1;
             return;
         }
         drop(_guard);

@@ -113,9 +113,7 @@ impl Coordinator {
             waiting_for,
         }
     }
-}
 
-impl Coordinator {
     /// One collection pass under `floor`, a [`settled_floor`] reading (see the module docs).
     ///
     /// [`settled_floor`]: crate::metadata::Metadata::settled_floor

@@ -322,6 +322,16 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()))
     }
 
+    /// Replica node ids of `key` per `locate`.
+    pub fn replicas(&self, key: &str) -> Vec<u64> {
+        self.json(&["locate", key])["replicas"]
+            .as_array()
+            .expect("locate lists replicas")
+            .iter()
+            .filter_map(|r| r["node"].as_u64())
+            .collect()
+    }
+
     /// Wait until every key is healthy and on its preference list, with no job running.
     pub fn wait_settled(&self, timeout: Duration) -> Value {
         let mut last = (Value::Null, Value::Null);

@@ -75,13 +75,7 @@ fn collected_deletions_stay_deleted_when_a_stale_replica_returns() {
         .1;
     let deleted: Vec<String> = expected
         .keys()
-        .filter(|k| {
-            c.json(&["locate", k])["replicas"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|r| r["node"] == victim)
-        })
+        .filter(|k| c.replicas(k).contains(&victim))
         .cloned()
         .collect();
     assert!(deleted.len() > 20, "the victim holds a share of the keys");

@@ -8,16 +8,6 @@ use nix::sys::signal::Signal;
 use ringkv_tests::{assert_acked_readable, node_pid, runtime, signal, wait_for, Cluster, Writer};
 use serde_json::Value;
 
-/// Replica node ids of `key` per `locate`.
-fn replicas(c: &Cluster, key: &str) -> Vec<u64> {
-    c.json(&["locate", key])["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_u64().unwrap())
-        .collect()
-}
-
 #[test]
 fn kill_a_node_while_writing_then_heal() {
     let c = Cluster::start(5);
@@ -53,7 +43,7 @@ fn kill_a_node_while_writing_then_heal() {
     assert_acked_readable(&rt, &c.addr, &log);
     // Nothing lives on the dead node any more.
     for key in log.acked.keys().take(50) {
-        assert!(!replicas(&c, key).contains(&2), "{key} still lists node 2");
+        assert!(!c.replicas(key).contains(&2), "{key} still lists node 2");
     }
 }
 
@@ -66,7 +56,7 @@ fn kill_two_of_a_keys_three_replicas_at_once() {
     }
     c.json(&["put", "precious", "do not lose me"]);
     c.wait_healthy(Duration::from_secs(30));
-    let holders = replicas(&c, "precious");
+    let holders = c.replicas("precious");
     assert_eq!(holders.len(), 3);
     let status = c.status();
     let victims: Vec<u32> = holders[..2]
@@ -88,7 +78,7 @@ fn kill_two_of_a_keys_three_replicas_at_once() {
     for i in 0..50 {
         assert_eq!(c.json(&["get", &format!("k{i}")])["value"], format!("v{i}"));
     }
-    let now = replicas(&c, "precious");
+    let now = c.replicas("precious");
     assert!(now.iter().all(|n| !holders[..2].contains(n)), "{now:?}");
     drop(rt);
 }
@@ -109,7 +99,7 @@ fn paused_node_never_serves_stale_or_deleted_values() {
     let pid = node_pid(&c.status(), victim).unwrap();
     let on_victim: Vec<String> = expected
         .keys()
-        .filter(|k| replicas(&c, k).contains(&victim))
+        .filter(|k| c.replicas(k).contains(&victim))
         .cloned()
         .collect();
     assert!(on_victim.len() > 20, "victim holds a share of keys");
@@ -259,7 +249,7 @@ fn join_and_decommission_while_writing() {
         let k = format!("m{i}");
         assert_eq!(c.json(&["get", &k])["value"], format!("v{i}"));
         assert!(
-            !replicas(&c, &k).contains(&1),
+            !c.replicas(&k).contains(&1),
             "{k} still on the removed node"
         );
     }
@@ -317,7 +307,8 @@ fn put_with_two_replicas_paused(c: &Cluster, key: &str) -> Value {
     c.json(&["put", key, "before"]);
     c.wait_healthy(Duration::from_secs(30));
     let status = c.status();
-    let paused: Vec<u32> = replicas(c, key)
+    let paused: Vec<u32> = c
+        .replicas(key)
         .iter()
         .skip(1)
         .map(|&id| node_pid(&status, id).expect("replica pid"))

@@ -330,11 +330,7 @@ impl Coordinator {
                 if !self.readable(node) {
                     return Some(node); // Down: unlist; reconciliation drops it if it returns.
                 }
-                let req = Request::Forget {
-                    key: key.clone(),
-                    version: meta.version,
-                };
-                match self.members.call(node, req, self.config.node_timeout).await {
+                match self.forget_on(node, key, meta.version).await {
                     Ok(_) => Some(node),
                     Err(e) => {
                         debug!(%node, error = %e, "forget failed; the copy stays listed");
@@ -493,11 +489,7 @@ impl Coordinator {
             }
             Some(m) if entry.version < m.version => {
                 stats.dropped += 1;
-                let req = Request::Forget {
-                    key: key.clone(),
-                    version: entry.version,
-                };
-                let _ = self.members.call(node, req, self.config.node_timeout).await;
+                let _ = self.forget_on(node, &key, entry.version).await;
                 if !m.replicas.contains(&node) {
                     return;
                 }
@@ -507,11 +499,7 @@ impl Coordinator {
                 // A key deleted and collected (or a write never acknowledged) at a settled
                 // version: the copy is garbage, not a write to learn back.
                 stats.dropped += 1;
-                let req = Request::Forget {
-                    key: key.clone(),
-                    version: entry.version,
-                };
-                let _ = self.members.call(node, req, self.config.node_timeout).await;
+                let _ = self.forget_on(node, &key, entry.version).await;
                 return;
             }
             _ => {

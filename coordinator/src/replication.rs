@@ -286,11 +286,9 @@ impl Coordinator {
         self.background(async move {
             // Copies of older versions on nodes that are no longer replicas of the key.
             for node in superseded {
-                let req = Request::Forget {
-                    key: late_key.clone(),
-                    version: Version(version.0 - 1),
-                };
-                let _ = this.members.call(node, req, this.config.node_timeout).await;
+                let _ = this
+                    .forget_on(node, &late_key, Version(version.0 - 1))
+                    .await;
             }
             let mut missing = late_failure;
             while let Some((node, answer)) = next_answer(&mut calls).await {
@@ -313,6 +311,20 @@ impl Coordinator {
                 this.repairs.push(late_key);
             }
         });
+    }
+
+    /// Ask `node` to drop its copy of `key` if the copy is no newer than `version`.
+    pub(crate) async fn forget_on(
+        &self,
+        node: NodeId,
+        key: &Bytes,
+        version: Version,
+    ) -> Result<Response, CallError> {
+        let req = Request::Forget {
+            key: key.clone(),
+            version,
+        };
+        self.members.call(node, req, self.config.node_timeout).await
     }
 
     /// Queue `req` on node `node` now if its connection is open (else connect first, boxed:

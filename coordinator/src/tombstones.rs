@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ringkv_common::protocol::{CollectionStatus, Request};
+use ringkv_common::protocol::CollectionStatus;
 use ringkv_common::{NodeId, Version};
 use tracing::{debug, info, warn};
 
@@ -164,15 +164,9 @@ impl Coordinator {
                 replicas
                     .iter()
                     .filter(|node| self.members.is_up(**node))
-                    .map(move |&node| {
-                        let req = Request::Forget {
-                            key: key.clone(),
-                            version: *version,
-                        };
-                        async move {
-                            // A node that misses it drops the tombstone at its next restart.
-                            let _ = self.members.call(node, req, self.config.node_timeout).await;
-                        }
+                    .map(move |&node| async move {
+                        // A node that misses it drops the tombstone at its next restart.
+                        let _ = self.forget_on(node, key, *version).await;
                     })
             });
             futures::future::join_all(forgets).await;

@@ -463,6 +463,7 @@ impl Coordinator {
         }
         // The scan page may be stale by now (a write, forget or copy since): decide on what
         // the node holds now, asked again under the key lock.
+        fail::fail_point!("reconcile-fetch-fails", |_| stats.skipped += 1);
         let req = Request::Fetch { key: key.clone() };
         match self.members.call(node, req, self.config.node_timeout).await {
             Ok(Response::Fetched { version, value }) if version != Version::ZERO => {

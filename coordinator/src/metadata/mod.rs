@@ -28,10 +28,11 @@
 //! acknowledged write is always in the journal before a floor that covers its version, and
 //! only then are tombstones at or below it removed ([`KeyUpdate::Collect`]).
 
+mod in_flight;
 pub mod journal;
 mod key_map;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -41,6 +42,8 @@ use ringkv_common::{NodeId, Version};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
+
+use in_flight::InFlight;
 
 pub use journal::MetaFsync;
 use journal::{Entry, EntryRef, Journal, JournalError, Snapshot};
@@ -139,7 +142,7 @@ struct VersionLease {
     next: u64,
     ceiling: u64,
     /// Versions handed out to writes that have not finished (see [`VersionTicket`]).
-    in_flight: BTreeSet<u64>,
+    in_flight: InFlight,
 }
 
 /// How the metadata is persisted.
@@ -197,7 +200,7 @@ impl VersionTicket<'_> {
 
 impl Drop for VersionTicket<'_> {
     fn drop(&mut self) {
-        lock(self.lease).in_flight.remove(&self.version.0);
+        lock(self.lease).in_flight.remove(self.version.0);
     }
 }
 
@@ -312,7 +315,7 @@ impl Metadata {
             lease: Mutex::new(VersionLease {
                 next: ceiling,
                 ceiling,
-                in_flight: BTreeSet::new(),
+                in_flight: InFlight::default(),
             }),
             floor,
             thread: Mutex::new(Some(thread)),
@@ -419,7 +422,7 @@ impl Metadata {
     /// metadata change (or given up).
     pub fn settled_floor(&self) -> Version {
         let lease = lock(&self.lease);
-        let first_open = lease.in_flight.first().copied().unwrap_or(lease.next);
+        let first_open = lease.in_flight.first().unwrap_or(lease.next);
         Version(first_open.saturating_sub(1))
     }
 

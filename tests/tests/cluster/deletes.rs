@@ -142,7 +142,9 @@ fn holders(rt: &tokio::runtime::Runtime, c: &Cluster, key: &str, version: u64) -
     node_addrs(&c.status())
         .into_iter()
         .filter(|(_, addr)| {
-            let held = rt.block_on(held_by(addr, &[key.to_string()])).unwrap();
+            let held = rt
+                .block_on(held_by(addr, &[key.to_string()]))
+                .unwrap_or_else(|| panic!("node at {addr} did not answer a fetch of {key}"));
             held.first().is_some_and(|(v, _)| v.0 == version)
         })
         .map(|(id, _)| id)

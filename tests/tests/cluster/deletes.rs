@@ -280,22 +280,24 @@ fn after_an_unclean_start_the_floor_waits_for_every_node() {
 /// back before anything is collected.
 #[test]
 fn a_node_that_did_not_answer_for_every_key_still_holds_the_floor_back() {
-    let mut lost = lose_a_write_with_its_replicas_paused(vec![(
-        "FAILPOINTS".into(),
-        "reconcile-fetch-fails=return".into(),
-    )]);
+    let mut lost = lose_a_write_with_its_replicas_paused(vec![
+        ("FAILPOINTS".into(), "reconcile-fetch-fails=return".into()),
+        // Plain log lines, so that a node's id can be matched in them.
+        ("NO_COLOR".into(), "1".into()),
+    ]);
     lost.resume_paused_nodes();
     let log = lost.c.dir.path().join("coordinator.log");
     wait_for(
-        "the paused nodes' reconciliations to end",
+        "each paused node's reconciliation to end with a key skipped",
         Duration::from_secs(30),
         || {
             let text = std::fs::read_to_string(&log).ok()?;
-            let skipped = text
-                .lines()
-                .filter(|l| l.contains("did not answer for"))
-                .count();
-            (skipped >= lost.paused.len()).then_some(())
+            let skipped = |id: &u64| {
+                let node = format!("node={id} ");
+                text.lines()
+                    .any(|l| l.contains("did not answer for") && l.contains(&node))
+            };
+            lost.paused.iter().all(skipped).then_some(())
         },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lost.c.log_tail()));

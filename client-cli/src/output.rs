@@ -10,7 +10,8 @@
 //!   not UTF-8 is shown lossily (U+FFFD for invalid sequences) and gains `"binary":true`.
 //! - `locate`: `{"key","version","replicas":[{"node","addr","state","version"}]}`
 //! - `status`: `{"nodes":[NODE],"keys","under_replicated","misplaced","tombstones",
-//!   "collection":{"floor","passes","waiting_for":[node id]},"degraded","rf","write_quorum","jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
+//!   "collection":{"floor","passes","waiting_for":[node id],
+//!   "reconciliations":[{"node","complete","incomplete"}]},"degraded","rf","write_quorum","jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
 //!   "writes":{"count","lock_wait_us","quorum_wait_us","commit_wait_us"}}`, the last the
 //!   time acknowledged writes spent in each stage, summed since the coordinator started; where
 //!   NODE is `{"id","addr","state","pid","keys","bytes","ops","messages","syncs",
@@ -131,6 +132,11 @@ fn status_json(status: &ClusterStatus) -> Value {
             "floor": status.collection.floor.0,
             "passes": status.collection.passes,
             "waiting_for": status.collection.waiting_for.iter().map(|n| n.0).collect::<Vec<_>>(),
+            "reconciliations": status.collection.reconciliations.iter().map(|r| json!({
+                "node": r.node.0,
+                "complete": r.complete,
+                "incomplete": r.incomplete,
+            })).collect::<Vec<_>>(),
         }),
         "degraded": status.degraded,
         "rf": status.rf,
@@ -299,10 +305,22 @@ fn deletions_line(status: &ClusterStatus) -> Option<String> {
     );
     if !waiting.is_empty() {
         let ids: Vec<String> = waiting.iter().map(|n| n.to_string()).collect();
+        let early: Vec<String> = status
+            .collection
+            .reconciliations
+            .iter()
+            .filter(|r| r.incomplete > 0 && waiting.contains(&r.node))
+            .map(|r| format!("{} on node {}", r.incomplete, r.node))
+            .collect();
         line.push_str(&format!(
-            " (collection waits for node{} {} to be reconciled)",
+            " (collection waits for node{} {} to be reconciled{})",
             if waiting.len() == 1 { "" } else { "s" },
-            ids.join(", ")
+            ids.join(", "),
+            if early.is_empty() {
+                String::new()
+            } else {
+                format!("; attempts that ended early: {}", early.join(", "))
+            }
         ));
     }
     Some(line)
@@ -505,7 +523,9 @@ mod tests {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use ringkv_common::protocol::{CheckReport, JobProgress, Location, ReplicaInfo};
+    use ringkv_common::protocol::{
+        CheckReport, JobProgress, Location, NodeReconciliations, ReplicaInfo,
+    };
     use ringkv_common::{NodeId, NodeStats, Version};
 
     use super::*;
@@ -797,15 +817,41 @@ mod tests {
                 floor: ringkv_common::Version(40),
                 passes: 3,
                 waiting_for: vec![NodeId(3), NodeId(4)],
+                reconciliations: vec![],
             },
             ..status(false, 0)
         };
-        let text = String::from_utf8(render(&Outcome::Status(deleting), false)).unwrap();
+        let text = String::from_utf8(render(&Outcome::Status(deleting.clone()), false)).unwrap();
         assert!(
             text.contains(
                 "deleted keys: 12 tombstones not yet collected (collection waits for nodes 3, 4 to be reconciled)"
             ),
             "{text}"
+        );
+        let mut cut_short = deleting;
+        cut_short.collection.reconciliations = [(1, 1, 0), (3, 0, 2)]
+            .map(|(node, complete, incomplete)| NodeReconciliations {
+                node: NodeId(node),
+                complete,
+                incomplete,
+            })
+            .to_vec();
+        let text = String::from_utf8(render(&Outcome::Status(cut_short.clone()), false)).unwrap();
+        assert!(
+            text.contains(
+                "(collection waits for nodes 3, 4 to be reconciled; attempts that ended early: 2 on node 3)"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            parse(&Outcome::Status(cut_short))["collection"],
+            json!({
+                "floor": 40, "passes": 3, "waiting_for": [3, 4],
+                "reconciliations": [
+                    {"node": 1, "complete": 1, "incomplete": 0},
+                    {"node": 3, "complete": 0, "incomplete": 2},
+                ],
+            })
         );
     }
 

@@ -354,6 +354,19 @@ pub struct CollectionStatus {
     /// Nodes to reconcile before the floor may rise (after a start that did not follow a
     /// clean shutdown).
     pub waiting_for: Vec<NodeId>,
+    /// Reconciliations since the coordinator started, by node: those that looked at every key
+    /// the node reported, and those that ended early (a scan failed, or the node did not
+    /// answer for some key) and so do not count towards the floor.
+    #[serde(default)]
+    pub reconciliations: Vec<NodeReconciliations>,
+}
+
+/// How often one node was reconciled to the end, and how often not (see [`CollectionStatus`]).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeReconciliations {
+    pub node: NodeId,
+    pub complete: u64,
+    pub incomplete: u64,
 }
 
 /// Where the coordinator's acknowledged writes spent their time, summed since it started:

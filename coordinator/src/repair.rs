@@ -365,6 +365,13 @@ impl Coordinator {
     /// Returns whether the node was reconciled to the end: scanned to the end, and every key
     /// it reported looked at (a node that did not answer for one is not).
     pub async fn reconcile_node(self: &Arc<Self>, node: NodeId) -> bool {
+        let complete = self.reconcile_node_to_the_end(node).await;
+        self.collection.count_reconciliation(node, complete);
+        complete
+    }
+
+    /// [`Self::reconcile_node`], uncounted.
+    async fn reconcile_node_to_the_end(self: &Arc<Self>, node: NodeId) -> bool {
         let mut after: Option<Bytes> = None;
         let mut stats = ReconcileStats::default();
         let mut seen: HashSet<Bytes> = HashSet::new();

@@ -25,13 +25,13 @@
 //! ([`NodeRecord::owes_reconciliation`](crate::metadata::NodeRecord)), so a clean restart
 //! before every node came back still waits for the rest.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ringkv_common::protocol::CollectionStatus;
+use ringkv_common::protocol::{CollectionStatus, NodeReconciliations};
 use ringkv_common::{NodeId, Version};
 use tracing::{debug, info, warn};
 
@@ -57,6 +57,38 @@ pub struct Collected {
 #[derive(Debug, Default)]
 pub struct Collection {
     passes: AtomicU64,
+    /// Reconciliations by node: (to the end, ended early).
+    reconciliations: Mutex<BTreeMap<NodeId, (u64, u64)>>,
+}
+
+impl Collection {
+    /// Count one reconciliation of `node`, to the end or not.
+    pub fn count_reconciliation(&self, node: NodeId, complete: bool) {
+        let mut counts = self.counts();
+        let entry = counts.entry(node).or_default();
+        if complete {
+            entry.0 += 1;
+        } else {
+            entry.1 += 1;
+        }
+    }
+
+    fn reconciliations(&self) -> Vec<NodeReconciliations> {
+        self.counts()
+            .iter()
+            .map(|(&node, &(complete, incomplete))| NodeReconciliations {
+                node,
+                complete,
+                incomplete,
+            })
+            .collect()
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, (u64, u64)>> {
+        self.reconciliations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Coordinator {
@@ -111,6 +143,7 @@ impl Coordinator {
             floor: self.meta.floor(),
             passes: self.collection.passes.load(Ordering::Relaxed),
             waiting_for,
+            reconciliations: self.collection.reconciliations(),
         }
     }
 

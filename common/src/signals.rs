@@ -1,4 +1,5 @@
-//! Turning SIGTERM and ctrl-c into a graceful-shutdown token.
+//! Turning SIGTERM and ctrl-c into a graceful-shutdown token, and keeping SIGHUP from
+//! stopping a server.
 
 use tokio_util::sync::CancellationToken;
 
@@ -26,4 +27,30 @@ pub async fn cancel_on_signal(token: CancellationToken) {
         let _ = tokio::signal::ctrl_c().await;
     }
     token.cancel();
+}
+
+/// From now on, log each SIGHUP and otherwise ignore it (call inside a runtime).
+///
+/// A storage node outlives its coordinator by design, but the kernel sends SIGHUP (and then
+/// SIGCONT) to every process of a group that is orphaned with a member stopped: a spawned
+/// node, which has a process group of its own, would die of it if it was paused when its
+/// coordinator died. A node started from a terminal keeps running when the terminal closes,
+/// as a server should; it stops on SIGTERM or SIGINT.
+pub fn ignore_hangups() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangups) => {
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        tracing::info!("SIGHUP received and ignored (SIGTERM stops this process)");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; it will stop this process")
+            }
+        }
+    }
 }

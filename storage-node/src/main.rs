@@ -80,6 +80,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args, lock: ringkv_common::dir_lock::DirLock) -> anyhow::Result<()> {
+    // Before the readiness line, so that no SIGHUP stops a node that is up.
+    ringkv_common::signals::ignore_hangups();
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
     let config = NodeConfig {

@@ -56,6 +56,42 @@ fn coordinator_killed_five_times_under_writes() {
     .unwrap();
 }
 
+/// The state letter of process `pid` (`R`, `S`, `T` for stopped, `Z`...), `None` once gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A spawned node that is paused when its coordinator is killed: its process group, orphaned
+/// with a member stopped, gets SIGHUP and then SIGCONT from the kernel. The node ignores the
+/// SIGHUP and runs on, and the next coordinator adopts it with its data.
+#[test]
+fn a_node_paused_when_its_coordinator_is_killed_runs_on() {
+    let mut c = Cluster::start(3);
+    let written = c.json(&["put", "held", "on every node"]);
+    c.wait_healthy(Duration::from_secs(60));
+    let before = pids(&c);
+    let pid = before[0] as u32;
+    signal(pid, Signal::SIGSTOP);
+    ringkv_tests::wait_for("the node to stop", Duration::from_secs(10), || {
+        (process_state(pid) == Some('T')).then_some(())
+    })
+    .unwrap();
+    c.kill_coordinator();
+    ringkv_tests::wait_for(
+        "the kernel's SIGCONT to wake the node",
+        Duration::from_secs(10),
+        || matches!(process_state(pid), Some('R' | 'S' | 'D')).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: state {:?}", process_state(pid)));
+    c.restart();
+    c.wait_healthy(Duration::from_secs(60));
+    assert_eq!(pids(&c), before, "the node was adopted, not respawned");
+    let got = c.json(&["get", "held"]);
+    assert_eq!(got["value"], "on every node");
+    assert_eq!(got["version"], written["version"]);
+}
+
 #[test]
 fn crash_between_replica_acks_and_metadata_commit() {
     let mut c = Cluster::start_with(Options {

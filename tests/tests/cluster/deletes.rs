@@ -168,10 +168,10 @@ struct LostWrite {
 /// make the replicas' reconciliation forget the write. A deleted key leaves one tombstone
 /// for the collector.
 ///
-/// The nodes are started by hand: the coordinator wakes the nodes it spawned when it starts
-/// (its liveness probe is a SIGCONT), and a paused node it spawned does not outlive it (each
-/// is its own process group, which the kernel sends SIGHUP once orphaned with a member
-/// stopped).
+/// The nodes are started by hand, so that they stay paused: the coordinator wakes the nodes
+/// it spawned when it starts (its liveness probe is a SIGCONT), and so does the kernel when
+/// it dies (each is its own process group, which the kernel sends SIGHUP and SIGCONT once
+/// orphaned with a member stopped).
 fn lose_a_write_with_its_replicas_paused(env: Vec<(String, String)>) -> LostWrite {
     let mut c = Cluster::start_with(Options {
         nodes: 0,

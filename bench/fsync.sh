@@ -5,8 +5,9 @@
 # iowait, idle and steal time (/proc/stat; steal is time the hypervisor gave other guests),
 # context switches per operation, fdatasync calls per operation (if `perf` is installed),
 # and for RingKV the stores each node fsync covered and where the writes waited. Before the
-# runs, the disk's own speed: 2,000 synced 150-byte writes from one stream (dd with O_DSYNC);
-# on a shared machine that speed moves by 2x within an hour.
+# runs, the disk's own speed: 2,000 synced 150-byte writes from one stream (dd with O_DSYNC),
+# appended to a new file and written into space written before, each with the machine's CPU
+# time per write; on a shared machine that speed moves by 2x within an hour.
 #
 #   bench/fsync.sh
 #   SKIP_BUILD=1 PIPELINES="1 16" bench/fsync.sh
@@ -77,10 +78,33 @@ row() {
         }' "$WORK/m0" "$WORK/m1"
 }
 
-probe="$WORK/disk-probe"
-disk=$(dd if=/dev/zero of="$probe" bs=150 count=2000 oflag=dsync 2>&1 | awk '/copied/ { print $(NF-3) }')
-rm -f "$probe"
-awk -v s="$disk" 'BEGIN { printf "disk: 2,000 synced writes from one stream in %s s, %.0f per second\n\n", s, 2000 / s }'
+# Busy and total jiffies of the whole machine so far (busy: everything but idle and iowait).
+machine_jiffies() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+
+# probe_disk LABEL [notrunc]: 2,000 synced 150-byte writes from one stream, appended to a new
+# file or (notrunc) into a file whose blocks were written and synced before, as a log in
+# preallocated space would; prints the rate and the machine's busy CPU time per write.
+probe_disk() {
+    local label=$1 conv=${2:-} probe="$WORK/disk-probe" b0 b1 secs
+    rm -f "$probe"
+    if [ -n "$conv" ]; then
+        dd if=/dev/zero of="$probe" bs=1M count=1 conv=fsync status=none
+        conv="conv=notrunc"
+    fi
+    read -r b0 _ <<< "$(machine_jiffies)"
+    secs=$(dd if=/dev/zero of="$probe" bs=150 count=2000 oflag=dsync ${conv:+"$conv"} 2>&1 | awk '/copied/ { print $(NF-3) }')
+    read -r b1 _ <<< "$(machine_jiffies)"
+    rm -f "$probe"
+    awk -v l="$label" -v s="$secs" -v j=$((b1 - b0)) -v hz="$(getconf CLK_TCK)" 'BEGIN {
+        printf "disk, %s: 2,000 synced writes from one stream in %s s, %.0f per second, %.0f µs of machine CPU each\n",
+            l, s, 2000 / s, j / hz / 2000 * 1e6 }'
+}
+
+probe_disk "appended"
+probe_disk "into space written before" notrunc
+echo
 
 echo "| system | pipeline | ops/s | user | system | softirq | iowait | idle | steal | context switches per op | fdatasync per op | RingKV: stores per node fsync; waits per write (quorum, metadata commit) |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"

@@ -9,7 +9,10 @@
 //! ```
 //!
 //! `len` counts the CRC and the body. It is checked against the configured maximum before
-//! anything is buffered, so a hostile length cannot make us allocate. `crc` is CRC-32 of the body.
+//! anything is buffered, and room is reserved for a frame only in step with the bytes that
+//! have arrived (at most [`RESERVE_STEP`] or as much again as is buffered, whichever is
+//! more), so a length that is never followed by its bytes costs no memory. `crc` is CRC-32 of
+//! the body.
 //!
 //! Errors come in two kinds. A [`FrameError`] (bad CRC, undecodable body) leaves the framing
 //! intact, so it is returned as an item and the connection may answer it and carry on.
@@ -22,7 +25,7 @@ use std::marker::PhantomData;
 use bytes::{Buf, BufMut, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder};
 
 use crate::wire_fast::FastWire;
 
@@ -30,6 +33,8 @@ use crate::wire_fast::FastWire;
 const LEN_PREFIX: usize = 4;
 /// Bytes taken by the CRC inside the length-counted payload.
 const CRC_LEN: usize = 4;
+/// The least room reserved at a time for the rest of a frame that has not arrived yet.
+const RESERVE_STEP: usize = 64 * 1024;
 
 /// A frame that arrived whole but whose content is unusable; the stream itself is fine.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -58,25 +63,19 @@ pub enum CodecError {
 
 /// Length + CRC + MessagePack codec; encodes `Out` and decodes `In`.
 pub struct FrameCodec<Out, In> {
-    framing: LengthDelimitedCodec,
     max_frame_len: usize,
-    /// `framing` has consumed the current frame's length prefix and waits for its payload.
-    header_consumed: bool,
+    /// The payload length of the frame whose prefix was consumed and whose payload is awaited.
+    awaiting: Option<usize>,
     _types: PhantomData<fn(Out) -> In>,
 }
 
 impl<Out, In> FrameCodec<Out, In> {
     /// A codec that refuses frames longer than `max_frame_len` bytes (CRC + body).
     pub fn new(max_frame_len: usize) -> Self {
-        let framing = LengthDelimitedCodec::builder()
-            .length_field_length(LEN_PREFIX)
-            .max_frame_length(max_frame_len)
-            .big_endian()
-            .new_codec();
         FrameCodec {
-            framing,
-            max_frame_len,
-            header_consumed: false,
+            // What the u32 length prefix can express.
+            max_frame_len: max_frame_len.min(u32::MAX as usize),
+            awaiting: None,
             _types: PhantomData,
         }
     }
@@ -129,35 +128,39 @@ impl<Out, In: DeserializeOwned + FastWire> Decoder for FrameCodec<Out, In> {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
-        // Check the length ourselves first so the error carries the numbers.
-        if self.header_consumed {
-            // `src` starts inside the payload; there is no prefix to check.
-        } else if let Some(prefix) = src.first_chunk::<LEN_PREFIX>() {
-            let size = u32::from_be_bytes(*prefix) as usize;
-            if size > self.max_frame_len {
-                return Err(CodecError::TooLarge {
-                    size,
-                    max: self.max_frame_len,
-                });
-            }
-        }
-        let has_header = src.len() >= LEN_PREFIX;
-        match self.framing.decode(src)? {
-            Some(payload) => {
-                self.header_consumed = false;
-                Ok(Some(decode_payload(&payload)))
-            }
+        let size = match self.awaiting {
+            Some(size) => size,
             None => {
-                self.header_consumed |= has_header;
-                Ok(None)
+                let Some(prefix) = src.first_chunk::<LEN_PREFIX>() else {
+                    return Ok(None);
+                };
+                let size = u32::from_be_bytes(*prefix) as usize;
+                if size > self.max_frame_len {
+                    return Err(CodecError::TooLarge {
+                        size,
+                        max: self.max_frame_len,
+                    });
+                }
+                src.advance(LEN_PREFIX);
+                self.awaiting = Some(size);
+                size
             }
+        };
+        if src.len() < size {
+            // Room for what is likely to come next, not for what the prefix promised.
+            let missing = size - src.len();
+            src.reserve(missing.min(RESERVE_STEP.max(src.len())));
+            return Ok(None);
         }
+        self.awaiting = None;
+        let payload = src.split_to(size);
+        Ok(Some(decode_payload(&payload)))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
         match self.decode(src)? {
             Some(item) => Ok(Some(item)),
-            None if src.is_empty() && !self.header_consumed => Ok(None),
+            None if src.is_empty() && self.awaiting.is_none() => Ok(None),
             None => {
                 src.advance(src.len());
                 Err(CodecError::Truncated)
@@ -196,7 +199,7 @@ impl<Out: Serialize + FastWire, In> Encoder<Out> for FrameCodec<Out, In> {
             });
         }
         let crc = crc32fast::hash(dst.get(body_start..).unwrap_or_default());
-        // `size` fits in u32: it is at most `max_frame_len`, which the builder caps below 4 GiB.
+        // `size` fits in u32: it is at most `max_frame_len`, which `new` caps below 4 GiB.
         // Length then CRC, both big-endian u32: together one big-endian u64.
         let header = ((size as u64) << 32 | u64::from(crc)).to_be_bytes();
         if let Some(slot) = dst.get_mut(start..body_start) {
@@ -269,6 +272,52 @@ mod tests {
         assert!(
             matches!(err, CodecError::TooLarge { size, max: 1024 } if size == u32::MAX as usize)
         );
+    }
+
+    #[test]
+    fn a_promised_length_reserves_room_only_as_bytes_arrive() {
+        const MAX: usize = 32 << 20;
+        let frame = {
+            let mut buf = BytesMut::new();
+            let mut codec = Codec::new(MAX);
+            let env = Envelope {
+                id: 9,
+                msg: Request::Put {
+                    key: Bytes::from_static(b"k"),
+                    value: Bytes::from(vec![7u8; 3 << 20]),
+                },
+            };
+            codec.encode(env, &mut buf).unwrap();
+            buf
+        };
+        // A prefix of 32 MiB and nothing after it: no room taken for what never came.
+        let mut codec = Codec::new(MAX);
+        let mut idle = BytesMut::new();
+        idle.put_u32(MAX as u32);
+        assert!(codec.decode(&mut idle).unwrap().is_none());
+        assert!(idle.capacity() <= 2 * RESERVE_STEP, "{}", idle.capacity());
+        // A real 3 MiB frame fed in small pieces: room grows with what is buffered, and the
+        // frame decodes whole.
+        let mut codec = Codec::new(MAX);
+        let mut src = BytesMut::new();
+        let mut decoded = None;
+        for piece in frame.chunks(4096) {
+            src.extend_from_slice(piece);
+            // In proportion to what is buffered (`BytesMut` at most doubles when it grows),
+            // never the 3 MiB the prefix promised while little of it has come.
+            let (cap, len) = (src.capacity(), src.len());
+            assert!(
+                cap <= 4 * (len + RESERVE_STEP),
+                "room for {cap} with {len} buffered"
+            );
+            if let Some(item) = codec.decode(&mut src).unwrap() {
+                decoded = Some(item.unwrap());
+            }
+        }
+        let env = decoded.expect("the frame decodes");
+        assert_eq!(env.id, 9);
+        assert!(matches!(env.msg, Request::Put { ref value, .. } if value.len() == 3 << 20));
+        assert!(src.is_empty());
     }
 
     #[test]

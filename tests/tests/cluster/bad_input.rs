@@ -1,7 +1,7 @@
 //! Bad input: oversized keys and values, garbage and oversized frames on every port.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
 use ringkv_tests::Cluster;
@@ -24,13 +24,23 @@ fn too_large_key_and_value_are_refused_and_write_nothing() {
     assert_eq!(c.status()["keys"], 0);
 }
 
-/// Send `bytes` on a fresh connection and read until the server closes it.
-fn poke(addr: &str, bytes: &[u8]) -> Vec<u8> {
+/// Send `bytes` on a fresh connection (then, with `eof`, end our side) and read until the
+/// server closes it; fails if the server keeps the connection open for 10 s.
+fn poke(addr: &str, bytes: &[u8], eof: bool) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The server may close before it has read everything; what it did then is the point.
     let _ = s.write_all(bytes);
+    if eof {
+        let _ = s.shutdown(Shutdown::Write);
+    }
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
+    match s.read_to_end(&mut out) {
+        Ok(_) => {}
+        // Closed with our bytes unread: a reset, which is a close too.
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{addr} kept the connection open after {bytes:02x?}: {e}"),
+    }
     out
 }
 
@@ -54,19 +64,19 @@ fn garbage_closes_only_its_own_connection() {
 
     for addr in &targets {
         // Oversized length prefix: answered (or just closed), never buffered.
-        let reply = poke(addr, &u32::MAX.to_be_bytes());
+        let reply = poke(addr, &u32::MAX.to_be_bytes(), false);
         assert!(
             reply.len() < 1024,
             "{addr} answered an oversized frame briefly"
         );
-        // Random garbage.
-        poke(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-        // A well-framed payload with a wrong checksum.
+        // Random garbage (its first four bytes read as a length far over the limit).
+        poke(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false);
+        // A well-framed payload with a wrong checksum, where the handshake should be.
         let mut frame = 8u32.to_be_bytes().to_vec();
         frame.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4]);
-        poke(addr, &frame);
+        poke(addr, &frame, false);
         // Truncated frame then EOF.
-        poke(addr, &[0, 0, 0, 50, 1, 2]);
+        poke(addr, &[0, 0, 0, 50, 1, 2], true);
     }
 
     // Everyone else is still served, including the connection that was open all along.
@@ -192,7 +202,7 @@ fn protocol_version_mismatch_is_refused_clearly() {
             &mut buf,
         )
         .unwrap();
-    let reply = poke(&c.addr, &buf);
+    let reply = poke(&c.addr, &buf, false);
     let mut inbuf = BytesMut::from(&reply[..]);
     let env = codec
         .decode(&mut inbuf)

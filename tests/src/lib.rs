@@ -8,7 +8,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -160,19 +160,9 @@ impl Cluster {
         }
         let mut child = cmd.spawn().context("spawn coordinator")?;
         let stdout = child.stdout.take().context("coordinator stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the coordinator never blocks on a full pipe.
-            for _ in lines {}
-        });
         self.coordinator = Some(child);
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| anyhow::anyhow!("no readiness line; log:\n{}", self.log_tail()))?;
+        let line = first_line(stdout, Duration::from_secs(60))
+            .ok_or_else(|| anyhow::anyhow!("no readiness line; log:\n{}", self.log_tail()))?;
         let addr = line
             .strip_prefix("listening on ")
             .with_context(|| format!("unexpected first line {line:?}"))?;
@@ -385,6 +375,20 @@ impl Drop for Cluster {
     }
 }
 
+/// The first line a child prints, if it prints one within `timeout`. The rest of its output
+/// is drained, so the child never blocks on a full pipe.
+fn first_line(stdout: ChildStdout, timeout: Duration) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
 /// Wait for `child` to exit, polling against a deadline; kill it if it overruns.
 pub fn wait_child(
     child: &mut Child,
@@ -593,16 +597,19 @@ impl NodeProcess {
             .spawn()
             .expect("spawn ringkv-node");
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("node readiness line");
-        let addr = line
+        // Killed by `drop` if it never becomes ready.
+        let mut node = NodeProcess {
+            child,
+            addr: String::new(),
+        };
+        let line = first_line(stdout, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("no readiness line from the node on {}", data_dir.display()));
+        node.addr = line
             .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        NodeProcess { child, addr }
+        node
     }
 
     /// Wait for the process to exit by itself.

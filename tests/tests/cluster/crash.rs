@@ -230,13 +230,15 @@ fn bit_flip_in_the_middle_of_a_node_log_is_detected_and_repaired() {
     assert!(node_log.contains("corrupt"), "the corruption is reported");
 }
 
-/// Overwrite a few keys many times on a standalone node so its log fills with garbage.
+/// Overwrite a few keys many times on a standalone node so its log fills with garbage, until
+/// `rounds` rounds are done or the node stops answering. Returns the last acknowledged store
+/// of each key.
 async fn churn(addr: &str, rounds: u64) -> Vec<(Bytes, Version, Bytes)> {
     let client = Client::connect(addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
         .await
         .expect("connect to node");
-    let mut last = Vec::new();
-    for round in 1..=rounds {
+    let mut last = std::collections::BTreeMap::new();
+    'rounds: for round in 1..=rounds {
         for k in 0..8u64 {
             let key = Bytes::from(format!("c{k}"));
             let version = Version(round * 100 + k);
@@ -250,17 +252,38 @@ async fn churn(addr: &str, rounds: u64) -> Vec<(Bytes, Version, Bytes)> {
                 .await
             {
                 Ok(Response::Stored { .. }) => {
-                    if round == rounds {
-                        last.push((key, version, value));
-                    }
+                    last.insert(key, (version, value));
                 }
                 // The node aborted in a compaction: everything acknowledged so far counts.
-                Err(_) => return last,
+                Err(_) => break 'rounds,
                 Ok(other) => panic!("{other:?}"),
             }
         }
     }
-    last
+    last.into_iter().map(|(k, (v, val))| (k, v, val)).collect()
+}
+
+/// Every one of `stores` is what the node at `addr` holds for its key.
+async fn assert_holds(addr: &str, stores: &[(Bytes, Version, Bytes)]) {
+    let client = Client::connect(addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+        .await
+        .unwrap();
+    for (key, version, value) in stores {
+        match client
+            .call(Request::Fetch { key: key.clone() })
+            .await
+            .unwrap()
+        {
+            Response::Fetched {
+                version: v,
+                value: Some(got),
+            } => {
+                assert_eq!(v, *version, "{key:?}");
+                assert_eq!(&got, value, "{key:?}");
+            }
+            other => panic!("{key:?}: {other:?}"),
+        }
+    }
 }
 
 fn compaction_crash(failpoint: &str) {
@@ -280,12 +303,15 @@ fn compaction_crash(failpoint: &str) {
     let rt = runtime();
     let addr = node.addr.clone();
     // Enough garbage to trigger a compaction, which aborts the process.
-    rt.block_on(churn(&addr, 60));
+    let acked = rt.block_on(churn(&addr, 60));
     let status = node.wait_exit(Duration::from_secs(30));
     assert!(!status.success(), "the node died inside compaction");
+    assert_eq!(acked.len(), 8, "every key was stored before the crash");
 
-    // Restarted without the failpoint: a fresh batch of writes, all of which must survive.
+    // Restarted without the failpoint: every store acknowledged before the crash is there,
+    // and a fresh batch of writes, all of which must survive.
     let node = NodeProcess::start(dir.path(), None, &args, &[]);
+    rt.block_on(assert_holds(&node.addr, &acked));
     let written = rt.block_on(async {
         let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
             .await
@@ -309,27 +335,7 @@ fn compaction_crash(failpoint: &str) {
     });
     drop(node);
     let node = NodeProcess::start(dir.path(), None, &args, &[]);
-    rt.block_on(async {
-        let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
-            .await
-            .unwrap();
-        for (key, version, value) in written {
-            match client
-                .call(Request::Fetch { key: key.clone() })
-                .await
-                .unwrap()
-            {
-                Response::Fetched {
-                    version: v,
-                    value: Some(got),
-                } => {
-                    assert_eq!(v, version, "{key:?}");
-                    assert_eq!(got, value);
-                }
-                other => panic!("{key:?}: {other:?}"),
-            }
-        }
-    });
+    rt.block_on(assert_holds(&node.addr, &written));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Replicated put/get/delete through the `ringkv` binary, with the `--json` shapes scripts use.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use ringkv_tests::Cluster;
 use serde_json::json;
@@ -18,6 +19,8 @@ fn put_get_del_locate_status_over_the_cli() {
     assert_eq!(got["value"], "hello world");
     assert_eq!(got["version"], v1);
 
+    // The write was acknowledged by two replicas; the third may still be on its way.
+    c.wait_healthy(Duration::from_secs(30));
     let loc = c.json(&["locate", "greeting"]);
     assert_eq!(loc["version"], v1);
     let replicas = loc["replicas"].as_array().expect("replicas");

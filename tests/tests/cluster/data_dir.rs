@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ringkv_tests::{bin_dir, wait_child, Cluster};
+use ringkv_tests::{bin_dir, wait_child, wait_for, Cluster};
 
 /// Run `cmd` to completion within a deadline (killed if it overruns), returning whether it
 /// succeeded and what it printed on stderr.
@@ -61,5 +61,9 @@ fn a_second_process_on_a_data_directory_in_use_is_refused() {
 
     // The cluster carries on as before.
     assert_eq!(c.json(&["get", "k"])["value"], "v");
-    assert_eq!(c.status()["under_replicated"], 0);
+    // Acknowledged by two replicas, so the third may have come only now.
+    wait_for("three replicas of the key", Duration::from_secs(30), || {
+        (c.status()["under_replicated"] == 0).then_some(())
+    })
+    .unwrap();
 }

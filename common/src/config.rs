@@ -27,12 +27,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("invalid duration {s:?}"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {s:?} is too long"))
+}
+
+/// [`parse_duration`] for a period, which must be longer than zero.
+pub fn parse_period(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("a period must be longer than zero, not {s:?}")),
+        d => Ok(d),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periods_are_positive_and_huge_durations_are_refused() {
+        assert_eq!(parse_period("500us"), Ok(Duration::from_micros(500)));
+        assert!(parse_period("0ms").is_err());
+        assert!(parse_period("0").is_err());
+        assert!(parse_duration("100000000000000000000s").is_err());
+    }
 
     #[test]
     fn durations() {

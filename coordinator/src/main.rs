@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ringkv_common::parse_duration;
+use ringkv_common::{parse_duration, parse_period};
 use ringkv_coordinator::failure_detector::DetectorConfig;
 use ringkv_coordinator::metadata::MetaFsync;
 use ringkv_coordinator::supervisor::NodeLaunch;
@@ -46,7 +46,7 @@ struct Args {
     #[arg(long, default_value_t = ringkv_common::ring::DEFAULT_VNODES)]
     vnodes: u32,
     /// Heartbeat interval of spawned nodes.
-    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "250ms", value_parser = parse_period)]
     heartbeat_interval: Duration,
     /// Silence after which a node is suspect (gets no new replicas).
     #[arg(long, default_value = "750ms", value_parser = parse_duration)]
@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
     config.transfer_bytes_per_sec = args.transfer_bytes_per_sec;
     let mut node_args = vec![
         "--heartbeat-interval".into(),
-        format!("{}ms", args.heartbeat_interval.as_millis()),
+        format!("{}us", args.heartbeat_interval.as_micros().max(1)),
         "--fsync".into(),
         args.node_fsync,
     ];

@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, default_value = "always")]
     fsync: FsyncPolicy,
     /// Time between heartbeats, e.g. `250ms`.
-    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "250ms", value_parser = ringkv_common::parse_period)]
     heartbeat_interval: Duration,
     /// Compact the log once it is at least this many bytes...
     #[arg(long, default_value_t = CompactThreshold::default().min_bytes)]
@@ -55,10 +55,6 @@ struct Args {
     /// every task on the main thread (a single-threaded runtime).
     #[arg(long)]
     worker_threads: Option<std::num::NonZeroUsize>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    ringkv_common::parse_duration(s)
 }
 
 fn main() -> anyhow::Result<()> {

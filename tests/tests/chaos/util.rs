@@ -16,7 +16,10 @@ use serde_json::Value;
 
 /// What a finished chaos run left.
 pub struct ChaosRun {
+    /// `None` once kept by [`ChaosRun::fail`].
     dir: Option<tempfile::TempDir>,
+    /// The directory's path, for finding the run's processes even once it is kept.
+    path: std::path::PathBuf,
     /// The exit code, `None` if killed by a signal.
     pub code: Option<i32>,
     /// The `--json` report.
@@ -45,6 +48,7 @@ impl ChaosRun {
         let stdout = drain(&mut child, true);
         let stderr = drain(&mut child, false);
         let mut run = ChaosRun {
+            path: dir.path().to_path_buf(),
             dir: Some(dir),
             code: None,
             report: Value::Null,
@@ -95,11 +99,7 @@ impl ChaosRun {
 
 impl Drop for ChaosRun {
     fn drop(&mut self) {
-        let path = match &self.dir {
-            Some(d) => d.path().to_path_buf(),
-            None => return,
-        };
-        for pid in processes_mentioning(&path) {
+        for pid in processes_mentioning(&self.path) {
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }

@@ -78,9 +78,10 @@ row() {
         }' "$WORK/m0" "$WORK/m1"
 }
 
-# Busy and total jiffies of the whole machine so far (busy: everything but idle and iowait).
+# Busy jiffies of the whole machine so far: user, nice, system, irq and softirq (not idle,
+# iowait or steal; guest time is already counted in user).
 machine_jiffies() {
-    awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat
 }
 
 # probe_disk LABEL [notrunc]: 2,000 synced 150-byte writes from one stream, appended to a new
@@ -93,9 +94,9 @@ probe_disk() {
         dd if=/dev/zero of="$probe" bs=1M count=1 conv=fsync status=none
         conv="conv=notrunc"
     fi
-    read -r b0 _ <<< "$(machine_jiffies)"
+    b0=$(machine_jiffies)
     secs=$(dd if=/dev/zero of="$probe" bs=150 count=2000 oflag=dsync ${conv:+"$conv"} 2>&1 | awk '/copied/ { print $(NF-3) }')
-    read -r b1 _ <<< "$(machine_jiffies)"
+    b1=$(machine_jiffies)
     rm -f "$probe"
     awk -v l="$label" -v s="$secs" -v j=$((b1 - b0)) -v hz="$(getconf CLK_TCK)" 'BEGIN {
         printf "disk, %s: 2,000 synced writes from one stream in %s s, %.0f per second, %.0f µs of machine CPU each\n",

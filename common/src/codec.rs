@@ -33,7 +33,8 @@ use crate::wire_fast::FastWire;
 const LEN_PREFIX: usize = 4;
 /// Bytes taken by the CRC inside the length-counted payload.
 const CRC_LEN: usize = 4;
-/// The least room reserved at a time for the rest of a frame that has not arrived yet.
+/// Room reserved at a time for the rest of a frame that has not arrived yet, unless less is
+/// missing or more is already buffered.
 const RESERVE_STEP: usize = 64 * 1024;
 
 /// A frame that arrived whole but whose content is unusable; the stream itself is fine.

@@ -15,8 +15,9 @@ use crate::types::{NodeId, NodeState, NodeStats, Version};
 
 /// Bumped on any incompatible change to the messages below (2: [`Request::Batch`]; 3: the
 /// `messages` and `syncs` of [`NodeStats`] and the `writes` of [`ClusterStatus`], which a
-/// build before them cannot decode: structs travel as arrays, and a longer one is refused).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// build before them cannot decode: structs travel as arrays, and a longer one is refused;
+/// 4: the `reconciliations` of [`CollectionStatus`]).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest key accepted. Keys are held in memory by the coordinator and every replica,
 /// so they are kept small enough to make per-key overhead predictable.

@@ -171,7 +171,10 @@ impl OwnedCluster {
             .arg("--id")
             .arg(id.to_string())
             .arg("--heartbeat-interval")
-            .arg(format!("{}ms", self.spec.heartbeat_interval.as_millis()))
+            .arg(format!(
+                "{}us",
+                self.spec.heartbeat_interval.as_micros().max(1)
+            ))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

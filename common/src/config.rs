@@ -30,6 +30,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {s:?} is too long"))
 }
 
+/// `d` as a command-line argument [`parse_duration`] reads back: whole microseconds, at
+/// least one (what passes a spawned process its periods).
+pub fn duration_arg(d: Duration) -> String {
+    format!("{}us", d.as_micros().max(1))
+}
+
 /// [`parse_duration`] for a period, which must be longer than zero.
 pub fn parse_period(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
@@ -48,6 +54,9 @@ mod tests {
         assert!(parse_period("0ms").is_err());
         assert!(parse_period("0").is_err());
         assert!(parse_duration("100000000000000000000s").is_err());
+        for d in [Duration::from_micros(1), Duration::from_millis(250)] {
+            assert_eq!(parse_period(&duration_arg(d)), Ok(d));
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub mod signals;
 pub mod types;
 pub mod wire_fast;
 
-pub use config::{parse_duration, parse_period};
+pub use config::{duration_arg, parse_duration, parse_period};
 pub use error::WireError;
 pub use types::{NodeId, NodeState, NodeStats, Version};
 

@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
     config.transfer_bytes_per_sec = args.transfer_bytes_per_sec;
     let mut node_args = vec![
         "--heartbeat-interval".into(),
-        format!("{}us", args.heartbeat_interval.as_micros().max(1)),
+        ringkv_common::duration_arg(args.heartbeat_interval),
         "--fsync".into(),
         args.node_fsync,
     ];

@@ -57,34 +57,31 @@ pub struct Collected {
 #[derive(Debug, Default)]
 pub struct Collection {
     passes: AtomicU64,
-    /// Reconciliations by node: (to the end, ended early).
-    reconciliations: Mutex<BTreeMap<NodeId, (u64, u64)>>,
+    /// Reconciliations by node.
+    reconciliations: Mutex<BTreeMap<NodeId, NodeReconciliations>>,
 }
 
 impl Collection {
     /// Count one reconciliation of `node`, to the end or not.
     pub fn count_reconciliation(&self, node: NodeId, complete: bool) {
         let mut counts = self.counts();
-        let entry = counts.entry(node).or_default();
+        let entry = counts.entry(node).or_insert(NodeReconciliations {
+            node,
+            complete: 0,
+            incomplete: 0,
+        });
         if complete {
-            entry.0 += 1;
+            entry.complete += 1;
         } else {
-            entry.1 += 1;
+            entry.incomplete += 1;
         }
     }
 
     fn reconciliations(&self) -> Vec<NodeReconciliations> {
-        self.counts()
-            .iter()
-            .map(|(&node, &(complete, incomplete))| NodeReconciliations {
-                node,
-                complete,
-                incomplete,
-            })
-            .collect()
+        self.counts().values().copied().collect()
     }
 
-    fn counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, (u64, u64)>> {
+    fn counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, NodeReconciliations>> {
         self.reconciliations
             .lock()
             .unwrap_or_else(|p| p.into_inner())

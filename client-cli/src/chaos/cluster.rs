@@ -171,10 +171,7 @@ impl OwnedCluster {
             .arg("--id")
             .arg(id.to_string())
             .arg("--heartbeat-interval")
-            .arg(format!(
-                "{}us",
-                self.spec.heartbeat_interval.as_micros().max(1)
-            ))
+            .arg(ringkv_common::duration_arg(self.spec.heartbeat_interval))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -256,15 +256,10 @@ impl LostWrite {
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
         let status = c.status();
-        let complete = |id: &u64| {
-            status["collection"]["reconciliations"]
-                .as_array()
-                .and_then(|all| all.iter().find(|r| r["node"] == *id))
-                .and_then(|r| r["complete"].as_u64())
-                .unwrap_or(0)
-        };
         assert!(
-            self.paused.iter().all(|id| complete(id) >= 1),
+            self.paused
+                .iter()
+                .all(|id| reconciliations_of(&status, *id, "complete") >= 1),
             "each paused node reconciled to the end: {status}"
         );
         assert_eq!(c.json(&["get", "kept"])["value"], "acknowledged");
@@ -302,24 +297,19 @@ fn a_node_that_did_not_answer_for_every_key_still_holds_the_floor_back() {
         Duration::from_secs(30),
         || {
             let status = lost.c.status();
-            let ended_early = |id: &u64| {
-                status["collection"]["reconciliations"]
-                    .as_array()?
-                    .iter()
-                    .find(|r| r["node"] == *id)
-                    .filter(|r| r["incomplete"].as_u64() >= Some(1))
-            };
             lost.paused
                 .iter()
-                .all(|id| ended_early(id).is_some())
+                .all(|id| reconciliations_of(&status, *id, "incomplete") >= 1)
                 .then_some(status)
         },
     )
     .unwrap_or_else(|e| panic!("{e}: {}\n{}", lost.c.status(), lost.c.log_tail()));
-    for r in status["collection"]["reconciliations"].as_array().unwrap() {
-        if lost.paused.contains(&r["node"].as_u64().unwrap()) {
-            assert_eq!(r["complete"], 0, "never reconciled to the end: {status}");
-        }
+    for id in &lost.paused {
+        assert_eq!(
+            reconciliations_of(&status, *id, "complete"),
+            0,
+            "never reconciled to the end: {status}"
+        );
     }
     assert_eq!(
         lost.c.json(&["get", "kept"])["value"],
@@ -331,6 +321,16 @@ fn a_node_that_did_not_answer_for_every_key_still_holds_the_floor_back() {
     lost.c.opts.env.clear();
     lost.c.restart();
     lost.assert_learnt_back_then_collected();
+}
+
+/// Node `id`'s count of reconciliations `which` ("complete" or "incomplete") in `status`, 0
+/// before its first.
+fn reconciliations_of(status: &Value, id: u64, which: &str) -> u64 {
+    status["collection"]["reconciliations"]
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["node"] == id))
+        .and_then(|r| r[which].as_u64())
+        .unwrap_or(0)
 }
 
 /// The collection waits for every one of `nodes`, and enough passes for a settled floor to

@@ -16,6 +16,24 @@ use tracing::{error, info};
 use crate::log::{EncodedRecord, Log};
 use crate::store::{ScanPage, Store};
 
+/// Failpoint `node-scan-sort`, on the blocking thread before a scan's sort: `sleep(ms)`, or
+/// `return(PATH)` to wait until the file PATH exists, so that a test decides when it ends.
+fn before_scan_sort() {
+    fail::fail_point!("node-scan-sort", |path: Option<String>| wait_for_file(
+        path.as_deref()
+    ));
+}
+
+/// Block until the file at `path` exists, or for at most a minute.
+#[cfg(feature = "failpoints")]
+fn wait_for_file(path: Option<&str>) {
+    let Some(path) = path else { return };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::path::Path::new(path).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Most entries one `Scan` page may ask for, so one answer stays well under the frame limit.
 const MAX_SCAN_PAGE: usize = 10_000;
 
@@ -63,7 +81,7 @@ impl Node {
             }
         };
         let sorted = tokio::task::spawn_blocking(move || {
-            fail::fail_point!("node-scan-sort");
+            before_scan_sort();
             snapshot.sorted()
         })
         .await

@@ -15,10 +15,15 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 #[test]
 fn a_node_answers_requests_while_a_scan_sorts_its_keys() {
     let dir = tempfile::tempdir().unwrap();
-    // The sort that starts a scan takes 8 s longer than it would: the fetch behind it, a
-    // memory lookup, has that long to be answered first.
-    let slow_sort = [("FAILPOINTS", "node-scan-sort=sleep(8000)")];
-    let node = NodeProcess::start(dir.path(), None, &[], &slow_sort);
+    // The sort that starts a scan waits until this file exists, which the test makes only
+    // after the fetch behind the scan has been answered.
+    let gate = dir.path().join("sort-may-finish");
+    let gated_sort = [(
+        "FAILPOINTS",
+        format!("node-scan-sort=return({})", gate.display()),
+    )];
+    let gated_sort: Vec<(&str, &str)> = gated_sort.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let node = NodeProcess::start(&dir.path().join("node"), None, &[], &gated_sort);
     runtime().block_on(async {
         let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
             .await
@@ -49,8 +54,9 @@ fn a_node_answers_requests_while_a_scan_sorts_its_keys() {
         }
         assert!(
             (&mut scanning).now_or_never().is_none(),
-            "the fetch was answered while the scan was still sorting"
+            "the scan was answered before its sort could finish"
         );
+        std::fs::write(&gate, b"").unwrap();
         match scanning.await.unwrap() {
             Response::Scanned { entries, next } => {
                 let keys: Vec<String> = entries

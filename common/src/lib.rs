@@ -14,6 +14,7 @@
 //! - [`process`]: finding local processes by their command line.
 //! - [`dir_lock`]: the exclusive lock a process holds on its data directory.
 //! - [`runtime`]: the server binaries' async runtime and its worker count.
+//! - [`sync`]: locks that are taken even after a panic poisoned them.
 
 pub mod client;
 pub mod codec;
@@ -27,6 +28,7 @@ pub mod ring;
 pub mod runtime;
 pub mod server;
 pub mod signals;
+pub mod sync;
 pub mod types;
 pub mod wire_fast;
 

@@ -9,6 +9,7 @@
 //! it, and tokio's mutex took a lock of its own on every release: 6% of the coordinator's CPU
 //! under pipelined PUTs.
 
+use ringkv_common::sync::MutexExt;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -58,7 +59,7 @@ impl KeyLocks {
         let i = (hash >> 32) as usize % SHARDS;
         // Every change to a map is complete before its lock is let go, so a panic
         // elsewhere cannot leave one half-changed.
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[i].lock_unpoisoned()
     }
 
     /// Give the lock on `hash`, owned by `ticket`, to the first waiter, or free it.

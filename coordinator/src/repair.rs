@@ -10,6 +10,7 @@
 //! Keys with one live copy are served before keys with two. Transfers run with bounded
 //! concurrency and a bytes-per-second limit, and progress is reported per job kind.
 
+use ringkv_common::sync::MutexExt;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,7 +82,7 @@ pub struct RepairQueue {
 
 impl RepairQueue {
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_unpoisoned()
     }
 
     /// Queue `key` for a repair pass.
@@ -560,10 +561,7 @@ pub async fn run_worker(coord: Arc<Coordinator>) {
                 }
             };
             this.repairs.done(kind, bytes);
-            let wait = throttle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(bytes, Instant::now());
+            let wait = throttle.lock_unpoisoned().take(bytes, Instant::now());
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }

@@ -4,6 +4,7 @@
 //! a suspect or down node keeps its ring position and gets its keys back when it returns.
 //! All locks here are short and never held across an `.await`.
 
+use ringkv_common::sync::RwLockExt;
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -90,11 +91,11 @@ impl Membership {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+        self.inner.read_unpoisoned()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+        self.inner.write_unpoisoned()
     }
 
     /// The id the next new node gets.

@@ -5,6 +5,7 @@
 //! ctrl-c) takes no node with it: no broken pipe, no group signal. A watcher task per child
 //! reports its exit at once, so an exited child is `down` without waiting for the detector.
 
+use ringkv_common::sync::MutexExt;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -185,6 +186,6 @@ impl Supervisor {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, u32>> {
-        self.children.lock().unwrap_or_else(|p| p.into_inner())
+        self.children.lock_unpoisoned()
     }
 }

@@ -25,6 +25,7 @@
 //! ([`NodeRecord::owes_reconciliation`](crate::metadata::NodeRecord)), so a clean restart
 //! before every node came back still waits for the rest.
 
+use ringkv_common::sync::MutexExt;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,9 +83,7 @@ impl Collection {
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, NodeReconciliations>> {
-        self.reconciliations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.reconciliations.lock_unpoisoned()
     }
 }
 

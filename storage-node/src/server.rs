@@ -4,6 +4,7 @@
 //! A write is applied to the table under a short lock, then appended to the log; the answer
 //! waits for the log's acknowledgement, so under `--fsync always` an acknowledged write is on disk.
 
+use ringkv_common::sync::MutexExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -115,9 +116,7 @@ impl Node {
 
     fn lock(&self) -> MutexGuard<'_, Store> {
         // A panic while holding the lock would be a bug in `Store`; keep serving what is there.
-        self.store
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.store.lock_unpoisoned()
     }
 
     async fn store(&self, key: Bytes, version: Version, value: Option<Bytes>) -> Reply {

@@ -17,6 +17,7 @@
 
 mod calls;
 
+use crate::sync::MutexExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -98,7 +99,7 @@ impl InFlight {
     /// The table. Every change to it is complete before the lock is released, so a panic
     /// elsewhere while it was held leaves it consistent.
     fn calls(&self) -> MutexGuard<'_, Calls> {
-        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+        self.calls.lock_unpoisoned()
     }
 }
 

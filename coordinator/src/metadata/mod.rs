@@ -32,6 +32,7 @@ mod in_flight;
 pub mod journal;
 mod key_map;
 
+use ringkv_common::sync::{MutexExt, RwLockExt};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -200,7 +201,10 @@ impl VersionTicket<'_> {
 
 impl Drop for VersionTicket<'_> {
     fn drop(&mut self) {
-        lock(self.lease).in_flight.remove(self.version.0);
+        self.lease
+            .lock_unpoisoned()
+            .in_flight
+            .remove(self.version.0);
     }
 }
 
@@ -236,7 +240,7 @@ impl Metadata {
             Journal::open(dir, fsync, rewrite_min_bytes, |entry| match entry {
                 Entry::Key { key, meta } => {
                     if let Some(shard) = shards.get(shard_of(&key)) {
-                        let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
+                        let mut guard = shard.write_unpoisoned();
                         guard.set(&key, meta);
                     }
                 }
@@ -255,10 +259,7 @@ impl Metadata {
                  (changes after it are recovered from the nodes as they register)"
             );
         }
-        let keys: usize = shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
-            .sum();
+        let keys: usize = shards.iter().map(|s| s.read_unpoisoned().len()).sum();
         // The live part of the file, estimated from the share of entries still current.
         if report.entries > 0 {
             let live = (keys + nodes.len() + 1) as u64;
@@ -334,17 +335,13 @@ impl Metadata {
     /// The metadata of `key`, if it was ever written.
     pub fn get(&self, key: &[u8]) -> Option<KeyMeta> {
         let shard = self.shards.get(shard_of(key))?;
-        shard
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
+        shard.read_unpoisoned().get(key).cloned()
     }
 
     /// Call `f` on every key (a consistent view per shard, not across shards).
     pub fn for_each(&self, mut f: impl FnMut(&[u8], &KeyMeta)) {
         for shard in self.shards.iter() {
-            let guard = shard.read().unwrap_or_else(|p| p.into_inner());
+            let guard = shard.read_unpoisoned();
             for (k, m) in guard.iter() {
                 f(k, m);
             }
@@ -353,10 +350,7 @@ impl Metadata {
 
     /// Number of keys in the mirror, tombstones included.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|s| s.read_unpoisoned().len()).sum()
     }
 
     /// Whether no key was ever written.
@@ -381,7 +375,7 @@ impl Metadata {
     pub async fn next_version(&self) -> Result<VersionTicket<'_>, MetaError> {
         loop {
             let needed = {
-                let mut lease = lock(&self.lease);
+                let mut lease = self.lease.lock_unpoisoned();
                 if lease.next < lease.ceiling {
                     let v = lease.next;
                     lease.next += 1;
@@ -395,7 +389,7 @@ impl Metadata {
             };
             // Persist a higher ceiling before handing out anything below it.
             self.submit(vec![Op::Ceiling(needed)]).await?;
-            let mut lease = lock(&self.lease);
+            let mut lease = self.lease.lock_unpoisoned();
             lease.ceiling = lease.ceiling.max(needed);
         }
     }
@@ -405,7 +399,7 @@ impl Metadata {
     /// even when a damaged journal lost a lease, since every version that reached a node is
     /// seen by the reconciliation of that node.
     pub fn observe_version(&self, version: Version) {
-        let mut lease = lock(&self.lease);
+        let mut lease = self.lease.lock_unpoisoned();
         if version.0 >= lease.next {
             lease.next = version.0.saturating_add(1);
         }
@@ -421,7 +415,7 @@ impl Metadata {
     /// every version not yet handed out. Every write at or below it has finished its
     /// metadata change (or given up).
     pub fn settled_floor(&self) -> Version {
-        let lease = lock(&self.lease);
+        let lease = self.lease.lock_unpoisoned();
         let first_open = lease.in_flight.first().unwrap_or(lease.next);
         Version(first_open.saturating_sub(1))
     }
@@ -468,13 +462,13 @@ impl Metadata {
         let job = Job { ops, done };
         match &self.inline {
             Some(queue) if !job.needs_sync() => {
-                lock(&queue.jobs).push(job);
+                queue.jobs.lock_unpoisoned().push(job);
                 if commit_inline(&self.state, queue) == Some(true) {
                     self.wake_for_rewrite();
                 }
             }
             _ => {
-                let guard = lock(&self.writer);
+                let guard = self.writer.lock_unpoisoned();
                 let tx = guard.as_ref().ok_or(MetaError::Closed)?;
                 tx.send(job).map_err(|_| MetaError::Closed)?;
             }
@@ -499,7 +493,7 @@ impl Metadata {
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        if !lock(&queue.jobs).is_empty() {
+        if !queue.jobs.lock_unpoisoned().is_empty() {
             return None;
         }
         let outcome = writer.commit_alone(key, update);
@@ -513,7 +507,7 @@ impl Metadata {
 
     /// Rewriting takes a while: wake the writer thread to do it.
     fn wake_for_rewrite(&self) {
-        if let Some(tx) = lock(&self.writer).as_ref() {
+        if let Some(tx) = self.writer.lock_unpoisoned().as_ref() {
             let _ = tx.send(Job {
                 ops: Vec::new(),
                 done: oneshot::channel().0,
@@ -523,7 +517,7 @@ impl Metadata {
 
     /// Journal rewrites finished since open.
     pub fn rewrites(&self) -> u64 {
-        let writer = lock(&self.state);
+        let writer = self.state.lock_unpoisoned();
         let rewrites = writer.rewrites;
         // After close() no writer thread comes by to take what was queued meanwhile.
         release(writer, &self.state, self.inline.as_deref());
@@ -532,8 +526,8 @@ impl Metadata {
 
     /// Stop the writer after it commits what is queued. Blocking; idempotent.
     pub fn close(&self) {
-        lock(&self.writer).take();
-        if let Some(t) = lock(&self.thread).take() {
+        self.writer.lock_unpoisoned().take();
+        if let Some(t) = self.thread.lock_unpoisoned().take() {
             let _ = t.join();
         }
     }
@@ -558,10 +552,6 @@ const INLINE_FLUSH_BYTES: usize = 256 * 1024;
 #[derive(Default)]
 struct InlineQueue {
     jobs: Mutex<Vec<Job>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Job {
@@ -595,7 +585,7 @@ fn release(
 ) -> Option<bool> {
     drop(writer);
     let queue = inline?;
-    if lock(&queue.jobs).is_empty() {
+    if queue.jobs.lock_unpoisoned().is_empty() {
         return None;
     }
     commit_inline(state, queue)
@@ -619,7 +609,7 @@ fn commit_inline(state: &Mutex<Writer>, queue: &InlineQueue) -> Option<bool> {
         drop(writer);
         // A job queued after the take, while the state was still held, found it busy: look
         // again now that it is free, so that no job is left waiting for a holder.
-        if lock(&queue.jobs).is_empty() {
+        if queue.jobs.lock_unpoisoned().is_empty() {
             return wants_rewrite;
         }
     }
@@ -650,7 +640,7 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let mut writer = lock(state);
+        let mut writer = state.lock_unpoisoned();
         // Jobs queued inline first: they were queued before anything sent after.
         writer.answer_queued(inline);
         if !jobs.is_empty() {
@@ -681,7 +671,7 @@ fn run_writer(
     if let Some(handle) = rewriter.take() {
         let _ = handle.join();
     }
-    let mut writer = lock(state);
+    let mut writer = state.lock_unpoisoned();
     writer.answer_queued(inline);
     writer.closed = true;
     if writer.failed.is_none() {
@@ -768,7 +758,7 @@ impl Writer {
     /// Commit and answer whatever is in the inline queue (left in the journal's buffer);
     /// whether there was anything.
     fn answer_queued(&mut self, queue: Option<&InlineQueue>) -> bool {
-        let jobs = queue.map(|q| std::mem::take(&mut *lock(&q.jobs)));
+        let jobs = queue.map(|q| std::mem::take(&mut *q.jobs.lock_unpoisoned()));
         match jobs {
             Some(jobs) if !jobs.is_empty() => {
                 self.answer(jobs, false);
@@ -852,12 +842,9 @@ impl Writer {
                 match op {
                     Op::Key(key, update) => {
                         let current = touched.entry(key.clone()).or_insert_with(|| {
-                            self.shards.get(shard_of(key)).and_then(|s| {
-                                s.read()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get(key.as_ref())
-                                    .cloned()
-                            })
+                            self.shards
+                                .get(shard_of(key))
+                                .and_then(|s| s.read_unpoisoned().get(key.as_ref()).cloned())
                         });
                         if apply_update(current, update) {
                             changed.push(key.clone());
@@ -904,7 +891,7 @@ impl Writer {
             if let (Some(meta), Some(shard)) =
                 (touched.remove(&key), self.shards.get(shard_of(&key)))
             {
-                let mut guard = shard.write().unwrap_or_else(|p| p.into_inner());
+                let mut guard = shard.write_unpoisoned();
                 guard.set(&key, meta);
             }
         }
@@ -940,12 +927,7 @@ impl Writer {
         sync: bool,
     ) -> Result<(), MetaError> {
         let shard = self.shards.get(shard_of(key));
-        let mut current = shard.and_then(|s| {
-            s.read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(key.as_ref())
-                .cloned()
-        });
+        let mut current = shard.and_then(|s| s.read_unpoisoned().get(key.as_ref()).cloned());
         let changed = apply_update(&mut current, update);
         if changed {
             self.journal.append(&EntryRef::Key {
@@ -955,10 +937,7 @@ impl Writer {
         }
         commit_if_due(&mut self.journal, write_now, sync)?;
         if let (true, Some(shard)) = (changed, shard) {
-            shard
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .set(key, current);
+            shard.write_unpoisoned().set(key, current);
         }
         Ok(())
     }
@@ -1006,7 +985,7 @@ impl BackgroundRewrite {
             // only, never for the encoding or the disk.
             keys.clear();
             copy.clear();
-            for (key, meta) in shard.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            for (key, meta) in shard.read_unpoisoned().iter() {
                 let start = keys.len();
                 keys.extend_from_slice(key);
                 copy.push((start..keys.len(), meta.clone()));
@@ -1043,7 +1022,7 @@ impl BackgroundRewrite {
         // takes what came during the first), so that the end under the lock is short.
         let snapshot = snapshot.and_then(|mut snapshot| {
             for _ in 0..2 {
-                let writer = lock(state);
+                let writer = state.lock_unpoisoned();
                 let (dir, upto) = (writer.journal.dir().to_path_buf(), writer.journal.size());
                 release(writer, state, inline);
                 if let Err(e) = snapshot.catch_up(&dir, upto) {
@@ -1053,7 +1032,7 @@ impl BackgroundRewrite {
             }
             Ok(snapshot)
         });
-        let mut writer = lock(state);
+        let mut writer = state.lock_unpoisoned();
         writer.rewriting = false;
         // What inline commits buffered is written now, so that a failure to write it counts
         // as the journal's failure, not the rewrite's.

@@ -28,6 +28,7 @@
 //!   partial record, and after a failed fsync the kernel may have dropped dirty pages, so only a
 //!   reopen (replay and repair) can say what is on disk.
 
+use ringkv_common::sync::MutexExt;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
@@ -35,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -293,11 +294,7 @@ impl Log {
     /// # Errors
     /// [`LogError::Poisoned`] if the final sync (or an earlier write) failed.
     pub async fn close(&self) -> Result<(), LogError> {
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let thread = self.thread.lock_unpoisoned().take();
         let Some(thread) = thread else {
             return Ok(());
         };
@@ -346,7 +343,7 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is consistent after every statement that can panic, so a panic elsewhere
         // while holding the lock leaves nothing half-done.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock_unpoisoned()
     }
 
     /// Writes `frames` at the end of the log.

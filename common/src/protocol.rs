@@ -174,6 +174,26 @@ impl Request {
         }
     }
 
+    /// Bytes of keys and values this request holds (a batch's requests' and their
+    /// framing's), for bounding what the requests in flight on a connection pin.
+    pub fn held_len(&self) -> usize {
+        match self {
+            Request::Put { key, value } => key.len() + value.len(),
+            Request::Get { key }
+            | Request::Delete { key }
+            | Request::Locate { key }
+            | Request::Fetch { key }
+            | Request::Forget { key, .. } => key.len(),
+            Request::Store { .. } => self.payload_len(),
+            Request::Scan { after, .. } => after.as_ref().map_or(0, Bytes::len),
+            Request::Batch(requests) => requests
+                .iter()
+                .map(|r| BATCH_ITEM_OVERHEAD + r.msg.held_len())
+                .sum(),
+            _ => 0,
+        }
+    }
+
     /// Which batch this request may travel in, if any: reads and writes go in separate
     /// batches, so a read never waits for a write's fsync.
     pub fn batch_kind(&self) -> Option<BatchKind> {

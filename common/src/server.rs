@@ -38,6 +38,11 @@ use crate::protocol::{
 /// Bounds the memory a single pipelining client can pin.
 const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
 
+/// Key and value bytes the requests in flight on one connection may hold, in frames of the
+/// largest size: a connection stops reading at this many (one request always fits), so a
+/// peer that sends large writes and reads no answers pins at most about this much.
+const MAX_FRAMES_OF_BYTES_IN_FLIGHT: usize = 2;
+
 /// What a server does with each request.
 pub trait Handler: Send + Sync + 'static {
     /// Answer `req`, sent by a peer that introduced itself as `role`.
@@ -238,8 +243,9 @@ fn split_batch(answer: Envelope<Reply>, limit: usize, out: &mut VecDeque<Envelop
     }
 }
 
-/// An answer waiting to be written: a handler's, or an immediate refusal of a bad message.
-type Answer<F> = futures::future::Either<F, futures::future::Ready<Envelope<Reply>>>;
+/// An answer waiting to be written: a handler's, or an immediate refusal of a bad message;
+/// with the bytes its request held (see [`Request::held_len`]).
+type Answer<F> = futures::future::Either<F, futures::future::Ready<(Envelope<Reply>, usize)>>;
 
 /// The request loop of one connection, as one hand-written poll so that each round reads all
 /// that is ready, writes all that is done and flushes once.
@@ -250,13 +256,16 @@ async fn serve_requests<H: Handler>(
     max_frame_len: usize,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnectionError> {
-    let start = |env: Envelope<Request>| {
+    let start = |env: Envelope<Request>, held: usize| {
         let handler = handler.clone();
         futures::future::Either::Left(async move {
             let msg = handler.handle(env.msg, role).await;
-            Envelope { id: env.id, msg }
+            (Envelope { id: env.id, msg }, held)
         })
     };
+    // Bytes held by the requests in flight, and the most they may hold before reading stops.
+    let mut held_bytes: usize = 0;
+    let max_held_bytes = max_frame_len.saturating_mul(MAX_FRAMES_OF_BYTES_IN_FLIGHT);
     let mut in_flight = FuturesUnordered::new();
     // A batch answer whose values would not fit in one frame goes out as several.
     let split_above = max_frame_len / 2;
@@ -281,7 +290,10 @@ async fn serve_requests<H: Handler>(
         }
         loop {
             let mut progress = false;
-            while reading && in_flight.len() < MAX_IN_FLIGHT_PER_CONNECTION {
+            while reading
+                && in_flight.len() < MAX_IN_FLIGHT_PER_CONNECTION
+                && held_bytes < max_held_bytes
+            {
                 let env = match framed.poll_next_unpin(cx) {
                     Poll::Pending => break,
                     Poll::Ready(None) => {
@@ -299,10 +311,13 @@ async fn serve_requests<H: Handler>(
                             "unknown or malformed message: {reason}"
                         )));
                         let answer: Answer<_> =
-                            futures::future::Either::Right(futures::future::ready(Envelope {
-                                id: id.unwrap_or(0),
-                                msg,
-                            }));
+                            futures::future::Either::Right(futures::future::ready((
+                                Envelope {
+                                    id: id.unwrap_or(0),
+                                    msg,
+                                },
+                                0,
+                            )));
                         in_flight.push(answer);
                         progress = true;
                         continue;
@@ -314,7 +329,9 @@ async fn serve_requests<H: Handler>(
                     }
                     Poll::Ready(Some(Ok(Ok(env)))) => env,
                 };
-                in_flight.push(start(env));
+                let held = env.msg.held_len();
+                held_bytes += held;
+                in_flight.push(start(env, held));
                 progress = true;
             }
             loop {
@@ -331,8 +348,9 @@ async fn serve_requests<H: Handler>(
                 let answer = match split.pop_front() {
                     Some(part) => part,
                     None => match in_flight.poll_next_unpin(cx) {
-                        Poll::Ready(Some(answer)) => {
+                        Poll::Ready(Some((answer, held))) => {
                             progress = true;
+                            held_bytes -= held;
                             if answer_len(&answer) > split_above {
                                 split_batch(answer, split_above, &mut split);
                                 continue;
@@ -489,6 +507,88 @@ mod tests {
             "the late answer cannot be there yet"
         );
         assert_eq!(next_id(&mut peer).await, 2);
+    }
+
+    /// Counts the requests it has started, and answers none until the gate lets it.
+    struct Gated {
+        started: std::sync::atomic::AtomicUsize,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl Handler for Gated {
+        async fn handle(self: Arc<Self>, _req: Request, _role: Role) -> Reply {
+            self.started
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Ok(permit) = self.gate.acquire().await {
+                permit.forget();
+            }
+            Ok(Response::Value {
+                version: Version(1),
+                value: None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_stops_reading_once_its_requests_in_flight_hold_two_frames_of_bytes() {
+        use std::sync::atomic::Ordering::SeqCst;
+        const MAX_FRAME: usize = 1 << 20;
+        const KEY: usize = 256 * 1024;
+        const REQUESTS: u64 = 40;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(Gated {
+            started: 0.into(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let server = handler.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = serve_connection(stream, server, MAX_FRAME, CancellationToken::new()).await;
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let peer: Peer = tokio_util::codec::Framed::new(stream, FrameCodec::new(MAX_FRAME));
+        let (mut sink, mut answers) = peer.split();
+        let hello = Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Client,
+        };
+        sink.send(Envelope { id: 0, msg: hello }).await.unwrap();
+        answers.next().await.unwrap().unwrap().unwrap();
+        // 10 MiB of requests, none of which is answered until the gate opens.
+        let sending = tokio::spawn(async move {
+            for id in 1..=REQUESTS {
+                let key = Bytes::from(vec![b'k'; KEY]);
+                sink.send(Envelope {
+                    id,
+                    msg: Request::Get { key },
+                })
+                .await
+                .unwrap();
+            }
+        });
+        let budget = MAX_FRAMES_OF_BYTES_IN_FLIGHT * MAX_FRAME / KEY;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while handler.started.load(SeqCst) < budget {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "requests never started"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // However long we look, no request beyond the budget is read.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(handler.started.load(SeqCst), budget);
+        // Once answers go out, the rest are read and answered, every one.
+        handler.gate.add_permits(REQUESTS as usize);
+        let mut ids = Vec::new();
+        for _ in 0..REQUESTS {
+            let next = tokio::time::timeout(Duration::from_secs(10), answers.next()).await;
+            ids.push(next.unwrap().unwrap().unwrap().unwrap().id);
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=REQUESTS).collect::<Vec<_>>());
+        sending.await.unwrap();
     }
 
     #[tokio::test]

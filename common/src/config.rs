@@ -36,6 +36,30 @@ pub fn duration_arg(d: Duration) -> String {
     format!("{}us", d.as_micros().max(1))
 }
 
+/// The smallest frame limit a server accepts: a frame must hold the largest key and value a
+/// request may carry, with room for its framing.
+pub const MIN_MAX_FRAME_LEN: usize =
+    crate::protocol::MAX_KEY_LEN + crate::protocol::MAX_VALUE_LEN + 1024 * 1024;
+
+/// Parse a frame limit in bytes, at least [`MIN_MAX_FRAME_LEN`] and at most what the `u32`
+/// length prefix can express.
+pub fn parse_max_frame_len(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid frame length {s:?} (a number of bytes)"))?;
+    if n < MIN_MAX_FRAME_LEN {
+        return Err(format!(
+            "a frame limit of {n} bytes is below {MIN_MAX_FRAME_LEN}: a frame must hold the \
+             largest key and value"
+        ));
+    }
+    if u32::try_from(n).is_err() {
+        return Err(format!("a frame limit of {n} bytes is over {}", u32::MAX));
+    }
+    Ok(n)
+}
+
 /// [`parse_duration`] for a period, which must be longer than zero.
 pub fn parse_period(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
@@ -47,6 +71,19 @@ pub fn parse_period(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_limit_must_hold_the_largest_request_and_fit_the_prefix() {
+        assert_eq!(parse_max_frame_len("33554432"), Ok(32 << 20));
+        assert_eq!(
+            parse_max_frame_len(&MIN_MAX_FRAME_LEN.to_string()),
+            Ok(MIN_MAX_FRAME_LEN)
+        );
+        assert!(parse_max_frame_len(&(MIN_MAX_FRAME_LEN - 1).to_string()).is_err());
+        assert!(parse_max_frame_len("1024").is_err());
+        assert!(parse_max_frame_len("5000000000").is_err());
+        assert!(parse_max_frame_len("32MiB").is_err());
+    }
 
     #[test]
     fn periods_are_positive_and_huge_durations_are_refused() {

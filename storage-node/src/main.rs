@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use ringkv_common::config::parse_max_frame_len;
 use ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN;
 use ringkv_common::NodeId;
 use ringkv_node::log::{CompactThreshold, FsyncPolicy};
@@ -47,8 +48,9 @@ struct Args {
     /// ...and at least this fraction of it is garbage.
     #[arg(long, default_value_t = CompactThreshold::default().garbage_ratio)]
     compact_garbage_ratio: f64,
-    /// Largest frame accepted, in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN)]
+    /// Largest frame accepted, in bytes (at least 17.06 MiB: a frame must hold the
+    /// largest key and value).
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN, value_parser = parse_max_frame_len)]
     max_frame_len: usize,
     /// Async worker threads (default: half the cores, at least 1, leaving the rest to the
     /// other nodes and the coordinator on the same machine). One worker runs

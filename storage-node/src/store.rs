@@ -114,6 +114,15 @@ pub struct Store {
     scan_order: Option<ScanOrder>,
 }
 
+/// Key bytes one scan page carries at most (a page of the largest keys would otherwise be
+/// 10,000 x 64 KiB, far over a frame); the page ends early and the scan continues after it.
+/// Every frame limit a node accepts holds a page of this many bytes with room to spare.
+pub const MAX_SCAN_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// What an entry of a scan page costs on the wire beyond its key, counted against
+/// [`MAX_SCAN_PAGE_BYTES`].
+const SCAN_ENTRY_OVERHEAD: usize = 32;
+
 /// How long a scan's key order serves later pages before it is sorted again.
 const SCAN_ORDER_TTL: Duration = Duration::from_secs(30);
 
@@ -274,7 +283,16 @@ impl Store {
         };
         let start = after.map_or(0, |a| order.keys.partition_point(|k| k.as_ref() <= a));
         let page = order.keys.get(start..).unwrap_or_default();
-        let taken = page.len().min(limit);
+        // Up to `limit` keys, and only as many as fit in the page's bytes (at least one).
+        let mut taken = 0;
+        let mut bytes = 0;
+        for key in page.iter().take(limit) {
+            bytes += key.len() + SCAN_ENTRY_OVERHEAD;
+            if taken > 0 && bytes > MAX_SCAN_PAGE_BYTES {
+                break;
+            }
+            taken += 1;
+        }
         let entries = page
             .iter()
             .take(taken)
@@ -530,6 +548,31 @@ mod tests {
             next = n;
         }
         seen
+    }
+
+    #[test]
+    fn a_page_of_large_keys_ends_at_its_byte_budget_and_the_scan_goes_on() {
+        let mut s = Store::default();
+        let key = |i: usize| format!("{i:03}{}", "k".repeat(60 * 1024));
+        for i in 0..150 {
+            s.apply(key(i).as_bytes(), Version(1), Some(&b"v"[..]));
+        }
+        let (page, mut next) = s.scan(None, 10_000);
+        assert!(page.len() > 1, "{}", page.len());
+        assert!(
+            page.len() < 150,
+            "a page of 150 keys of 60 KiB is over the budget"
+        );
+        let page_bytes: usize = page.iter().map(|e| e.key.len() + SCAN_ENTRY_OVERHEAD).sum();
+        assert!(page_bytes <= MAX_SCAN_PAGE_BYTES, "{page_bytes}");
+        let mut seen: Vec<Bytes> = page.into_iter().map(|e| e.key).collect();
+        while let Some(after) = next {
+            let (page, n) = s.scan(Some(&after), 10_000);
+            seen.extend(page.into_iter().map(|e| e.key));
+            next = n;
+        }
+        let expected: Vec<Bytes> = (0..150).map(|i| b(&key(i))).collect();
+        assert_eq!(seen, expected, "every key once, in order");
     }
 
     #[test]

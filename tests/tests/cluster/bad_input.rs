@@ -4,6 +4,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use bytes::Bytes;
+use ringkv_common::client::{CallError, Client};
+use ringkv_common::codec::FrameCodec;
+use ringkv_common::protocol::{Envelope, Reply, Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
+use ringkv_common::{Version, WireError};
 use ringkv_tests::Cluster;
 
 #[test]
@@ -22,6 +27,81 @@ fn too_large_key_and_value_are_refused_and_write_nothing() {
     assert_eq!(err["error"]["class"], "too_large", "{err}");
     assert_eq!(c.json(&["get", "k"])["value"], serde_json::Value::Null);
     assert_eq!(c.status()["keys"], 0);
+
+    // The CLI refuses both before sending anything, so ask the servers themselves: the
+    // coordinator over the client protocol, and a node over the coordinator's.
+    let node_addr = c.status()["nodes"][0]["addr"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = c.client().await;
+        let node = Client::connect(&node_addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        let oversized = [
+            (
+                Bytes::from(big_key.clone()),
+                Bytes::from_static(b"v"),
+                "key",
+            ),
+            (
+                Bytes::from_static(b"k"),
+                Bytes::from(big_value.clone()),
+                "value",
+            ),
+        ];
+        for (key, value, what) in oversized {
+            let put = Request::Put {
+                key: key.clone(),
+                value: value.clone(),
+            };
+            let store = Request::Store {
+                key,
+                version: Version(1),
+                value: Some(value),
+            };
+            for (server, answer) in [
+                ("coordinator", client.call(put).await),
+                ("node", node.call(store).await),
+            ] {
+                match answer {
+                    Err(CallError::Remote(WireError::TooLarge { what: w, .. })) => {
+                        assert_eq!(w, what, "{server}")
+                    }
+                    other => panic!("{server} answered a too-large {what} with {other:?}"),
+                }
+            }
+        }
+        match node
+            .call(Request::Fetch {
+                key: Bytes::from_static(b"k"),
+            })
+            .await
+        {
+            Ok(Response::Fetched { value: None, .. }) => {}
+            other => panic!("the node stored a refused value: {other:?}"),
+        }
+    });
+    assert_eq!(c.json(&["get", "k"])["value"], serde_json::Value::Null);
+    assert_eq!(c.status()["keys"], 0);
+}
+
+/// Every answer in `bytes`, a server's replies before it closed the connection.
+fn answers(bytes: &[u8]) -> Vec<Envelope<Reply>> {
+    let mut codec = FrameCodec::<Envelope<Request>, Envelope<Reply>>::new(1 << 20);
+    let mut buf = bytes::BytesMut::from(bytes);
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(env))) = tokio_util_codec::Decoder::decode(&mut codec, &mut buf) {
+        out.push(env);
+    }
+    out
+}
+
+/// The class of the one connection-level refusal (id 0) in `reply`, failing otherwise.
+fn refusal_class(addr: &str, reply: &[u8], what: &str) -> &'static str {
+    match answers(reply).as_slice() {
+        [Envelope { id: 0, msg: Err(e) }] => e.class(),
+        other => panic!("{addr} answered {what} with {other:?}, not one typed refusal"),
+    }
 }
 
 /// Send `bytes` on a fresh connection (then, with `eof`, end our side) and read until the
@@ -69,14 +149,21 @@ fn garbage_closes_only_its_own_connection() {
             reply.len() < 1024,
             "{addr} answered an oversized frame briefly"
         );
+        assert_eq!(
+            refusal_class(addr, &reply, "an oversized frame"),
+            "too_large"
+        );
         // Random garbage (its first four bytes read as a length far over the limit).
-        poke(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false);
+        let reply = poke(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false);
+        assert_eq!(refusal_class(addr, &reply, "garbage"), "too_large");
         // A well-framed payload with a wrong checksum, where the handshake should be.
         let mut frame = 8u32.to_be_bytes().to_vec();
         frame.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4]);
-        poke(addr, &frame, false);
-        // Truncated frame then EOF.
-        poke(addr, &[0, 0, 0, 50, 1, 2], true);
+        let reply = poke(addr, &frame, false);
+        assert_eq!(refusal_class(addr, &reply, "a bad checksum"), "bad_request");
+        // Truncated frame then EOF: nothing left to answer, only the close.
+        let reply = poke(addr, &[0, 0, 0, 50, 1, 2], true);
+        assert!(answers(&reply).is_empty(), "{addr}: {reply:02x?}");
     }
 
     // Everyone else is still served, including the connection that was open all along.

@@ -71,3 +71,55 @@ fn a_node_answers_requests_while_a_scan_sorts_its_keys() {
         }
     });
 }
+
+#[test]
+fn a_scan_of_the_largest_keys_comes_in_pages_that_fit_a_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(&dir.path().join("node"), None, &["--fsync", "never"], &[]);
+    runtime().block_on(async {
+        let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        // 600 keys of 60 KiB: 36 MiB of keys, more than a frame holds in one page of 5,000
+        // (what reconciliation asks for).
+        let key = |i: u64| {
+            let mut key = vec![b'x'; 60 * 1024];
+            key[..8].copy_from_slice(&i.to_be_bytes());
+            Bytes::from(key)
+        };
+        for i in 0..600u64 {
+            let store = Request::Store {
+                key: key(i),
+                version: Version(i + 1),
+                value: Some(Bytes::from("v")),
+            };
+            let answer = client.call_timeout(store, ANSWER_WITHIN).await.unwrap();
+            assert!(matches!(answer, Response::Stored { .. }), "{answer:?}");
+        }
+        let mut seen = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let scan = Request::Scan { after, limit: 5000 };
+            match client.call_timeout(scan, ANSWER_WITHIN).await.unwrap() {
+                Response::Scanned { entries, next } => {
+                    pages += 1;
+                    seen.extend(entries.into_iter().map(|e| e.key));
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                }
+                answer => panic!("{answer:?}"),
+            }
+        }
+        assert!(pages > 1, "36 MiB of keys in one page");
+        assert_eq!(seen, (0..600).map(key).collect::<Vec<_>>());
+        // The connection is still there.
+        let fetch = Request::Fetch { key: key(7) };
+        match client.call_timeout(fetch, ANSWER_WITHIN).await.unwrap() {
+            Response::Fetched { version, .. } => assert_eq!(version, Version(8)),
+            answer => panic!("{answer:?}"),
+        }
+    });
+}

@@ -99,12 +99,24 @@ pub async fn run(
             }
         }
     });
+    // A failed log stops the node: what its table holds may no longer be what its file does.
+    let log_failed = node.log_failed().clone();
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = log_failed.cancelled() => stop.cancel(),
+        }
+    });
     tracker.close();
 
     ringkv_common::server::serve(listener, node.clone(), config.max_frame_len, shutdown).await;
     tracker.wait().await;
     if let Err(e) = node.log().close().await {
         error!(error = %e, "closing the log failed");
+    }
+    if node.log_failed().is_cancelled() {
+        anyhow::bail!("the node's log failed; stopped so that a restart replays it");
     }
     info!("node stopped");
     Ok(())

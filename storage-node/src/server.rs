@@ -1,8 +1,15 @@
 //! The storage node's request handler: the coordinator's `Store`, `Fetch`, `Forget` and `Scan`,
 //! one at a time or several in a `Batch`.
 //!
-//! A write is applied to the table under a short lock, then appended to the log; the answer
-//! waits for the log's acknowledgement, so under `--fsync always` an acknowledged write is on disk.
+//! A write is applied to the table and written to the log under one short lock of the table,
+//! so the log's order of records is the table's order of changes; the answer then waits for
+//! an fsync under `--fsync always` (every write's answer, applied or not: one that found its
+//! version already there may have found a write whose fsync is still to come), so an
+//! acknowledged write is on disk.
+//!
+//! A log that fails (a write or an fsync) leaves the table holding changes the file may not:
+//! the node then refuses every request and stops, with an error, so that the next start
+//! replays the file and serves only what it holds.
 
 use ringkv_common::sync::MutexExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +21,7 @@ use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
 use tracing::{error, info};
 
-use crate::log::{EncodedRecord, Log};
+use crate::log::{EncodedRecord, Log, LogError};
 use crate::store::{ScanPage, Store};
 
 /// Failpoint `node-scan-sort`, on the blocking thread before a scan's sort: `sleep(ms)`, or
@@ -46,6 +53,8 @@ pub struct Node {
     messages: AtomicU64,
     /// Serialises compactions; appends keep flowing while one runs.
     compacting: tokio::sync::Mutex<()>,
+    /// Cancelled when the log fails; the node then stops (see the module's notes).
+    log_failed: tokio_util::sync::CancellationToken,
 }
 
 impl Node {
@@ -57,7 +66,13 @@ impl Node {
             ops: AtomicU64::new(0),
             messages: AtomicU64::new(0),
             compacting: tokio::sync::Mutex::new(()),
+            log_failed: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Cancelled once the log has failed and the node must stop.
+    pub fn log_failed(&self) -> &tokio_util::sync::CancellationToken {
+        &self.log_failed
     }
 
     /// Counters for the heartbeat.
@@ -123,10 +138,15 @@ impl Node {
         check_store(&key, version, value.as_ref())?;
         let record = EncodedRecord::new(&key, version, value.as_deref())
             .map_err(|e| WireError::BadRequest(e.to_string()))?;
-        let (applied, held) = self.lock().apply(&key, version, value.as_deref());
-        if applied {
-            self.append(record).await?;
-        }
+        let (applied, held) = {
+            let mut store = self.lock();
+            let (applied, held) = store.apply(&key, version, value.as_deref());
+            if applied {
+                self.write(&record)?;
+            }
+            (applied, held)
+        };
+        self.synced().await?;
         Ok(Response::Stored {
             applied,
             version: held,
@@ -135,19 +155,40 @@ impl Node {
 
     async fn forget(&self, key: Bytes, version: Version) -> Reply {
         let mut frames = EncodedRecord::empty();
-        let answer = forget_in(&mut self.lock(), &mut frames, &key, version)?;
-        if !frames.is_empty() {
-            self.append(frames).await?;
-        }
+        let answer = {
+            let mut store = self.lock();
+            let answer = forget_in(&mut store, &mut frames, &key, version)?;
+            if !frames.is_empty() {
+                self.write(&frames)?;
+            }
+            answer
+        };
+        self.synced().await?;
         Ok(answer)
     }
 
-    /// Append encoded records to the log (synced under `--fsync always`).
-    async fn append(&self, frames: EncodedRecord) -> Result<(), WireError> {
+    /// Write encoded records to the log now (called under the table's lock).
+    fn write(&self, frames: &EncodedRecord) -> Result<(), WireError> {
         self.log
-            .append_encoded(frames)
+            .write_encoded(frames)
+            .map_err(|e| self.failed("log write failed", &e))
+    }
+
+    /// Wait until every write so far is synced, under `--fsync always`.
+    async fn synced(&self) -> Result<(), WireError> {
+        self.log
+            .synced()
             .await
-            .map_err(|e| WireError::Internal(format!("log append failed: {e}")))
+            .map_err(|e| self.failed("log sync failed", &e))
+    }
+
+    /// The log failed: stop the node, and tell the caller.
+    fn failed(&self, what: &str, e: &LogError) -> WireError {
+        if !self.log_failed.is_cancelled() {
+            error!(error = %e, "{what}; the node stops so that a restart replays its log");
+            self.log_failed.cancel();
+        }
+        WireError::Internal(format!("{what}: {e}"))
     }
 
     /// A batch of stores, forgets and fetches, applied in order under one lock of the table;
@@ -173,6 +214,7 @@ impl Node {
         // The answers to writes: each holds only if the append succeeds (a store that did not
         // apply may have found the version of a store before it in this same batch).
         let mut writes = Vec::new();
+        let mut written = Ok(());
         {
             let mut store = self.lock();
             for Envelope { id, msg } in requests {
@@ -210,9 +252,12 @@ impl Node {
                 }
                 answers.push(Envelope { id, msg: answer });
             }
+            if !frames.is_empty() {
+                written = self.write(&frames);
+            }
         }
-        if !frames.is_empty() {
-            if let Err(failed) = self.append(frames).await {
+        if !writes.is_empty() {
+            if let Err(failed) = written.and(self.synced().await) {
                 for i in writes {
                     if let Some(answer) = answers.get_mut(i) {
                         answer.msg = Err(failed.clone());
@@ -255,6 +300,11 @@ impl Handler for Node {
     async fn handle(self: Arc<Self>, req: Request, role: Role) -> Reply {
         self.ops.fetch_add(1, Ordering::Relaxed);
         self.messages.fetch_add(1, Ordering::Relaxed);
+        if self.log_failed.is_cancelled() {
+            return Err(WireError::Internal(
+                "this node's log failed; the node is stopping so that a restart replays it".into(),
+            ));
+        }
         if role == Role::Client {
             return Err(WireError::BadRequest(
                 "storage nodes serve the coordinator only; send client requests to the coordinator"

@@ -229,6 +229,35 @@ impl Log {
         self.append_frames(&frames).await
     }
 
+    /// Writes encoded records to the file now, without waiting for an fsync (see
+    /// [`synced`](Log::synced)). Blocking, but only for the write itself. A caller that keeps
+    /// a table beside the log writes while it holds the table's lock, so that the file's
+    /// order of records is the order in which the table changed.
+    ///
+    /// # Errors
+    /// As [`append`](Log::append).
+    pub fn write_encoded(&self, rec: &EncodedRecord) -> Result<(), LogError> {
+        self.inner.write(&rec.0)
+    }
+
+    /// Under `Always`, waits for an fsync that covers everything written so far (at once if
+    /// nothing is left unsynced); under the other policies, returns at once.
+    ///
+    /// # Errors
+    /// [`LogError::Poisoned`] if an fsync (or an earlier write) failed, [`LogError::Closed`].
+    pub async fn synced(&self) -> Result<(), LogError> {
+        if self.inner.policy != FsyncPolicy::Always {
+            return Ok(());
+        }
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(SyncRequest::Sync(ack))
+            .map_err(|_| LogError::Closed)?;
+        done.await
+            .map_err(|_| LogError::Closed)?
+            .map_err(LogError::Poisoned)
+    }
+
     /// Writes encoded frames, then under `Always` waits for the sync thread's next fsync.
     async fn append_frames(&self, frames: &[u8]) -> Result<(), LogError> {
         self.inner.write(frames)?;

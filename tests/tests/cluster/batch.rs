@@ -271,7 +271,7 @@ fn when_the_log_fails_no_write_of_the_batch_is_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     // Every fsync fails: the append of the batch's writes cannot be made durable.
     let failing = [("FAILPOINTS", "log-before-fsync=return")];
-    let node = NodeProcess::start(dir.path(), None, &[], &failing);
+    let mut node = NodeProcess::start(dir.path(), None, &[], &failing);
     let rt = runtime();
     let answers = rt.block_on(send_batch(
         &node.addr,
@@ -298,8 +298,60 @@ fn when_the_log_fails_no_write_of_the_batch_is_acknowledged() {
     assert!(failed(13), "{answers:?}");
     assert!(
         answers.iter().any(|a| a.id == 12 && a.msg.is_ok()),
-        "reads are still answered: {answers:?}"
+        "reads of the batch are still answered: {answers:?}"
     );
+    // The table may now hold what the file does not: the node stops, with an error, so
+    // that a restart replays the log.
+    let status = node.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{status:?}");
+    let node = NodeProcess::start(dir.path(), None, &[], &[]);
+    let (version, _) = rt.block_on(async {
+        let client = batching_client(&node.addr).await;
+        fetch_from(&client, "k1").await
+    });
+    // The write reached the file, only its fsync failed: the store may have applied.
+    assert!(
+        version == Version(5) || version == Version::ZERO,
+        "{version:?}"
+    );
+}
+
+#[test]
+fn a_store_that_finds_its_version_waits_for_the_fsync_of_the_store_that_wrote_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every fsync takes 2 s: the first store's answer waits that long.
+    let slow = [("FAILPOINTS", "log-before-fsync=sleep(2000)")];
+    let node = NodeProcess::start(dir.path(), None, &[], &slow);
+    runtime().block_on(async {
+        let connect = || Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN);
+        let (first, second) = (connect().await.unwrap(), connect().await.unwrap());
+        let reader = batching_client(&node.addr).await;
+        let wait = Duration::from_secs(30);
+        let mut writing = Box::pin(first.call_timeout(store("k", 5, "v"), wait));
+        // Once the table has it, the same store again (a repair's copy, say) finds version 5.
+        let deadline = tokio::time::Instant::now() + wait;
+        while fetch_from(&reader, "k").await.0 != Version(5) {
+            assert!(tokio::time::Instant::now() < deadline, "the store never applied");
+            tokio::select! {
+                _ = &mut writing => panic!("answered before the fetch saw it"),
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+        let mut again = Box::pin(second.call_timeout(store("k", 5, "v"), wait));
+        // Its answer says version 5 is stored, so it must not come before the fsync does.
+        tokio::select! {
+            biased;
+            written = &mut writing => {
+                assert!(matches!(written, Ok(Response::Stored { applied: true, .. })), "{written:?}");
+                let again = again.await;
+                assert!(
+                    matches!(again, Ok(Response::Stored { applied: false, version: Version(5) })),
+                    "{again:?}"
+                );
+            }
+            again = &mut again => panic!("answered {again:?} before the write it found was synced"),
+        }
+    });
 }
 
 #[test]

@@ -258,7 +258,7 @@ impl Cluster {
             let mut pipe = child.stdin.take().expect("stdin");
             pipe.write_all(input).expect("write stdin");
         }
-        child.wait_with_output().expect("ringkv output")
+        output_within(child, RINGKV_DEADLINE)
     }
 
     /// Run `ringkv --json ARGS...`, require success, parse the JSON.
@@ -387,6 +387,37 @@ fn first_line(stdout: ChildStdout, timeout: Duration) -> Option<String> {
         for _ in lines {}
     });
     rx.recv_timeout(timeout).ok()
+}
+
+/// How long one `ringkv` command of a test may run before it is killed and the test fails.
+const RINGKV_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The output of `child` (its stdout and stderr piped), once it exits; killed, and the test
+/// failed, if it runs longer than `timeout`.
+pub fn output_within(mut child: Child, timeout: Duration) -> Output {
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut out);
+            }
+            out
+        })
+    }
+    // Read both pipes while waiting, so that a full pipe cannot stall the child.
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let status = match wait_child(&mut child, timeout) {
+        Ok(status) => status,
+        Err(e) => {
+            let _ = child.wait();
+            panic!("{e}");
+        }
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
 }
 
 /// Wait for `child` to exit, polling against a deadline; kill it if it overruns.
@@ -583,6 +614,8 @@ impl NodeProcess {
             .open(data_dir.join("node.log"))
             .expect("node log");
         let mut cmd = Command::new(bin_dir().join("ringkv-node"));
+        // A node without `coordinator` stays on its own, whatever the environment names.
+        cmd.env_remove("RINGKV_COORDINATOR");
         cmd.arg("--data-dir").arg(data_dir).args(args);
         if let Some(addr) = coordinator {
             cmd.arg("--coordinator").arg(addr);

@@ -297,6 +297,19 @@ fn node_started_by_hand_joins_and_receives_its_share() {
     );
 }
 
+/// Three nodes that the failure detector does not suspect for a long time: the two replicas
+/// paused by [`put_with_two_replicas_paused`] are still up when its put arrives, however slow
+/// the machine, so the put must wait for them rather than be refused as unavailable.
+fn paused_replicas_stay_up(env: Vec<(String, String)>) -> ringkv_tests::Options {
+    ringkv_tests::Options {
+        nodes: 3,
+        extra_args: ["--suspect-timeout", "30s", "--down-timeout", "60s"]
+            .map(String::from)
+            .to_vec(),
+        env,
+    }
+}
+
 /// Pause two of `key`'s three replicas, put a new value, resume them, and return the put's
 /// `--json` answer. Only one replica can store the value while the put is in flight.
 fn put_with_two_replicas_paused(c: &Cluster, key: &str) -> Value {
@@ -324,7 +337,7 @@ fn put_with_two_replicas_paused(c: &Cluster, key: &str) -> Value {
 /// paused it is not, and it reports that it may have been applied.
 #[test]
 fn write_is_not_acknowledged_by_one_replica() {
-    let c = Cluster::start(3);
+    let c = Cluster::start_with(paused_replicas_stay_up(Vec::new()));
     let answer = put_with_two_replicas_paused(&c, "quorum");
     assert!(
         answer.get("version").is_none(),
@@ -341,14 +354,10 @@ fn write_is_not_acknowledged_by_one_replica() {
 /// `bug-ack-after-one-replica` failpoint) fails it.
 #[test]
 fn acknowledging_after_one_replica_is_caught() {
-    let c = Cluster::start_with(ringkv_tests::Options {
-        nodes: 3,
-        env: vec![(
-            "FAILPOINTS".into(),
-            "bug-ack-after-one-replica=return".into(),
-        )],
-        ..ringkv_tests::Options::default()
-    });
+    let c = Cluster::start_with(paused_replicas_stay_up(vec![(
+        "FAILPOINTS".into(),
+        "bug-ack-after-one-replica=return".into(),
+    )]));
     let answer = put_with_two_replicas_paused(&c, "quorum");
     assert!(
         answer.get("version").is_some(),

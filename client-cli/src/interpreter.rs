@@ -325,15 +325,14 @@ impl Interpreter {
         }
         let report = match err {
             StepError::Call(call) => ErrorReport::from(call),
-            other => ErrorReport {
-                class: match other {
+            other => ErrorReport::new(
+                match other {
                     StepError::Script(_) => "usage",
                     StepError::Io(_) => "input",
                     _ => "failed",
-                }
-                .into(),
-                message: other.to_string(),
-            },
+                },
+                other.to_string(),
+            ),
         };
         if self.json {
             let _ = self.out.write_all(&report.json());

@@ -49,10 +49,8 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            let report = ErrorReport {
-                class: "internal".into(),
-                message: format!("cannot start the async runtime: {e}"),
-            };
+            let report =
+                ErrorReport::new("internal", format!("cannot start the async runtime: {e}"));
             return fail(&report, json, exit::FAILED);
         }
     };
@@ -101,10 +99,7 @@ fn bench(args: &ringkv_cli::bench::BenchArgs, global: &ringkv_cli::cli::GlobalAr
                 BenchError::Connect(_) => exit::CONNECTION,
                 BenchError::Preload { .. } | BenchError::Runtime(_) => exit::FAILED,
             };
-            let report = ErrorReport {
-                class: err.class().into(),
-                message: err.to_string(),
-            };
+            let report = ErrorReport::new(err.class(), err.to_string());
             fail(&report, global.json, code)
         }
     }

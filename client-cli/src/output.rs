@@ -20,7 +20,8 @@
 //! - `nodes`: `{"nodes":[NODE]}`
 //! - `node add`: `{"node"}`; `node remove|kill|pause|resume`: `{"node","ok":true}`
 //! - `check`: `{"keys","healthy","under_replicated","lost","stale"}`
-//! - any error: `{"error":{"class","message"}}`
+//! - any error: `{"error":{"class","message","may_have_applied"}}` (`may_have_applied`: the
+//!   operation may have taken effect, e.g. a write whose answer timed out; its outcome is unknown)
 //!
 //! Node ids are numbers, states lower-case strings, and unknown values (a replica's version,
 //! a pid, a heartbeat age, an ETA) are null.
@@ -457,23 +458,29 @@ pub struct ErrorReport {
     /// problems found before anything was sent.
     pub class: String,
     pub message: String,
+    /// Whether the operation may have taken effect (a write that timed out after it was
+    /// sent, say): scripts must then treat its outcome as unknown, not as failed.
+    pub may_have_applied: bool,
 }
 
 impl ErrorReport {
+    /// An error of `class` after which nothing was applied.
+    pub fn new(class: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorReport {
+            class: class.into(),
+            message: message.into(),
+            may_have_applied: false,
+        }
+    }
+
     /// Bad arguments.
     pub fn usage(message: impl Into<String>) -> Self {
-        ErrorReport {
-            class: "usage".into(),
-            message: message.into(),
-        }
+        ErrorReport::new("usage", message)
     }
 
     /// A local input problem, such as stdin that cannot be read.
     pub fn input(message: impl Into<String>) -> Self {
-        ErrorReport {
-            class: "input".into(),
-            message: message.into(),
-        }
+        ErrorReport::new("input", message)
     }
 
     /// The line for stderr: `error: CLASS: MESSAGE` and a newline.
@@ -481,9 +488,14 @@ impl ErrorReport {
         format!("error: {}: {}\n", self.class, self.message)
     }
 
-    /// The `--json` document for stdout: `{"error":{"class":C,"message":M}}` and a newline.
+    /// The `--json` document for stdout:
+    /// `{"error":{"class":C,"message":M,"may_have_applied":B}}` and a newline.
     pub fn json(&self) -> Vec<u8> {
-        json_line(&json!({ "error": { "class": self.class, "message": self.message } }))
+        json_line(&json!({ "error": {
+            "class": self.class,
+            "message": self.message,
+            "may_have_applied": self.may_have_applied,
+        } }))
     }
 }
 
@@ -514,6 +526,7 @@ impl From<&CallError> for ErrorReport {
         ErrorReport {
             class: err.class().to_string(),
             message,
+            may_have_applied: err.may_have_applied(),
         }
     }
 }
@@ -938,7 +951,7 @@ mod tests {
         let doc: Value = serde_json::from_slice(&report.json()).unwrap();
         assert_eq!(
             doc,
-            json!({"error": {"class": "unavailable", "message": "1 of 3 up"}})
+            json!({"error": {"class": "unavailable", "message": "1 of 3 up", "may_have_applied": false}})
         );
 
         let report = ErrorReport::from(&CallError::Timeout {
@@ -947,10 +960,21 @@ mod tests {
         });
         assert_eq!(report.class, "timeout");
         assert!(report.message.contains("may have been applied"));
+        let doc: Value = serde_json::from_slice(&report.json()).unwrap();
+        assert_eq!(doc["error"]["may_have_applied"], true, "{doc}");
 
         let report = ErrorReport::from(&CallError::Remote(WireError::Indeterminate("x".into())));
         assert_eq!(report.stderr_line(), "error: indeterminate: x\n");
+        assert!(report.may_have_applied);
+        let lost = ErrorReport::from(&CallError::ConnectionLost("h:1".into()));
+        assert!(lost.may_have_applied);
+        let refused = ErrorReport::from(&CallError::Connect {
+            addr: "h:1".into(),
+            reason: "refused".into(),
+        });
+        assert!(!refused.may_have_applied, "nothing was sent");
         assert_eq!(ErrorReport::usage("bad").class, "usage");
+        assert!(!ErrorReport::usage("bad").may_have_applied);
     }
 
     #[test]

@@ -68,6 +68,60 @@ pub fn parse_period(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Fsync period of a bare `interval` policy: bounds what a power loss can take to a tenth of a
+/// second of acknowledged writes while costing at most ten fsyncs a second.
+pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+/// When a storage node's log fsyncs, which decides what an acknowledged write survives
+/// (the node's `--fsync`, and the coordinator's `--node-fsync` for the nodes it spawns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Fsync before acknowledging; concurrent appends share one fsync (group commit).
+    /// An acknowledged write survives a power loss.
+    Always,
+    /// Acknowledge once written; fsync at least this often (also when idle). An acknowledged write
+    /// survives a process crash; a power loss can take the last interval's writes.
+    Interval(Duration),
+    /// Acknowledge once written; fsync only on close and compaction. An acknowledged write survives
+    /// a process crash but not a power loss or kernel crash.
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    /// Parses `always`, `never`, `interval` (every 100 ms) or `interval:DURATION` (`250ms`, `2s`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            "interval" => Ok(FsyncPolicy::Interval(DEFAULT_FSYNC_INTERVAL)),
+            _ => match s.strip_prefix("interval:") {
+                Some(period) => match parse_duration(period)? {
+                    d if d.is_zero() => Err(format!(
+                        "fsync interval must be positive in {s:?} (use `always` to sync every write)"
+                    )),
+                    d => Ok(FsyncPolicy::Interval(d)),
+                },
+                None => Err(format!(
+                    "unknown fsync policy {s:?} (expected always, never, interval or interval:DURATION)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for FsyncPolicy {
+    /// The form [`FromStr`] accepts.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Never => f.write_str("never"),
+            FsyncPolicy::Interval(d) => write!(f, "interval:{}ms", d.as_secs_f64() * 1000.0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +160,41 @@ mod tests {
         assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3 weeks").is_err());
+    }
+
+    #[test]
+    fn fsync_policy_parses_and_prints() {
+        let cases = [
+            ("always", FsyncPolicy::Always),
+            ("never", FsyncPolicy::Never),
+            (
+                "interval",
+                FsyncPolicy::Interval(Duration::from_millis(100)),
+            ),
+            (
+                "interval:250ms",
+                FsyncPolicy::Interval(Duration::from_millis(250)),
+            ),
+            ("interval:2s", FsyncPolicy::Interval(Duration::from_secs(2))),
+        ];
+        for (text, policy) in cases {
+            assert_eq!(text.parse::<FsyncPolicy>(), Ok(policy), "{text}");
+            assert_eq!(
+                policy.to_string().parse::<FsyncPolicy>(),
+                Ok(policy),
+                "{policy}"
+            );
+        }
+        for bad in [
+            "",
+            "Always",
+            "sometimes",
+            "interval:",
+            "interval:0ms",
+            "interval:soon",
+            "interval:5y",
+        ] {
+            assert!(bad.parse::<FsyncPolicy>().is_err(), "{bad:?} parsed");
+        }
     }
 }

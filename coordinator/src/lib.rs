@@ -81,7 +81,12 @@ pub async fn run(
     })
     .await?
     .with_context(|| format!("opening metadata in {}", config.data_dir.display()))?;
-    let members = Membership::new(records, config.vnodes, config.node_batching);
+    let members = Membership::new(
+        records,
+        config.vnodes,
+        config.node_batching,
+        config.max_frame_len,
+    );
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor::new(config.launch.clone(), addr.to_string(), exit_tx);
     let coord = Arc::new(Coordinator {

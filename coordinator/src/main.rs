@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use ringkv_common::config::{parse_max_frame_len, FsyncPolicy};
+use ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN;
 use ringkv_common::{parse_duration, parse_period};
 use ringkv_coordinator::failure_detector::DetectorConfig;
 use ringkv_coordinator::metadata::MetaFsync;
@@ -65,7 +67,11 @@ struct Args {
     transfer_bytes_per_sec: u64,
     /// fsync policy of spawned nodes: always, interval[:DURATION] or never.
     #[arg(long, default_value = "always")]
-    node_fsync: String,
+    node_fsync: FsyncPolicy,
+    /// Largest frame accepted from clients and nodes, and passed to spawned nodes, in bytes
+    /// (at least 17.06 MiB: a frame must hold the largest key and value).
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN, value_parser = parse_max_frame_len)]
+    max_frame_len: usize,
     /// When key changes in the metadata journal are synced: `always` (before the write is
     /// acknowledged) or `never` (buffered, written within 10 ms, not synced). After a
     /// start that did not follow a clean shutdown, `never` reconciles every node before
@@ -130,11 +136,14 @@ fn main() -> anyhow::Result<()> {
         config.node_batching = ringkv_common::client::Batching::Off;
     }
     config.transfer_bytes_per_sec = args.transfer_bytes_per_sec;
+    config.max_frame_len = args.max_frame_len;
     let mut node_args = vec![
         "--heartbeat-interval".into(),
         ringkv_common::duration_arg(args.heartbeat_interval),
         "--fsync".into(),
-        args.node_fsync,
+        args.node_fsync.to_string(),
+        "--max-frame-len".into(),
+        args.max_frame_len.to_string(),
     ];
     if let Some(n) = args.node_worker_threads {
         node_args.extend(["--worker-threads".into(), n.to_string()]);
@@ -175,6 +184,27 @@ mod tests {
         ])
         .expect("repeated flags parse");
         assert_eq!(args.meta_fsync, MetaFsync::Never);
-        assert_eq!(args.node_fsync, "always");
+        assert_eq!(args.node_fsync, FsyncPolicy::Always);
+    }
+
+    #[test]
+    fn node_flags_are_checked_before_anything_starts() {
+        let parse = |extra: &[&str]| {
+            Args::try_parse_from(std::iter::once("ringkv-coordinator").chain(extra.iter().copied()))
+        };
+        assert!(parse(&["--node-fsync", "bogus"]).is_err());
+        assert!(parse(&["--node-fsync", "interval:0ms"]).is_err());
+        let args = parse(&["--node-fsync", "interval:250ms"]).unwrap();
+        assert_eq!(
+            args.node_fsync,
+            FsyncPolicy::Interval(Duration::from_millis(250))
+        );
+        assert!(parse(&["--max-frame-len", "1048576"]).is_err());
+        assert_eq!(
+            parse(&["--max-frame-len", "67108864"])
+                .unwrap()
+                .max_frame_len,
+            64 << 20
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use ringkv_common::client::{Batching, CallError, Client, PendingCall};
-use ringkv_common::protocol::{NodeInfo, Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
+use ringkv_common::protocol::{NodeInfo, Request, Response, Role};
 use ringkv_common::ring::Ring;
 use ringkv_common::{NodeId, NodeState, NodeStats};
 
@@ -50,13 +50,20 @@ pub struct Membership {
     inner: RwLock<Inner>,
     /// How the connections to nodes carry requests.
     batching: Batching,
+    /// The largest frame on a connection to a node.
+    max_frame_len: usize,
 }
 
 impl Membership {
     /// Membership from the persisted registry. Nodes start `suspect` until they register,
     /// with the start-up time as their last sighting, so a coordinator restart does not
     /// declare running nodes down before they had a chance to re-register.
-    pub fn new(records: Vec<NodeRecord>, vnodes: u32, batching: Batching) -> Membership {
+    pub fn new(
+        records: Vec<NodeRecord>,
+        vnodes: u32,
+        batching: Batching,
+        max_frame_len: usize,
+    ) -> Membership {
         // Nodes retry every half second at most; give them a few tries before the failure
         // detector starts counting.
         let now = Instant::now() + STARTUP_GRACE;
@@ -87,6 +94,7 @@ impl Membership {
         Membership {
             inner: RwLock::new(Inner { nodes, ring }),
             batching,
+            max_frame_len,
         }
     }
 
@@ -340,13 +348,9 @@ impl Membership {
             }
             entry.record.addr.clone()
         };
-        let client = Client::connect_with(
-            &addr,
-            Role::Coordinator,
-            DEFAULT_MAX_FRAME_LEN,
-            self.batching,
-        )
-        .await?;
+        let client =
+            Client::connect_with(&addr, Role::Coordinator, self.max_frame_len, self.batching)
+                .await?;
         let mut inner = self.write();
         if let Some(entry) = inner.nodes.get_mut(&id) {
             if entry.record.addr == addr {

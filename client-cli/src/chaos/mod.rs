@@ -318,14 +318,12 @@ async fn interrupted() {
 }
 
 fn fail(err: &ChaosError, json: bool) -> ExitCode {
-    let report = ErrorReport {
-        class: match err {
-            ChaosError::Usage(_) => "usage".into(),
-            ChaosError::Interrupted => "interrupted".into(),
-            _ => "chaos".into(),
-        },
-        message: err.to_string(),
+    let class = match err {
+        ChaosError::Usage(_) => "usage",
+        ChaosError::Interrupted => "interrupted",
+        _ => "chaos",
     };
+    let report = ErrorReport::new(class, err.to_string());
     if json {
         let _ = std::io::stdout().write_all(&report.json());
     }

@@ -33,12 +33,11 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -47,58 +46,7 @@ use super::record::{EncodedRecord, Record};
 use super::recovery::{self, Recovered, RecoveryReport};
 use super::{failpoint, LogError, LOG_FILE};
 
-/// Fsync period of a bare `interval` policy: bounds what a power loss can take to a tenth of a
-/// second of acknowledged writes while costing at most ten fsyncs a second.
-pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(100);
-
-/// When the log fsyncs, which decides what an acknowledged write survives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// Fsync before acknowledging; concurrent appends share one fsync (group commit).
-    /// An acknowledged write survives a power loss.
-    Always,
-    /// Acknowledge once written; fsync at least this often (also when idle). An acknowledged write
-    /// survives a process crash; a power loss can take the last interval's writes.
-    Interval(Duration),
-    /// Acknowledge once written; fsync only on close and compaction. An acknowledged write survives
-    /// a process crash but not a power loss or kernel crash.
-    Never,
-}
-
-impl FromStr for FsyncPolicy {
-    type Err = String;
-
-    /// Parses `always`, `never`, `interval` (every 100 ms) or `interval:DURATION` (`250ms`, `2s`).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "always" => Ok(FsyncPolicy::Always),
-            "never" => Ok(FsyncPolicy::Never),
-            "interval" => Ok(FsyncPolicy::Interval(DEFAULT_FSYNC_INTERVAL)),
-            _ => match s.strip_prefix("interval:") {
-                Some(period) => match ringkv_common::parse_duration(period)? {
-                    d if d.is_zero() => Err(format!(
-                        "fsync interval must be positive in {s:?} (use `always` to sync every write)"
-                    )),
-                    d => Ok(FsyncPolicy::Interval(d)),
-                },
-                None => Err(format!(
-                    "unknown fsync policy {s:?} (expected always, never, interval or interval:DURATION)"
-                )),
-            },
-        }
-    }
-}
-
-impl fmt::Display for FsyncPolicy {
-    /// The form [`FromStr`] accepts.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FsyncPolicy::Always => f.write_str("always"),
-            FsyncPolicy::Never => f.write_str("never"),
-            FsyncPolicy::Interval(d) => write!(f, "interval:{}ms", d.as_secs_f64() * 1000.0),
-        }
-    }
-}
+pub use ringkv_common::config::{FsyncPolicy, DEFAULT_FSYNC_INTERVAL};
 
 /// The durable, append-only log of one data directory.
 ///
@@ -581,6 +529,7 @@ fn copy_exact(from: &mut File, to: &mut File, len: u64) -> io::Result<()> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use std::collections::HashSet;
+    use std::time::Duration;
 
     use super::*;
     use crate::log::test_support::{del, mixed, put};
@@ -718,41 +667,5 @@ mod tests {
         log.close().await.unwrap();
         let (_log, got, _) = open(dir.path(), FsyncPolicy::Always);
         assert_eq!(got, vec![ok]);
-    }
-
-    #[test]
-    fn fsync_policy_parses_and_prints() {
-        let cases = [
-            ("always", FsyncPolicy::Always),
-            ("never", FsyncPolicy::Never),
-            (
-                "interval",
-                FsyncPolicy::Interval(Duration::from_millis(100)),
-            ),
-            (
-                "interval:250ms",
-                FsyncPolicy::Interval(Duration::from_millis(250)),
-            ),
-            ("interval:2s", FsyncPolicy::Interval(Duration::from_secs(2))),
-        ];
-        for (text, policy) in cases {
-            assert_eq!(text.parse::<FsyncPolicy>(), Ok(policy), "{text}");
-            assert_eq!(
-                policy.to_string().parse::<FsyncPolicy>(),
-                Ok(policy),
-                "{policy}"
-            );
-        }
-        for bad in [
-            "",
-            "Always",
-            "sometimes",
-            "interval:",
-            "interval:0ms",
-            "interval:soon",
-            "interval:5y",
-        ] {
-            assert!(bad.parse::<FsyncPolicy>().is_err(), "{bad:?} parsed");
-        }
     }
 }

@@ -114,13 +114,27 @@ fn usage_error(err: clap::Error) -> ExitCode {
     }
     // Parsing failed, so whether `--json` was given is only known from the raw arguments.
     if std::env::args_os().any(|arg| arg == "--json") {
-        let rendered = err.render().to_string();
-        let first = rendered.lines().next().unwrap_or_default();
-        let message = first.strip_prefix("error: ").unwrap_or(first);
+        let message = usage_message(&err.render().to_string());
         let _ = write_stdout(&ErrorReport::usage(message).json());
     }
     let _ = err.print();
     ExitCode::from(exit::USAGE)
+}
+
+/// clap's rendered error on one line, without its usage and help hints: every line before
+/// `Usage:`, e.g. "the following required arguments were not provided: <KEY>".
+fn usage_message(rendered: &str) -> String {
+    let lines: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    let joined = lines.join(" ");
+    joined
+        .strip_prefix("error: ")
+        .unwrap_or(&joined)
+        .to_string()
 }
 
 /// Report `report` on stderr (and as JSON on stdout with `--json`) and exit with `code`.
@@ -149,5 +163,24 @@ fn write_stdout(bytes: &[u8]) -> io::Result<()> {
     match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_usage_error_keeps_what_is_missing_and_drops_the_hints() {
+        let rendered = "error: the following required arguments were not provided:\n  <KEY>\n\n\
+                        Usage: ringkv get <KEY>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_message(rendered),
+            "the following required arguments were not provided: <KEY>"
+        );
+        assert_eq!(
+            usage_message("error: unexpected argument 'x' found\n\nUsage: ringkv\n"),
+            "unexpected argument 'x' found"
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! - `put`, `del`: `{"key","version"}`
 //! - `get`: `{"key","value","version"}`; `value` is null for a missing key. A value that is
 //!   not UTF-8 is shown lossily (U+FFFD for invalid sequences) and gains `"binary":true`.
-//! - `locate`: `{"key","version","replicas":[{"node","addr","state","version"}]}`
+//! - `locate`: `{"key","version","tombstone","replicas":[{"node","addr","state","version"}]}`
+//!   (`tombstone`: the version is a deletion)
 //! - `status`: `{"nodes":[NODE],"keys","under_replicated","misplaced","tombstones",
 //!   "collection":{"floor","passes","waiting_for":[node id],
 //!   "reconciliations":[{"node","complete","incomplete"}]},"degraded","rf","write_quorum","jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
@@ -80,6 +81,7 @@ pub fn to_json(outcome: &Outcome) -> Value {
         Outcome::Located { key, location } => json!({
             "key": key,
             "version": location.version.0,
+            "tombstone": location.tombstone,
             "replicas": location.replicas.iter().map(replica_json).collect::<Vec<_>>(),
         }),
         Outcome::Status(status) => status_json(status),
@@ -697,6 +699,7 @@ mod tests {
             json!({
                 "key": "k",
                 "version": 5,
+                "tombstone": false,
                 "replicas": [
                     {"node": 1, "addr": "a:1", "state": "up", "version": 5},
                     {"node": 2, "addr": "a:2", "state": "suspect", "version": null},

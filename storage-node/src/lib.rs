@@ -34,6 +34,8 @@ const COMPACTION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub coordinator: Option<String>,
+    /// The address registered with the coordinator; `None`: the address listened on.
+    pub advertise: Option<String>,
     pub id: Option<NodeId>,
     pub fsync: FsyncPolicy,
     pub heartbeat_interval: Duration,
@@ -78,10 +80,17 @@ pub async fn run(
         heartbeat::store_node_id(&config.data_dir, id)?;
     }
     let tracker = tokio_util::task::TaskTracker::new();
+    if config.coordinator.is_some() && config.advertise.is_none() && addr.ip().is_unspecified() {
+        warn!(
+            %addr,
+            "listening on every interface without --advertise: the coordinator is told {addr}, \
+             which only reaches this node from its own machine"
+        );
+    }
     if let Some(coordinator) = config.coordinator.clone() {
         let cfg = heartbeat::HeartbeatConfig {
             coordinator,
-            advertise_addr: addr.to_string(),
+            advertise_addr: config.advertise.clone().unwrap_or_else(|| addr.to_string()),
             data_dir: config.data_dir.clone(),
             interval: config.heartbeat_interval,
             id,

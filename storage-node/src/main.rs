@@ -26,6 +26,10 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the first line on stdout names it).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
+    /// Address the coordinator reaches this node at (default: the address it listens on),
+    /// e.g. `--listen 0.0.0.0:7500 --advertise 10.0.0.5:7500` on another machine.
+    #[arg(long)]
+    advertise: Option<String>,
     /// Directory for the log and the node id.
     #[arg(long)]
     data_dir: PathBuf,
@@ -85,6 +89,7 @@ async fn serve(args: Args, lock: ringkv_common::dir_lock::DirLock) -> anyhow::Re
     let config = NodeConfig {
         data_dir: args.data_dir,
         coordinator: args.coordinator,
+        advertise: args.advertise,
         id: args.id,
         fsync: args.fsync,
         heartbeat_interval: args.heartbeat_interval,

@@ -251,6 +251,43 @@ fn join_and_decommission_while_writing() {
     }
 }
 
+/// A node on another machine listens on every interface and tells the coordinator the
+/// address it is reached at: here `localhost:PORT` for a node listening on 127.0.0.1:PORT.
+#[test]
+fn a_hand_started_node_registers_the_address_it_advertises() {
+    let c = Cluster::start(3);
+    // A free port, for an address known before the node starts.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let advertised = format!("localhost:{port}");
+    let _node = ringkv_tests::NodeProcess::start(
+        &c.dir.path().join("advertising"),
+        Some(&c.addr),
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--advertise",
+            &advertised,
+        ],
+        &[],
+    );
+    let id = wait_for("the node registered", Duration::from_secs(30), || {
+        c.status()["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["addr"] == advertised.as_str())?["id"]
+            .as_u64()
+    })
+    .unwrap();
+    // Reached at that address: it comes up and takes replicas.
+    c.wait_state(id, "up", Duration::from_secs(10));
+    c.json(&["put", "k", "v"]);
+    assert_eq!(c.json(&["get", "k"])["value"], "v");
+}
+
 #[test]
 fn node_started_by_hand_joins_and_receives_its_share() {
     let c = Cluster::start(3);

@@ -866,7 +866,11 @@ mod tests {
     #[tokio::test]
     async fn unreachable_coordinator_is_an_error() {
         let a = chaos(&["--nemesis", "none", "--duration", "1s"]);
-        let err = run(a, Some("127.0.0.1:1".into()), false).await.unwrap_err();
+        // Bind then drop, so the port is (almost certainly) closed.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let err = run(a, Some(closed), false).await.unwrap_err();
         assert!(matches!(err, ChaosError::Unreachable { .. }), "{err}");
         assert_eq!(err.exit_code(), exit::CONNECTION);
     }

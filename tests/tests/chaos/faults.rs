@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::ChaosRun;
+use crate::util::{one_run_at_a_time, ChaosRun};
 
 /// The seed, unless `RINGKV_CHAOS_SEED` picks another (to repeat a failure, or explore).
 fn seed() -> String {
@@ -12,6 +12,7 @@ fn seed() -> String {
 
 #[test]
 fn sixty_seconds_of_kill_pause_and_coordinator_kill_pass() {
+    let _turn = one_run_at_a_time();
     let seed = seed();
     let mut run = ChaosRun::run(
         &[

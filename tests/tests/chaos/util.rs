@@ -15,6 +15,16 @@ use ringkv_tests::{bin_dir, processes_mentioning};
 use serde_json::Value;
 
 /// What a finished chaos run left.
+/// Chaos runs of this binary take turns: each starts a 5-node cluster and a dozen clients,
+/// and two at once on a 2-core machine would change what each measures (the broken build's
+/// race is caught less often when the machine is twice as busy).
+pub fn one_run_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A failed run poisons the lock; the next one still takes its turn.
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub struct ChaosRun {
     /// `None` once kept by [`ChaosRun::fail`].
     dir: Option<tempfile::TempDir>,

@@ -21,6 +21,9 @@ const DETECTOR_TICK: Duration = Duration::from_millis(100);
 /// How often a decommission checks whether the leaving node still holds anything.
 const DECOMMISSION_POLL: Duration = Duration::from_millis(200);
 
+/// How often a decommission looks whether the writes in flight when it began have settled.
+const WRITE_BARRIER_POLL: Duration = Duration::from_millis(5);
+
 /// Longest address or data directory a node may register with.
 const MAX_REGISTRY_FIELD: usize = 4096;
 
@@ -193,12 +196,29 @@ impl Coordinator {
             self.on_transition(t);
         }
         if let Some(record) = self.members.record(id) {
+            // The node is already leaving in memory: the decommission has partly happened.
             self.meta.save_node(record).await.map_err(|e| {
-                WireError::Unavailable(format!("cannot record the decommission: {e}"))
+                WireError::Indeterminate(format!("cannot record the decommission: {e}"))
             })?;
+        }
+        // A write that chose this node before it left the ring may still be between its
+        // stores and its metadata change, which the scans below would not see yet: wait
+        // for every version handed out so far to be settled (its write took its version
+        // before choosing its targets).
+        let barrier = self.meta.next_unassigned();
+        while self.meta.settled_floor().0.saturating_add(1) < barrier.0 {
+            if self.shutdown.is_cancelled() {
+                return Err(WireError::Indeterminate(
+                    "coordinator is shutting down; the decommission is under way".into(),
+                ));
+            }
+            tokio::time::sleep(WRITE_BARRIER_POLL).await;
         }
         self.queue_node_keys(id, JobKind::Migrate).await;
         loop {
+            // Read before the scan: a copy under way may have chosen this node as its target
+            // before it left, and records it only when done; one started later cannot.
+            let no_copy_under_way = self.repairs.is_idle();
             let this = self.clone();
             let live: Vec<bytes::Bytes> = tokio::task::spawn_blocking(move || {
                 let mut remaining = this.meta.keys_on_node(id);
@@ -207,7 +227,7 @@ impl Coordinator {
             })
             .await
             .map_err(|e| WireError::Internal(e.to_string()))?;
-            if live.is_empty() {
+            if live.is_empty() && no_copy_under_way {
                 break;
             }
             if self.repairs.is_empty() {
@@ -216,8 +236,8 @@ impl Coordinator {
                 }
             }
             if self.shutdown.is_cancelled() {
-                return Err(WireError::Unavailable(
-                    "coordinator is shutting down".into(),
+                return Err(WireError::Indeterminate(
+                    "coordinator is shutting down; the decommission is under way".into(),
                 ));
             }
             tokio::time::sleep(DECOMMISSION_POLL).await;

@@ -140,6 +140,12 @@ impl RepairQueue {
         self.len() == 0
     }
 
+    /// Whether nothing waits and no key taken off the queue is still being worked on.
+    pub fn is_idle(&self) -> bool {
+        let st = self.lock();
+        st.in_flight == 0 && st.urgent.is_empty() && st.normal.is_empty()
+    }
+
     /// Progress of the running jobs, for `status`.
     pub fn progress(&self) -> Vec<JobProgress> {
         let st = self.lock();

@@ -158,6 +158,16 @@ impl Coordinator {
         let started = Instant::now();
         let _guard = self.locks.lock(&key).await;
         let locked = Instant::now();
+        // In flight until this function returns: no version floor covers it before its
+        // metadata change is committed (or the write gave up). Taken before the targets are
+        // chosen, so that a decommission that waits for every version handed out before its
+        // node left the ring also waits for every write that chose that node.
+        let ticket = self
+            .meta
+            .next_version()
+            .await
+            .map_err(|e| WireError::Unavailable(format!("cannot assign a version: {e}")))?;
+        let version = ticket.version();
         let targets = self.members.preference_list(&key, rf);
         if targets.len() < quorum {
             return Err(WireError::Unavailable(format!(
@@ -165,14 +175,6 @@ impl Coordinator {
                 targets.len()
             )));
         }
-        // In flight until this function returns: no version floor covers it before its
-        // metadata change is committed (or the write gave up).
-        let ticket = self
-            .meta
-            .next_version()
-            .await
-            .map_err(|e| WireError::Unavailable(format!("cannot assign a version: {e}")))?;
-        let version = ticket.version();
         let tombstone = value.is_none();
 
         // Each store is queued on its replica's connection right here; the three answers

@@ -411,6 +411,11 @@ impl Metadata {
         Version(self.floor.load(Ordering::Acquire))
     }
 
+    /// The next version to be handed out: every version handed out so far is below it.
+    pub fn next_unassigned(&self) -> Version {
+        Version(self.lease.lock_unpoisoned().next)
+    }
+
     /// The highest floor that is safe now: below every version still in flight, and below
     /// every version not yet handed out. Every write at or below it has finished its
     /// metadata change (or given up).

@@ -401,3 +401,98 @@ fn acknowledging_after_one_replica_is_caught() {
         "the broken build should acknowledge: {answer}"
     );
 }
+
+/// A decommission waits for the writes in flight when it began: a put that chose the leaving
+/// node and has its stores on the replicas, but not yet its metadata change, is committed
+/// before the node is stopped, and is then moved off it. The key was deleted before, so the
+/// metadata lists no live key on the node while the put is in flight.
+#[test]
+fn a_decommission_waits_for_a_write_in_flight_to_the_leaving_node() {
+    let c = Cluster::start_with(ringkv_tests::Options {
+        nodes: 5,
+        // The failpoint's sleep blocks its worker thread; the others keep serving.
+        extra_args: ["--worker-threads", "4"].map(String::from).to_vec(),
+        // Every write waits 3 s between its quorum and its metadata change.
+        env: vec![(
+            "FAILPOINTS".into(),
+            "coordinator-before-meta-commit=sleep(3000)".into(),
+        )],
+    });
+    c.json(&["put", "probe", "old"]);
+    let deleted = c.json(&["del", "probe"])["version"].as_u64().unwrap();
+    let replicas = c.replicas("probe");
+    assert_eq!(replicas.len(), 3, "{replicas:?}");
+    let leaving = replicas[0];
+    let leaving_addr = c.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == leaving)
+        .and_then(|n| n["addr"].as_str())
+        .unwrap()
+        .to_string();
+
+    let (addr, bin) = (c.addr.clone(), ringkv_tests::bin_dir().join("ringkv"));
+    let put = std::thread::spawn(move || {
+        let mut child = std::process::Command::new(bin)
+            .args(["--coordinator", &addr, "--json", "put", "probe", "acked"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = ringkv_tests::wait_child(&mut child, Duration::from_secs(60)).unwrap();
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+        (out, stdout)
+    });
+    // The put's store has reached the leaving node: it is between its stores and its commit.
+    let rt = runtime();
+    wait_for(
+        "the put's store on the leaving node",
+        Duration::from_secs(30),
+        || {
+            let held = rt.block_on(async {
+                let node = ringkv_common::client::Client::connect(
+                    &leaving_addr,
+                    ringkv_common::protocol::Role::Coordinator,
+                    ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN,
+                )
+                .await
+                .ok()?;
+                let fetch = ringkv_common::protocol::Request::Fetch {
+                    key: bytes::Bytes::from_static(b"probe"),
+                };
+                match node.call(fetch).await.ok()? {
+                    ringkv_common::protocol::Response::Fetched { version, .. } => Some(version.0),
+                    _ => None,
+                }
+            })?;
+            (held > deleted).then_some(())
+        },
+    )
+    .unwrap();
+    assert!(
+        !put.is_finished(),
+        "the put is still waiting for its commit"
+    );
+    c.json(&["node", "remove", &leaving.to_string()]);
+    assert!(
+        put.is_finished(),
+        "the decommission ended before the write in flight to its node was committed"
+    );
+    let (status, stdout) = put.join().unwrap();
+    assert!(status.success(), "{stdout}");
+    assert_eq!(c.node_state(leaving).as_deref(), Some("removed"));
+    // The acknowledged value is on three live replicas, none of them the removed node.
+    c.wait_settled(Duration::from_secs(60));
+    assert_eq!(c.json(&["get", "probe"])["value"], "acked");
+    let after = c.json(&["locate", "probe"]);
+    let live: Vec<&Value> = after["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "up" && r["version"] == after["version"])
+        .collect();
+    assert_eq!(live.len(), 3, "{after}");
+    assert!(!c.replicas("probe").contains(&leaving), "{after}");
+}

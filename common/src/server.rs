@@ -145,7 +145,12 @@ pub async fn serve_connection<H: Handler>(
     // locks.
     let shutdown = shutdown.child_token();
     let mut framed = Framed::new(stream, ServerCodec::new(max_frame_len));
-    let result = match handshake(&mut framed).await {
+    // A peer that never says hello must not keep a shutdown waiting.
+    let greeted = tokio::select! {
+        greeted = handshake(&mut framed) => greeted,
+        () = shutdown.cancelled() => Ok(None),
+    };
+    let result = match greeted {
         Ok(Some(role)) => {
             serve_requests(&mut framed, handler, role, max_frame_len, &shutdown).await
         }
@@ -589,6 +594,36 @@ mod tests {
         ids.sort_unstable();
         assert_eq!(ids, (1..=REQUESTS).collect::<Vec<_>>());
         sending.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_does_not_wait_for_a_peer_that_never_says_hello() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(serve(
+            listener,
+            Arc::new(Echo { hold: None }),
+            1 << 20,
+            shutdown.clone(),
+        ));
+        // Connected, silent, and kept open throughout.
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        // A peer connected after it is greeted: the silent one was accepted before.
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut peer: Peer = tokio_util::codec::Framed::new(stream, FrameCodec::new(1 << 20));
+        let hello = Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Client,
+        };
+        peer.send(Envelope { id: 0, msg: hello }).await.unwrap();
+        peer.next().await.unwrap().unwrap().unwrap();
+        drop(peer);
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("serve returned although a peer never said hello")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -205,8 +205,13 @@ impl Coordinator {
         // stores and its metadata change, which the scans below would not see yet: wait
         // for every version handed out so far to be settled (its write took its version
         // before choosing its targets).
+        // A copy under way may likewise have chosen it as a target, and records it only
+        // when done; one started from now on cannot.
         let barrier = self.meta.next_unassigned();
-        while self.meta.settled_floor().0.saturating_add(1) < barrier.0 {
+        let copies = self.repairs.taken_so_far();
+        while self.meta.settled_floor().0.saturating_add(1) < barrier.0
+            || !self.repairs.done_before(copies)
+        {
             if self.shutdown.is_cancelled() {
                 return Err(WireError::Indeterminate(
                     "coordinator is shutting down; the decommission is under way".into(),
@@ -216,9 +221,6 @@ impl Coordinator {
         }
         self.queue_node_keys(id, JobKind::Migrate).await;
         loop {
-            // Read before the scan: a copy under way may have chosen this node as its target
-            // before it left, and records it only when done; one started later cannot.
-            let no_copy_under_way = self.repairs.is_idle();
             let this = self.clone();
             let live: Vec<bytes::Bytes> = tokio::task::spawn_blocking(move || {
                 let mut remaining = this.meta.keys_on_node(id);
@@ -227,7 +229,7 @@ impl Coordinator {
             })
             .await
             .map_err(|e| WireError::Internal(e.to_string()))?;
-            if live.is_empty() && no_copy_under_way {
+            if live.is_empty() {
                 break;
             }
             if self.repairs.is_empty() {

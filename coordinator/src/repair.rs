@@ -70,6 +70,10 @@ struct QueueState {
     queued: HashSet<Bytes>,
     /// Keys taken off the queue and not yet done.
     in_flight: usize,
+    /// Keys taken off the queue so far, which numbers each one taken.
+    taken: u64,
+    /// The numbers of the keys taken and not yet done.
+    working: std::collections::BTreeSet<u64>,
     jobs: HashMap<JobKind, Counters>,
 }
 
@@ -108,16 +112,21 @@ impl RepairQueue {
         self.wake.notify_one();
     }
 
-    fn pop(&self) -> Option<(Bytes, JobKind)> {
+    /// The next key to work on, its kind and its number (for [`RepairQueue::done`]).
+    fn pop(&self) -> Option<(Bytes, JobKind, u64)> {
         let mut st = self.lock();
-        let item = st.urgent.pop_front().or_else(|| st.normal.pop_front())?;
-        st.queued.remove(&item.0);
+        let (key, kind) = st.urgent.pop_front().or_else(|| st.normal.pop_front())?;
+        st.queued.remove(&key);
         st.in_flight += 1;
-        Some(item)
+        let number = st.taken;
+        st.taken += 1;
+        st.working.insert(number);
+        Some((key, kind, number))
     }
 
-    fn done(&self, kind: JobKind, bytes: u64) {
+    fn done(&self, kind: JobKind, bytes: u64, number: u64) {
         let mut st = self.lock();
+        st.working.remove(&number);
         st.in_flight = st.in_flight.saturating_sub(1);
         if let Some(c) = st.jobs.get_mut(&kind) {
             c.keys_done += 1;
@@ -140,10 +149,15 @@ impl RepairQueue {
         self.len() == 0
     }
 
-    /// Whether nothing waits and no key taken off the queue is still being worked on.
-    pub fn is_idle(&self) -> bool {
-        let st = self.lock();
-        st.in_flight == 0 && st.urgent.is_empty() && st.normal.is_empty()
+    /// How many keys have been taken off the queue so far: with [`RepairQueue::done_before`],
+    /// a barrier for the copies under way now.
+    pub fn taken_so_far(&self) -> u64 {
+        self.lock().taken
+    }
+
+    /// Whether every key among the first `taken` taken off the queue is done.
+    pub fn done_before(&self, taken: u64) -> bool {
+        self.lock().working.first().is_none_or(|&n| n >= taken)
     }
 
     /// Progress of the running jobs, for `status`.
@@ -545,7 +559,7 @@ pub async fn run_worker(coord: Arc<Coordinator>) {
         Instant::now(),
     )));
     loop {
-        let Some((key, kind)) = coord.repairs.pop() else {
+        let Some((key, kind, number)) = coord.repairs.pop() else {
             tokio::select! {
                 _ = coord.shutdown.cancelled() => return,
                 _ = coord.repairs.wake.notified() => continue,
@@ -566,7 +580,7 @@ pub async fn run_worker(coord: Arc<Coordinator>) {
                     0
                 }
             };
-            this.repairs.done(kind, bytes);
+            this.repairs.done(kind, bytes, number);
             let wait = throttle.lock_unpoisoned().take(bytes, Instant::now());
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;

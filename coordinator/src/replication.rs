@@ -27,7 +27,7 @@ use ringkv_common::{NodeId, Version, WireError};
 use smallvec::SmallVec;
 use tracing::debug;
 
-use crate::metadata::{KeyMeta, KeyUpdate, Replicas};
+use crate::metadata::{KeyMeta, KeyUpdate, Replicas, VersionTicket};
 use crate::state::Coordinator;
 pub use ringkv_common::protocol::check_sizes;
 
@@ -258,7 +258,7 @@ impl Coordinator {
         // Late replicas: record them when they answer; the repair loop covers the rest.
         // Usually every replica has answered by now and there is nothing left to do.
         if !calls.is_empty() || !superseded.is_empty() || late_failure {
-            self.finish_write(key, version, calls, superseded, late_failure);
+            self.finish_write(key, ticket, calls, superseded, late_failure);
         }
 
         if acked_count < quorum {
@@ -276,16 +276,20 @@ impl Coordinator {
 
     /// The background part of a write: forget the copies on former replicas, record replicas
     /// that answer after the metadata commit, and queue the key for repair if any failed.
+    /// The write's version stays in flight until this is done: a late replica is a metadata
+    /// change of the write too (a decommission waits for it, and no floor covers it before).
     fn finish_write(
         self: &Arc<Self>,
         late_key: Bytes,
-        version: Version,
+        ticket: VersionTicket,
         mut calls: StoreCalls,
         superseded: Vec<NodeId>,
         late_failure: bool,
     ) {
         let this = self.clone();
+        let version = ticket.version();
         self.background(async move {
+            let _in_flight = ticket;
             // Copies of older versions on nodes that are no longer replicas of the key.
             for node in superseded {
                 let _ = this

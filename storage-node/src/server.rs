@@ -110,8 +110,13 @@ impl Node {
         &self.log
     }
 
-    /// Rewrite the log if garbage passed the threshold.
+    /// Rewrite the log if garbage passed the threshold. Called every second, it is also
+    /// where a log that failed outside a request (a timed fsync, a compaction) stops the node.
     pub async fn maybe_compact(&self) {
+        if let Some(reason) = self.log.poisoned() {
+            self.failed("the log failed", &LogError::Poisoned(reason));
+            return;
+        }
         let live = self.lock().encoded_len();
         if !self.log.should_compact(live) {
             return;
@@ -125,6 +130,9 @@ impl Node {
                 after = stats.after_bytes,
                 "compacted log"
             ),
+            Err(e @ LogError::Poisoned(_)) => {
+                self.failed("compaction failed", &e);
+            }
             Err(e) => error!(error = %e, "compaction failed"),
         }
     }

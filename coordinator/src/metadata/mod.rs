@@ -177,7 +177,7 @@ pub struct Metadata {
     state: Arc<Mutex<Writer>>,
     /// Jobs committed by their own callers (under `never`, for changes that need no sync).
     inline: Option<Arc<InlineQueue>>,
-    lease: Mutex<VersionLease>,
+    lease: Arc<Mutex<VersionLease>>,
     /// The version floor (see the module docs); raised only by the writer, after its sync.
     floor: Arc<AtomicU64>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -187,19 +187,19 @@ pub struct Metadata {
 /// no floor is raised to it before then (see [`Metadata::settled_floor`]). Drop it once the
 /// write's metadata change is committed, or once the write gave up.
 #[must_use = "the version counts as settled as soon as the ticket is dropped"]
-pub struct VersionTicket<'a> {
-    lease: &'a Mutex<VersionLease>,
+pub struct VersionTicket {
+    lease: Arc<Mutex<VersionLease>>,
     version: Version,
 }
 
-impl VersionTicket<'_> {
+impl VersionTicket {
     /// The version handed out.
     pub fn version(&self) -> Version {
         self.version
     }
 }
 
-impl Drop for VersionTicket<'_> {
+impl Drop for VersionTicket {
     fn drop(&mut self) {
         self.lease
             .lock_unpoisoned()
@@ -313,11 +313,11 @@ impl Metadata {
             state,
             inline,
             // Start at the old ceiling: nothing at or above it was ever handed out.
-            lease: Mutex::new(VersionLease {
+            lease: Arc::new(Mutex::new(VersionLease {
                 next: ceiling,
                 ceiling,
                 in_flight: InFlight::default(),
-            }),
+            })),
             floor,
             thread: Mutex::new(Some(thread)),
         };
@@ -372,7 +372,7 @@ impl Metadata {
 
     /// A fresh version, newer than every version handed out before, across restarts too,
     /// in flight until the ticket is dropped.
-    pub async fn next_version(&self) -> Result<VersionTicket<'_>, MetaError> {
+    pub async fn next_version(&self) -> Result<VersionTicket, MetaError> {
         loop {
             let needed = {
                 let mut lease = self.lease.lock_unpoisoned();
@@ -381,7 +381,7 @@ impl Metadata {
                     lease.next += 1;
                     lease.in_flight.insert(v);
                     return Ok(VersionTicket {
-                        lease: &self.lease,
+                        lease: Arc::clone(&self.lease),
                         version: Version(v),
                     });
                 }

@@ -222,6 +222,11 @@ impl Log {
             .map_err(LogError::Poisoned)
     }
 
+    /// Why the log refuses writes, if a write, fsync or compaction failed.
+    pub fn poisoned(&self) -> Option<String> {
+        self.inner.lock().poisoned.clone()
+    }
+
     /// Bytes currently in the log file, garbage included.
     pub fn size_bytes(&self) -> u64 {
         self.inner.size.load(Ordering::Relaxed)

@@ -317,6 +317,28 @@ fn when_the_log_fails_no_write_of_the_batch_is_acknowledged() {
 }
 
 #[test]
+fn a_timed_fsync_that_fails_stops_the_node_though_no_write_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    // Under `interval` a store is answered once written; the fsync after it fails.
+    let failing = [("FAILPOINTS", "log-before-fsync=return")];
+    let mut node = NodeProcess::start(dir.path(), None, &["--fsync", "interval:50ms"], &failing);
+    let answers = runtime().block_on(send_batch(&node.addr, vec![(1, store("k", 1, "v"))]));
+    assert!(
+        matches!(
+            answers.as_slice(),
+            [Envelope {
+                id: 1,
+                msg: Ok(Response::Stored { applied: true, .. })
+            }]
+        ),
+        "{answers:?}"
+    );
+    // Nothing else is sent: the node notices the failed log by itself and stops.
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{status:?}");
+}
+
+#[test]
 fn a_store_that_finds_its_version_waits_for_the_fsync_of_the_store_that_wrote_it() {
     let dir = tempfile::tempdir().unwrap();
     // Every fsync takes 2 s: the first store's answer waits that long.
@@ -327,30 +349,43 @@ fn a_store_that_finds_its_version_waits_for_the_fsync_of_the_store_that_wrote_it
         let (first, second) = (connect().await.unwrap(), connect().await.unwrap());
         let reader = batching_client(&node.addr).await;
         let wait = Duration::from_secs(30);
-        let mut writing = Box::pin(first.call_timeout(store("k", 5, "v"), wait));
+        // The first store's fsync starts after this, so it ends 2 s after it at the earliest.
+        let sent = tokio::time::Instant::now();
+        let writing = tokio::spawn({
+            let first = first.clone();
+            async move { first.call_timeout(store("k", 5, "v"), wait).await }
+        });
         // Once the table has it, the same store again (a repair's copy, say) finds version 5.
         let deadline = tokio::time::Instant::now() + wait;
         while fetch_from(&reader, "k").await.0 != Version(5) {
-            assert!(tokio::time::Instant::now() < deadline, "the store never applied");
-            tokio::select! {
-                _ = &mut writing => panic!("answered before the fetch saw it"),
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the store never applied"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut again = Box::pin(second.call_timeout(store("k", 5, "v"), wait));
-        // Its answer says version 5 is stored, so it must not come before the fsync does.
-        tokio::select! {
-            biased;
-            written = &mut writing => {
-                assert!(matches!(written, Ok(Response::Stored { applied: true, .. })), "{written:?}");
-                let again = again.await;
-                assert!(
-                    matches!(again, Ok(Response::Stored { applied: false, version: Version(5) })),
-                    "{again:?}"
-                );
-            }
-            again = &mut again => panic!("answered {again:?} before the write it found was synced"),
-        }
+        let again = second.call_timeout(store("k", 5, "v"), wait).await;
+        let answered = sent.elapsed();
+        assert!(
+            matches!(
+                again,
+                Ok(Response::Stored {
+                    applied: false,
+                    version: Version(5)
+                })
+            ),
+            "{again:?}"
+        );
+        // Its answer says version 5 is stored, so it must not come before that fsync.
+        assert!(
+            answered >= Duration::from_millis(1900),
+            "answered {answered:?} after the first store was sent, before its fsync was done"
+        );
+        let written = writing.await.unwrap();
+        assert!(
+            matches!(written, Ok(Response::Stored { applied: true, .. })),
+            "{written:?}"
+        );
     });
 }
 

@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::CoordinatorConfig;
-pub use state::{Coordinator, ReadyGate};
+pub use state::{Coordinator, ReadyGate, RecoveryGate};
 
 use crate::key_locks::KeyLocks;
 use crate::metadata::Metadata;
@@ -70,11 +70,13 @@ pub async fn run(
     let _lock = ringkv_common::dir_lock::lock_dir(&config.data_dir)?;
     let dir = config.data_dir.clone();
     let meta_fsync = config.meta_fsync;
+    let write_quorum = u8::try_from(config.write_quorum).unwrap_or(u8::MAX);
     let (meta, records) = tokio::task::spawn_blocking(move || {
         Metadata::open_with(
             &dir,
             metadata::MetaOptions {
                 fsync: meta_fsync,
+                write_quorum,
                 ..Default::default()
             },
         )
@@ -89,7 +91,9 @@ pub async fn run(
     );
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor::new(config.launch.clone(), addr.to_string(), exit_tx);
+    let reads = RecoveryGate::new(meta.read_gate());
     let coord = Arc::new(Coordinator {
+        reads,
         config,
         meta,
         members,
@@ -109,6 +113,7 @@ pub async fn run(
             .await
             .context("recording the reconciliations owed")?;
     }
+    coord.refresh_read_gate();
 
     let loops = TaskTracker::new();
     let serve_stop = CancellationToken::new();

@@ -105,6 +105,10 @@ impl Coordinator {
     /// React to a state change.
     pub fn on_transition(self: &Arc<Self>, t: Transition) {
         info!(node = %t.node, from = %t.from, to = %t.to, "node state changed");
+        if t.to == NodeState::Removed {
+            // A removed node no longer counts among those the reads wait for.
+            self.refresh_read_gate();
+        }
         let this = self.clone();
         match (t.from, t.to) {
             (_, NodeState::Down) => {

@@ -361,6 +361,9 @@ impl Coordinator {
     /// Read `key`: the value at the version the metadata names, from any replica holding it.
     pub async fn read(self: &Arc<Self>, key: Bytes) -> Reply {
         check_sizes(&key, None)?;
+        if let Some(refused) = self.read_gate_error() {
+            return Err(refused);
+        }
         // If no replica holds the metadata's version, a write to the key is in flight (or one
         // reached replicas without being recorded): wait for the key's lock and look again.
         for pass in 0..3 {

@@ -28,6 +28,8 @@ pub struct Coordinator {
     pub shutdown: CancellationToken,
     /// Opens once the nodes expected at start-up have registered; client requests wait for it.
     pub ready: ReadyGate,
+    /// Closed to reads while the metadata may lack acknowledged writes the nodes hold.
+    pub reads: RecoveryGate,
     /// Background work (late acknowledgements, repairs); waited for at shutdown.
     pub tasks: TaskTracker,
     /// Where acknowledged writes spent their time, for `status`.
@@ -81,5 +83,39 @@ impl ReadyGate {
         if !self.is_open() {
             let _ = tokio::time::timeout(limit, self.opened.cancelled()).await;
         }
+    }
+}
+
+/// Whether reads may be served, after an unclean stop that may have taken acknowledged key
+/// changes from the journal (see [`crate::metadata::Metadata::read_gate`]): each such change
+/// reached `quorum` nodes, so once fewer than `quorum` nodes owe a reconciliation, one holder
+/// of each has been reconciled and the metadata names every key's newest version again.
+/// Until then a read could be answered with the version before an acknowledged write.
+/// Checking it is one atomic load.
+pub struct RecoveryGate {
+    quorum: Option<usize>,
+    closed: AtomicBool,
+}
+
+impl RecoveryGate {
+    /// A gate that waits for all but `quorum - 1` owing nodes; `None`: always open. Starts
+    /// closed until the first [`update`](Self::update).
+    pub fn new(quorum: Option<usize>) -> RecoveryGate {
+        RecoveryGate {
+            quorum,
+            closed: AtomicBool::new(quorum.is_some()),
+        }
+    }
+
+    /// Note that `owing` nodes owe a reconciliation; returns whether reads wait.
+    pub fn update(&self, owing: usize) -> bool {
+        let closed = self.quorum.is_some_and(|quorum| owing >= quorum);
+        self.closed.store(closed, Ordering::Release);
+        closed
+    }
+
+    /// Whether reads must wait.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }

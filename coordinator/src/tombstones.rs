@@ -116,9 +116,40 @@ impl Coordinator {
         if let Err(e) = self.meta.save_node(record).await {
             warn!(%node, error = %e, "cannot record that the node was reconciled");
         }
+        self.refresh_read_gate();
         if self.owing().is_empty() {
             info!("every node reconciled; deleted keys may be collected");
         }
+    }
+
+    /// Open or close the reads' [`RecoveryGate`] for the nodes that owe a reconciliation now.
+    pub fn refresh_read_gate(&self) {
+        let was_closed = self.reads.is_closed();
+        let owing = self.owing();
+        let closed = self.reads.update(owing.len());
+        if closed {
+            warn!(
+                ?owing,
+                "reads wait until these nodes are reconciled: the metadata may lack writes \
+                 they acknowledged before an unclean stop (`ringkv node remove` a node that \
+                 will not return)"
+            );
+        } else if was_closed {
+            info!("enough nodes reconciled; reads are served again");
+        }
+    }
+
+    /// Why a read cannot be served yet, if the reads' [`RecoveryGate`] is closed.
+    pub fn read_gate_error(&self) -> Option<ringkv_common::WireError> {
+        if !self.reads.is_closed() {
+            return None;
+        }
+        let owing: Vec<String> = self.owing().iter().map(ToString::to_string).collect();
+        Some(ringkv_common::WireError::Unavailable(format!(
+            "reads wait until the metadata is learnt back from the nodes after an unclean \
+             stop; not yet reconciled: node(s) {} (remove a node that will not return)",
+            owing.join(", ")
+        )))
     }
 
     /// Nodes that owe a reconciliation (and are not removed): the floor waits for them.

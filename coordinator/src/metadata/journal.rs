@@ -9,8 +9,9 @@
 //! ```
 //!
 //! Integers are big-endian; the CRC covers `len` and the payload. An entry is the new state of
-//! one key (or its removal), one node record, a version ceiling or a version floor (see
-//! [`Entry::Floor`]); replaying the file in order
+//! one key (or its removal), one node record, a version ceiling, a version floor (see
+//! [`Entry::Floor`]) or a note that key changes are acknowledged unsynced (see
+//! [`Entry::Unsynced`]); replaying the file in order
 //! rebuilds the metadata. Appends are written in groups: the writer encodes every change of a
 //! group into one buffer, writes it with one `write` and, under [`MetaFsync::Always`], syncs
 //! once before anyone is answered.
@@ -83,6 +84,12 @@ pub enum Entry {
     /// a version was deleted (or never acknowledged), so a copy of it on a node is garbage.
     /// Last, so that journals written before it existed read the same.
     Floor(u64),
+    /// Key changes from here on may be acknowledged before they are synced (`--meta-fsync
+    /// never`), by writes that reached this many replicas (the write quorum); 0: every key
+    /// change is synced again. After an unclean stop, reads wait until fewer than this many
+    /// nodes still owe a reconciliation (see [`super::Metadata::read_gate`]). After
+    /// [`Entry::Floor`], so that journals written before it existed read the same.
+    Unsynced(u8),
 }
 
 /// One change, as written: the same encoding as [`Entry`], from borrowed parts.
@@ -97,6 +104,7 @@ pub enum EntryRef<'a> {
     Ceiling(u64),
     Clean,
     Floor(u64),
+    Unsynced(u8),
 }
 
 /// A key as MessagePack bin, the encoding `Bytes` has in [`Entry`].

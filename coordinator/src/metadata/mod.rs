@@ -14,7 +14,9 @@
 //! the calling task itself: it appends them to the journal's buffer and publishes them at
 //! once, and the buffer reaches the file when it fills or within [`FLUSH_EVERY`]. That spares
 //! each write a hand-off to another thread and back; what a crash takes from the end of the
-//! file is learnt back from the nodes by the reconciliation every unclean start runs.
+//! file is learnt back from the nodes by the reconciliation every unclean start runs, and
+//! reads wait for it ([`Metadata::read_gate`]): a run under `never` notes in the journal,
+//! synced before it acknowledges anything, that its key changes may be lost from the file.
 //!
 //! "Which keys did node N hold" is answered by a scan of the in-memory map: it is asked only
 //! when a node leaves or returns, and keeping a second index would cost memory on every key.
@@ -154,6 +156,10 @@ pub struct MetaOptions {
     pub max_group: usize,
     /// The journal is not rewritten while smaller than this.
     pub rewrite_min_bytes: u64,
+    /// Replicas a write reaches before it is acknowledged (the coordinator's `--write-quorum`):
+    /// under `never`, what an unclean stop may take from the journal is on at least this many
+    /// nodes (see [`Metadata::read_gate`]).
+    pub write_quorum: u8,
 }
 
 impl Default for MetaOptions {
@@ -162,6 +168,7 @@ impl Default for MetaOptions {
             fsync: MetaFsync::Always,
             max_group: MAX_GROUP,
             rewrite_min_bytes: journal::REWRITE_MIN_BYTES,
+            write_quorum: 2,
         }
     }
 }
@@ -171,6 +178,8 @@ pub struct Metadata {
     /// Changes may be missing since the last open: the journal had a torn or damaged tail,
     /// or it was not closed cleanly.
     may_lack_changes: bool,
+    /// See [`Metadata::read_gate`].
+    read_gate: Option<u8>,
     shards: Arc<Vec<Shard>>,
     writer: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     /// The journal and the registry; the writer thread and inline committers share it.
@@ -227,7 +236,9 @@ impl Metadata {
             fsync,
             max_group,
             rewrite_min_bytes,
+            write_quorum,
         } = options;
+        let write_quorum = write_quorum.max(1);
         let max_group = max_group.max(1);
         std::fs::create_dir_all(dir)?;
         let shards: Vec<Shard> = (0..SHARDS)
@@ -236,6 +247,7 @@ impl Metadata {
         let mut nodes: BTreeMap<u64, NodeRecord> = BTreeMap::new();
         let mut ceiling = 1u64;
         let mut floor = 0u64;
+        let mut unsynced = 0u8;
         let (mut journal, report) =
             Journal::open(dir, fsync, rewrite_min_bytes, |entry| match entry {
                 Entry::Key { key, meta } => {
@@ -249,6 +261,7 @@ impl Metadata {
                 }
                 Entry::Ceiling(c) => ceiling = ceiling.max(c),
                 Entry::Floor(f) => floor = floor.max(f),
+                Entry::Unsynced(quorum) => unsynced = quorum,
                 Entry::Clean => {}
             })?;
         if report.discarded_bytes > 0 {
@@ -277,10 +290,28 @@ impl Metadata {
         // unsynced end of the file under `never`, whatever this run's policy is), and a
         // reconciliation an earlier start began may not have finished.
         let may_lack_changes = report.discarded_bytes > 0 || (!report.clean && report.entries > 0);
+        // Acknowledged key changes the journal may lack (an unclean stop of a run that did not
+        // sync them, or of one that had not yet learnt such changes back) are on at least
+        // `read_gate` nodes each, and reads must wait until one of those has been reconciled.
+        // Nodes owe a reconciliation from the first unclean start until they are reconciled,
+        // persisted in their records, so the gate outlives a clean restart made in between.
+        let owing = nodes.values().any(|r| r.owes_reconciliation && !r.removed);
+        let read_gate = (unsynced > 0 && (may_lack_changes || owing)).then_some(unsynced);
+        // What the next start must assume of this run's key changes.
+        let next_unsynced = match fsync {
+            MetaFsync::Never => read_gate.map_or(write_quorum, |q| q.min(write_quorum)),
+            MetaFsync::Always => read_gate.unwrap_or(0),
+        };
+        if next_unsynced != unsynced {
+            // Synced before any key change of this run is acknowledged.
+            journal.append(&EntryRef::Unsynced(next_unsynced))?;
+        }
         if report.clean {
             // The clean marker must not stay last: a crash of this run must not pass for a
             // graceful close. A synced no-op entry after it says the journal is open again.
             journal.append(&EntryRef::Ceiling(ceiling))?;
+        }
+        if report.clean || next_unsynced != unsynced {
             journal.commit(true)?;
         }
         let shards = Arc::new(shards);
@@ -297,6 +328,7 @@ impl Metadata {
             closed: false,
             rewriting: false,
             rewrites: 0,
+            unsynced: next_unsynced,
         }));
         let inline = (fsync == MetaFsync::Never).then(|| Arc::new(InlineQueue::default()));
         let thread = {
@@ -308,6 +340,7 @@ impl Metadata {
         };
         let meta = Metadata {
             may_lack_changes,
+            read_gate,
             shards,
             writer: Mutex::new(Some(tx)),
             state,
@@ -330,6 +363,15 @@ impl Metadata {
     /// whatever policy this run uses, and an earlier reconciliation may not have finished).
     pub fn may_lack_changes(&self) -> bool {
         self.may_lack_changes
+    }
+
+    /// Reads must wait while at least this many nodes owe a reconciliation, if set: the
+    /// journal may lack acknowledged key changes (a run under `--meta-fsync never` stopped
+    /// uncleanly), and each of them reached this many replicas. While fewer nodes owe one, at
+    /// least one holder of every such change has been reconciled, so the metadata knows the
+    /// newest acknowledged version of every key again.
+    pub fn read_gate(&self) -> Option<usize> {
+        self.read_gate.map(usize::from)
     }
 
     /// The metadata of `key`, if it was ever written.
@@ -706,6 +748,8 @@ struct Writer {
     rewriting: bool,
     /// Rewrites finished since open.
     rewrites: u64,
+    /// The [`Entry::Unsynced`] note in force, carried into every rewrite.
+    unsynced: u8,
 }
 
 impl Writer {
@@ -813,6 +857,7 @@ impl Writer {
                     nodes: self.nodes.values().cloned().collect(),
                     ceiling: self.ceiling,
                     floor: self.floor.clone(),
+                    unsynced: self.unsynced,
                     before: self.journal.size(),
                 })
             }
@@ -968,6 +1013,7 @@ struct BackgroundRewrite {
     nodes: Vec<NodeRecord>,
     ceiling: u64,
     floor: Arc<AtomicU64>,
+    unsynced: u8,
     before: u64,
 }
 
@@ -979,6 +1025,7 @@ impl BackgroundRewrite {
             nodes,
             ceiling,
             floor,
+            unsynced,
             before,
         } = self;
         let mut written = Ok(());
@@ -1015,7 +1062,11 @@ impl BackgroundRewrite {
             .and_then(|()| rewrite.push(&EntryRef::Ceiling(ceiling)))
             // Read after the walk: at least the floor under which the entries it missed
             // were collected (a collection raises the floor before it removes anything).
-            .and_then(|()| rewrite.push(&EntryRef::Floor(floor.load(Ordering::Acquire))));
+            .and_then(|()| rewrite.push(&EntryRef::Floor(floor.load(Ordering::Acquire))))
+            .and_then(|()| match unsynced {
+                0 => Ok(()),
+                quorum => rewrite.push(&EntryRef::Unsynced(quorum)),
+            });
         let snapshot = match snapshot {
             Ok(()) => rewrite.sync(),
             Err(e) => {
@@ -1653,5 +1704,81 @@ mod tests {
             assert_eq!(m.get(b"k"), Some(meta(1, &[1])));
             m.close();
         }
+    }
+
+    /// Reads wait after an unclean stop only if the stopped run acknowledged key changes it
+    /// had not synced (or such changes were still to be learnt back), with that run's write
+    /// quorum; a node that still owes a reconciliation keeps the gate across clean restarts,
+    /// and a journal rewrite keeps the note.
+    #[tokio::test]
+    async fn reads_wait_only_after_unsynced_changes_may_have_been_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |fsync, write_quorum| {
+            let options = MetaOptions {
+                fsync,
+                write_quorum,
+                rewrite_min_bytes: 4096,
+                ..MetaOptions::default()
+            };
+            Metadata::open_with(dir.path(), options).unwrap().0
+        };
+        let owing = |owes| NodeRecord {
+            id: NodeId(1),
+            addr: "127.0.0.1:1".into(),
+            data_dir: "/x".into(),
+            spawned: true,
+            pid: None,
+            removed: false,
+            leaving: false,
+            owes_reconciliation: owes,
+        };
+        // Every acknowledged change of an `always` run was synced.
+        let m = open(MetaFsync::Always, 2);
+        m.update(vec![(
+            Bytes::from_static(b"k"),
+            KeyUpdate::Set(meta(1, &[1])),
+        )])
+        .await
+        .unwrap();
+        std::mem::forget(m);
+        let m = open(MetaFsync::Always, 2);
+        assert!(m.may_lack_changes());
+        assert_eq!(m.read_gate(), None);
+        m.close();
+        // A `never` run closed cleanly lost nothing; one that stopped uncleanly may have.
+        open(MetaFsync::Never, 2).close();
+        let m = open(MetaFsync::Never, 2);
+        assert_eq!(m.read_gate(), None, "closed cleanly");
+        std::mem::forget(m);
+        let m = open(MetaFsync::Always, 1);
+        assert_eq!(
+            m.read_gate(),
+            Some(2),
+            "the stopped run's quorum, not this run's"
+        );
+        // A node still owes a reconciliation: the next start waits for it, clean or not.
+        m.save_node(owing(true)).await.unwrap();
+        m.close();
+        let m = open(MetaFsync::Always, 2);
+        assert_eq!(m.read_gate(), Some(2));
+        // Rewrites (a small threshold, many changes) carry the note.
+        for i in 0..2_000u64 {
+            let key = Bytes::from(format!("key-{}", i % 10));
+            m.update(vec![(key, KeyUpdate::Set(meta(i + 1, &[1])))])
+                .await
+                .unwrap();
+        }
+        assert!(m.rewrites() > 0);
+        std::mem::forget(m);
+        let m = open(MetaFsync::Always, 2);
+        assert_eq!(m.read_gate(), Some(2), "the note survived the rewrite");
+        // Reconciled: an `always` run drops the note, and its own unclean stop gates nothing.
+        m.save_node(owing(false)).await.unwrap();
+        m.close();
+        std::mem::forget(open(MetaFsync::Always, 2));
+        let m = open(MetaFsync::Never, 3);
+        assert_eq!(m.read_gate(), None);
+        std::mem::forget(m);
+        assert_eq!(open(MetaFsync::Never, 3).read_gate(), Some(3));
     }
 }

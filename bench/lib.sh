@@ -104,16 +104,17 @@ start_redis() {
     wait_for_ping "$port" "redis ($name)" "$dir/redis.log"
 }
 
-# start_ringkv NAME FSYNC: start a coordinator with NODES nodes, set RINGKV_ADDR and RINGKV_PID.
-# RINGKV_ARGS (environment) adds coordinator flags, e.g. RINGKV_ARGS=--no-node-batching.
-# FSYNC is both the nodes' log policy and the metadata journal's (always or never). Returns
-# once every node has registered, so the first measurement does not race the start.
+# start_ringkv NAME FSYNC [META_FSYNC]: start a coordinator with NODES nodes, set RINGKV_ADDR
+# and RINGKV_PID. RINGKV_ARGS (environment) adds coordinator flags, e.g.
+# RINGKV_ARGS=--no-node-batching. FSYNC is the nodes' log policy (always or never), and the
+# metadata journal's too unless META_FSYNC says otherwise. Returns once every node has
+# registered, so the first measurement does not race the start.
 start_ringkv() {
-    local name=$1 fsync=$2
+    local name=$1 fsync=$2 meta_fsync=${3:-$2}
     local dir="$WORK/$name"
     mkdir -p "$dir"
     "$BIN/ringkv-coordinator" --listen 127.0.0.1:0 --data-dir "$dir/data" --nodes "$NODES" \
-        --node-fsync "$fsync" --meta-fsync "$fsync" --node-binary "$BIN/ringkv-node" \
+        --node-fsync "$fsync" --meta-fsync "$meta_fsync" --node-binary "$BIN/ringkv-node" \
         ${RINGKV_ARGS:-} \
         > "$dir/stdout" 2> "$dir/coordinator.log" &
     RINGKV_PID=$!

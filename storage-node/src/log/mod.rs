@@ -8,6 +8,8 @@
 //!
 //! # Files in the data directory
 //! - `ringkv.log`: the log. It is the only source of truth; every replacement of it is an atomic rename.
+//!   Under `--fsync always` the file runs on past the last record in zeros written ahead, which
+//!   replay takes for the end of the log.
 //! - `ringkv.log.compact`: a rewrite in progress. One left over at open is a crash before its rename,
 //!   so it is deleted.
 //! - `ringkv.log.corrupt-<unix-secs>`: the original of a log in which recovery found mid-file

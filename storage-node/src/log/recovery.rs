@@ -1,6 +1,9 @@
 //! Replaying the log at open, and repairing what a crash or the disk did to it.
 //!
 //! Owns the decision of what a damaged log means:
+//! - Zeros after the last good record, to the end of the file, are space the writer wrote ahead
+//!   under `--fsync always` (see [`super::writer`]): the log ends there, nothing is lost, and the
+//!   file is cut back to its last record.
 //! - A bad frame with no valid frame anywhere after it is a **torn tail** (a crash mid-append): the
 //!   file is truncated to the end of the last good record, synced, and the loss is reported.
 //! - A bad frame followed, somewhere later, by a valid frame is **mid-file corruption**: the bad bytes
@@ -41,6 +44,8 @@ pub struct RecoveryReport {
     pub bytes: u64,
     /// Bytes of torn tail cut off the end of the file (0 if it ended cleanly).
     pub truncated_tail_bytes: u64,
+    /// Bytes of zeros written ahead of the log's end, cut off the file (not a loss).
+    pub preallocated_bytes: u64,
     /// Mid-file corruption skipped, as `(offset, len)` byte ranges of the original file.
     pub corrupt_regions: Vec<(u64, u64)>,
 }
@@ -130,7 +135,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, LogError> {
             size,
         });
     }
-    if report.truncated_tail_bytes > 0 {
+    if report.truncated_tail_bytes > 0 || report.preallocated_bytes > 0 {
         file.set_len(good_end)?;
         file.sync_all()?;
     }
@@ -171,6 +176,10 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
                     offset = next;
                     // Discards the buffer, which `find_next_frame` moved the file out from under.
                     reader.seek(SeekFrom::Start(offset))?;
+                }
+                None if all_zeros(reader.get_ref(), offset, file_len)? => {
+                    report.preallocated_bytes = file_len - offset;
+                    break;
                 }
                 None => {
                     report.truncated_tail_bytes = file_len - offset;
@@ -220,6 +229,24 @@ fn find_next_frame(file: &File, from: u64, file_len: u64) -> io::Result<Option<u
         base += (want + 1 - MIN_FRAME_LEN) as u64;
     }
     Ok(None)
+}
+
+/// Whether every byte of `file` from `from` to `file_len` is zero.
+fn all_zeros(file: &File, from: u64, file_len: u64) -> io::Result<bool> {
+    let mut window = vec![0u8; SCAN_WINDOW];
+    let mut at = from;
+    while at < file_len {
+        let len = (file_len - at).min(SCAN_WINDOW as u64) as usize;
+        let Some(chunk) = window.get_mut(..len) else {
+            return Ok(false);
+        };
+        read_exact_at(file, chunk, at)?;
+        if chunk.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += len as u64;
+    }
+    Ok(true)
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -375,6 +402,48 @@ mod tests {
             assert_eq!(got[..whole], records[..whole]);
             assert_eq!(got[whole], extra);
             rt.block_on(log.close()).unwrap();
+        }
+    }
+
+    /// A crash in space the writer wrote ahead (`--fsync always`): the file is cut at every
+    /// byte offset and the rest is zeros. Zeros right after a whole record are the log's end,
+    /// not a loss; a partial record before them is a torn tail, reported with the zeros.
+    #[test]
+    fn zeros_after_the_last_record_end_the_log_and_a_torn_record_before_them_is_reported() {
+        const AHEAD: usize = 4096;
+        let records = mixed(12);
+        let (bytes, ends) = written(&records);
+        for cut in HEADER_LEN as usize..=bytes.len() {
+            let mut file = bytes[..cut].to_vec();
+            file.resize(cut + AHEAD, 0);
+            let dir = dir_with(&file);
+            let mut whole = ends.iter().take_while(|&&end| end <= cut as u64).count();
+            // A record whose missing bytes are all zeros is whole again with the zeros.
+            if ends
+                .get(whole)
+                .is_some_and(|&end| bytes[cut..end as usize].iter().all(|&b| b == 0))
+            {
+                whole += 1;
+            }
+            let good_end = ends[..whole].last().copied().unwrap_or(HEADER_LEN);
+            let (log, got, report) = open(dir.path());
+            assert_eq!(got, records[..whole], "cut at {cut}");
+            assert!(
+                report.corrupt_regions.is_empty(),
+                "cut at {cut}: {report:?}"
+            );
+            let rest = (file.len() as u64) - good_end;
+            if good_end >= cut as u64 || bytes[good_end as usize..cut].iter().all(|&b| b == 0) {
+                assert_eq!(report.preallocated_bytes, rest, "cut at {cut}");
+                assert!(report.is_clean(), "cut at {cut}: {report:?}");
+            } else {
+                assert_eq!(report.truncated_tail_bytes, rest, "cut at {cut}");
+                assert_eq!(report.preallocated_bytes, 0, "cut at {cut}");
+            }
+            assert_eq!(log.size_bytes(), good_end);
+            let len = fs::metadata(dir.path().join(LOG_FILE)).unwrap().len();
+            assert_eq!(len, good_end, "cut at {cut}: the zeros are cut off");
+            runtime().block_on(log.close()).unwrap();
         }
     }
 

@@ -74,11 +74,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A TCP port on 127.0.0.1 that nothing listens on right now.
+# A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's range of
+# ephemeral ports: a port from that range could be taken by a connection (the nodes', the
+# client's) between this check and the server's bind.
 free_port() {
-    local port
+    local port low
+    read -r low _ < /proc/sys/net/ipv4/ip_local_port_range
+    [ "$low" -gt 2048 ] || low=30000
     for _ in $(seq 100); do
-        port=$((20000 + RANDOM % 40000))
+        port=$((1024 + RANDOM % (low - 1024)))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "$port"
             return

@@ -15,6 +15,7 @@
 //! - [`dir_lock`]: the exclusive lock a process holds on its data directory.
 //! - [`runtime`]: the server binaries' async runtime and its worker count.
 //! - [`sync`]: locks that are taken even after a panic poisoned them.
+//! - [`write_ahead`]: files kept written ahead in zeros, so that syncing them is cheap.
 
 pub mod client;
 pub mod codec;
@@ -31,6 +32,7 @@ pub mod signals;
 pub mod sync;
 pub mod types;
 pub mod wire_fast;
+pub mod write_ahead;
 
 pub use config::{duration_arg, parse_duration, parse_period};
 pub use error::WireError;

@@ -38,6 +38,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use ringkv_common::write_ahead;
 use serde::{Deserialize, Serialize};
 
 use super::{KeyMeta, NodeRecord};
@@ -56,15 +57,6 @@ const MAX_PAYLOAD_LEN: usize = ringkv_common::protocol::MAX_KEY_LEN + 64 * 1024;
 
 /// The journal is not rewritten while smaller than this (by default).
 pub const REWRITE_MIN_BYTES: u64 = 32 * 1024 * 1024;
-
-/// Bytes of zeros written ahead of the journal's end at a time under [`MetaFsync::Always`]:
-/// a sync of bytes written into space the file already had changes no file-system metadata,
-/// so it needs no journal commit of the file system (on the disks measured, 40-50% less time
-/// and CPU per sync). Replay takes zeros after the last entry for the end of the journal.
-const PREALLOCATE: u64 = 4 << 20;
-
-/// Zeros to write ahead from; [`PREALLOCATE`] is a multiple of its length.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// When a metadata change is synced to disk before it is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -158,7 +150,8 @@ pub struct Journal {
     /// A rewrite failed after its rename (see [`Journal::is_broken`]).
     broken: bool,
     /// Under [`MetaFsync::Always`], how far the file has been written: zeros from `len` on
-    /// (see [`PREALLOCATE`]). `None` under `never`, whose file ends where the journal does.
+    /// ([`ringkv_common::write_ahead`]), which replay takes for the end of the journal.
+    /// `None` under `never`, whose file ends where the journal does.
     allocated: Option<u64>,
 }
 
@@ -206,7 +199,7 @@ impl Journal {
             }
             offset
         };
-        if valid < total && all_zeros(&file, valid, total).map_err(io)? {
+        if valid < total && write_ahead::all_zeros(&file, valid, total).map_err(io)? {
             // Space written ahead: the journal ends here, and nothing was lost.
             file.set_len(valid).map_err(io)?;
             file.sync_all().map_err(io)?;
@@ -280,7 +273,7 @@ impl Journal {
         // After a failed write the file may end in part of a group, and after a failed sync
         // the kernel may have dropped what it held: either way nothing more may be written.
         let end = self.len + self.buf.len() as u64;
-        if let Err(e) = make_room(&self.file, &mut self.allocated, end)
+        if let Err(e) = write_ahead::make_room(&self.file, &mut self.allocated, end)
             .and_then(|()| self.file.write_all_at(&self.buf, self.len))
         {
             self.broken = true;
@@ -647,47 +640,6 @@ fn move_tail_aside(dir: &Path, file: &mut File, valid: u64) -> io::Result<PathBu
     file.sync_all()?;
     sync_dir(dir)?;
     Ok(aside)
-}
-
-/// Under preallocation (`allocated` is `Some`), writes zeros ahead so that `file` extends
-/// past `end`.
-fn make_room(file: &File, allocated: &mut Option<u64>, end: u64) -> io::Result<()> {
-    let Some(written) = *allocated else {
-        return Ok(());
-    };
-    if end <= written {
-        return Ok(());
-    }
-    let target = end + PREALLOCATE;
-    let mut at = written;
-    while at < target {
-        let len = usize::try_from(target - at)
-            .unwrap_or(usize::MAX)
-            .min(ZEROS.len());
-        let zeros = ZEROS.get(..len).ok_or(io::ErrorKind::InvalidInput)?;
-        file.write_all_at(zeros, at)?;
-        at += len as u64;
-    }
-    *allocated = Some(target);
-    Ok(())
-}
-
-/// Whether every byte of `file` from `from` to `to` is zero.
-fn all_zeros(file: &File, from: u64, to: u64) -> io::Result<bool> {
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut at = from;
-    while at < to {
-        let n = usize::try_from(to - at)
-            .unwrap_or(usize::MAX)
-            .min(chunk.len());
-        let part = chunk.get_mut(..n).ok_or(io::ErrorKind::InvalidInput)?;
-        file.read_exact_at(part, at)?;
-        if part.iter().any(|&b| b != 0) {
-            return Ok(false);
-        }
-        at += n as u64;
-    }
-    Ok(true)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

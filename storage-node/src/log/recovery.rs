@@ -26,6 +26,8 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ringkv_common::write_ahead;
+
 use super::record::{read_frame, Frame, FrameHead, Record, HEADER_LEN, MAGIC, MIN_FRAME_LEN};
 use super::{compaction, sync_dir, LogError, COMPACT_FILE, CORRUPT_FILE_PREFIX, LOG_FILE};
 
@@ -177,7 +179,7 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
                     // Discards the buffer, which `find_next_frame` moved the file out from under.
                     reader.seek(SeekFrom::Start(offset))?;
                 }
-                None if all_zeros(reader.get_ref(), offset, file_len)? => {
+                None if write_ahead::all_zeros(reader.get_ref(), offset, file_len)? => {
                     report.preallocated_bytes = file_len - offset;
                     break;
                 }
@@ -229,24 +231,6 @@ fn find_next_frame(file: &File, from: u64, file_len: u64) -> io::Result<Option<u
         base += (want + 1 - MIN_FRAME_LEN) as u64;
     }
     Ok(None)
-}
-
-/// Whether every byte of `file` from `from` to `file_len` is zero.
-fn all_zeros(file: &File, from: u64, file_len: u64) -> io::Result<bool> {
-    let mut window = vec![0u8; SCAN_WINDOW];
-    let mut at = from;
-    while at < file_len {
-        let len = (file_len - at).min(SCAN_WINDOW as u64) as usize;
-        let Some(chunk) = window.get_mut(..len) else {
-            return Ok(false);
-        };
-        read_exact_at(file, chunk, at)?;
-        if chunk.iter().any(|&b| b != 0) {
-            return Ok(false);
-        }
-        at += len as u64;
-    }
-    Ok(true)
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {

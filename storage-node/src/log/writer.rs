@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
+use ringkv_common::write_ahead;
 use tokio::sync::oneshot;
 
 use super::compaction::{self, CompactStats, CompactThreshold};
@@ -76,16 +77,6 @@ struct Inner {
     syncs: AtomicU64,
 }
 
-/// Bytes of zeros written ahead of the log's end at a time under [`FsyncPolicy::Always`].
-/// An fsync of bytes written into space the file already had (allocated and written before)
-/// changes no file-system metadata, so it needs no journal commit of the file system: on the
-/// disks measured (`bench/fsync.sh`) such syncs take 30-45% less time and CPU. 4 MiB is a few
-/// seconds of appends under load, and zeroing it costs the appender well under a millisecond.
-const PREALLOCATE: u64 = 4 << 20;
-
-/// Zeros to write ahead from; [`PREALLOCATE`] is a multiple of its length.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
 /// The file and what is known about it; guarded by [`Inner::state`].
 struct State {
     /// The open log; `None` once closed.
@@ -94,8 +85,8 @@ struct State {
     dirty: bool,
     /// Why the first failed write or fsync failed; nothing is written after it.
     poisoned: Option<String>,
-    /// Under [`FsyncPolicy::Always`], how far the file has been written (zeros after the
-    /// log's end, see [`PREALLOCATE`]); replay takes a zero tail for the end of the log.
+    /// Under [`FsyncPolicy::Always`], how far the file has been written: zeros after the
+    /// log's end ([`ringkv_common::write_ahead`]), which replay takes for the end of the log.
     /// `None` under the other policies, whose files end where the log does.
     preallocated: Option<u64>,
 }
@@ -313,7 +304,7 @@ impl Log {
 }
 
 /// Opens the log for positional writes at its end (not `O_APPEND`: the end of the log may be
-/// before the end of the file, see [`PREALLOCATE`]).
+/// before the end of the file, see [`State::preallocated`]).
 fn open_for_append(dir: &Path) -> io::Result<File> {
     OpenOptions::new().write(true).open(dir.join(LOG_FILE))
 }
@@ -327,25 +318,6 @@ impl State {
         // Nothing will be synced again.
         self.dirty = false;
         reason
-    }
-
-    /// Under preallocation, writes zeros ahead so that the file extends past `end`.
-    fn make_room(&mut self, file: &File, end: u64) -> io::Result<()> {
-        let Some(allocated) = self.preallocated else {
-            return Ok(());
-        };
-        if end <= allocated {
-            return Ok(());
-        }
-        let target = end + PREALLOCATE;
-        let mut at = allocated;
-        while at < target {
-            let len = (target - at).min(ZEROS.len() as u64);
-            file.write_all_at(&ZEROS[..len as usize], at)?;
-            at += len;
-        }
-        self.preallocated = Some(target);
-        Ok(())
     }
 
     /// The file, if it may be written.
@@ -372,8 +344,7 @@ impl Inner {
         // Only writes under the state's lock change the size.
         let at = self.size.load(Ordering::Relaxed);
         let end = at + frames.len() as u64;
-        let written = state
-            .make_room(&file, end)
+        let written = write_ahead::make_room(&file, &mut state.preallocated, end)
             .and_then(|()| file.write_all_at(frames, at));
         match written {
             Ok(()) => {

@@ -1,0 +1,107 @@
+//! Files written ahead in zeros, for logs that are synced on every write.
+//!
+//! An fsync of bytes appended to a file must also make the file's new size durable, which on
+//! ext4 (and most journaling file systems) is a commit of the file system's own journal. An
+//! fsync of bytes written into space the file already had, written before, changes no
+//! metadata and needs no such commit: on the disks measured (`bench/fsync.sh`) it takes 30-50%
+//! less time and CPU. So a log that syncs every write keeps its file [`AHEAD`] bytes of zeros
+//! past its end and writes its records into them; its replay takes zeros after the last record
+//! for the end of the log ([`all_zeros`]).
+//!
+//! Invariant: a record is written only where the file already ends in zeros or past its end,
+//! at the log's end, so the zeros are always the file's tail.
+
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Bytes of zeros written ahead at a time: a few seconds of appends under load, and zeroing
+/// them costs the writer well under a millisecond.
+pub const AHEAD: u64 = 4 << 20;
+
+/// Zeros to write from; [`AHEAD`] is a multiple of its length.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// If `written` is `Some` (how far `file` has been written), writes zeros so that the file
+/// extends past `end`, [`AHEAD`] bytes further; `None` writes nothing.
+///
+/// # Errors
+/// The write's; `written` is then unchanged.
+pub fn make_room(file: &File, written: &mut Option<u64>, end: u64) -> io::Result<()> {
+    let Some(from) = *written else {
+        return Ok(());
+    };
+    if end <= from {
+        return Ok(());
+    }
+    let target = end + AHEAD;
+    let mut at = from;
+    while at < target {
+        let len = usize::try_from(target - at)
+            .unwrap_or(usize::MAX)
+            .min(ZEROS.len());
+        let zeros = ZEROS.get(..len).ok_or(io::ErrorKind::InvalidInput)?;
+        file.write_all_at(zeros, at)?;
+        at += len as u64;
+    }
+    *written = Some(target);
+    Ok(())
+}
+
+/// Whether every byte of `file` from `from` to `to` is zero.
+///
+/// # Errors
+/// The reads'.
+pub fn all_zeros(file: &File, from: u64, to: u64) -> io::Result<bool> {
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at)
+            .unwrap_or(usize::MAX)
+            .min(chunk.len());
+        let part = chunk.get_mut(..n).ok_or(io::ErrorKind::InvalidInput)?;
+        file.read_exact_at(part, at)?;
+        if part.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_made_ahead_only_when_needed_and_only_in_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        file.write_all_at(b"head", 0).unwrap();
+        let mut written = Some(4);
+        make_room(&file, &mut written, 10).unwrap();
+        assert_eq!(written, Some(10 + AHEAD));
+        assert_eq!(file.metadata().unwrap().len(), 10 + AHEAD);
+        assert!(all_zeros(&file, 4, 10 + AHEAD).unwrap());
+        // Within what was written: nothing to do.
+        make_room(&file, &mut written, 100).unwrap();
+        assert_eq!(written, Some(10 + AHEAD));
+        // Not written ahead at all.
+        let mut none = None;
+        make_room(&file, &mut none, 1 << 30).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 10 + AHEAD);
+        assert!(!all_zeros(&file, 0, 8).unwrap());
+        file.write_all_at(&[1], 5 + AHEAD).unwrap();
+        assert!(!all_zeros(&file, 4, 10 + AHEAD).unwrap());
+        assert!(all_zeros(&file, 4, 5 + AHEAD).unwrap());
+    }
+}

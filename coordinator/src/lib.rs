@@ -187,6 +187,12 @@ pub async fn run(
         if !nodes.is_empty() {
             warn!(?nodes, "serving without having reconciled these nodes");
         }
+        if coord.reads.is_closed() {
+            warn!(
+                "reads wait until the nodes that may hold acknowledged writes the journal lost \
+                 are reconciled (a stop under --meta-fsync never)"
+            );
+        }
     }
     info!(%addr, nodes = expected.len(), "coordinator ready");
     coord.ready.open();

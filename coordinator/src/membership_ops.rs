@@ -63,7 +63,15 @@ impl Coordinator {
             }
             None => {
                 let id = self.members.next_id();
-                self.members.add(joined_record(id, &addr, &data_dir, pid));
+                let record = joined_record(id, &addr, &data_dir, pid);
+                self.members.add(record.clone());
+                // Durable before the node enters the ring and takes writes: under
+                // `--meta-fsync never` a write acknowledged by a node the registry then lost
+                // would be missed by the reads' wait after a crash.
+                self.meta
+                    .save_node(record)
+                    .await
+                    .map_err(|e| WireError::Unavailable(format!("cannot record the node: {e}")))?;
                 info!(node = %id, %addr, "new node joined");
                 id
             }
@@ -78,6 +86,8 @@ impl Coordinator {
         if let Some(t) = transition {
             self.on_transition(t);
         }
+        // A node the registry had lost may hold writes the journal lost too.
+        self.refresh_read_gate();
         // Whatever the node holds is reconciled against the metadata: it may have restarted
         // with an older log, or this coordinator may have restarted and missed writes it
         // never recorded.
@@ -105,10 +115,6 @@ impl Coordinator {
     /// React to a state change.
     pub fn on_transition(self: &Arc<Self>, t: Transition) {
         info!(node = %t.node, from = %t.from, to = %t.to, "node state changed");
-        if t.to == NodeState::Removed {
-            // A removed node no longer counts among those the reads wait for.
-            self.refresh_read_gate();
-        }
         let this = self.clone();
         match (t.from, t.to) {
             (_, NodeState::Down) => {
@@ -183,6 +189,18 @@ impl Coordinator {
             .ok_or_else(|| WireError::NotFound(format!("node {id}")))?;
         if state == NodeState::Removed {
             return Ok(Response::Done);
+        }
+        if self.reads.is_closed()
+            && self
+                .members
+                .record(id)
+                .is_some_and(|r| r.owes_reconciliation)
+        {
+            // Removing it would let reads go on without the writes only it may hold.
+            return Err(WireError::Unavailable(format!(
+                "node {id} may hold acknowledged writes the metadata has not learnt back since \
+                 an unclean stop, and reads wait for it: start it again so it can be reconciled"
+            )));
         }
         let others_up = self
             .members

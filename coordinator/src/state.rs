@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ringkv_common::sync::MutexExt;
 use ringkv_common::NodeId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -95,6 +96,8 @@ impl ReadyGate {
 pub struct RecoveryGate {
     quorum: Option<usize>,
     closed: AtomicBool,
+    /// Serialises updates, so that an older count never overwrites a newer one.
+    updating: std::sync::Mutex<()>,
 }
 
 impl RecoveryGate {
@@ -104,18 +107,27 @@ impl RecoveryGate {
         RecoveryGate {
             quorum,
             closed: AtomicBool::new(quorum.is_some()),
+            updating: std::sync::Mutex::new(()),
         }
     }
 
-    /// Note that `owing` nodes owe a reconciliation; returns whether reads wait.
-    pub fn update(&self, owing: usize) -> bool {
-        let closed = self.quorum.is_some_and(|quorum| owing >= quorum);
+    /// Count the nodes that owe a reconciliation (`owing`, called under the gate's own lock)
+    /// and open or close the gate; returns whether reads wait, and whether they did before.
+    pub fn update(&self, owing: impl FnOnce() -> usize) -> (bool, bool) {
+        let _one_at_a_time = self.updating.lock_unpoisoned();
+        let was_closed = self.is_closed();
+        let closed = self.quorum.is_some_and(|quorum| owing() >= quorum);
         self.closed.store(closed, Ordering::Release);
-        closed
+        (closed, was_closed)
     }
 
     /// Whether reads must wait.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether this run has a gate at all (the journal may lack acknowledged writes).
+    pub fn is_gated(&self) -> bool {
+        self.quorum.is_some()
     }
 }

@@ -124,17 +124,14 @@ impl Coordinator {
 
     /// Open or close the reads' [`RecoveryGate`] for the nodes that owe a reconciliation now.
     pub fn refresh_read_gate(&self) {
-        let was_closed = self.reads.is_closed();
-        let owing = self.owing();
-        let closed = self.reads.update(owing.len());
+        let (closed, was_closed) = self.reads.update(|| self.owing().len());
         if closed {
-            warn!(
-                ?owing,
-                "reads wait until these nodes are reconciled: the metadata may lack writes \
-                 they acknowledged before an unclean stop (`ringkv node remove` a node that \
-                 will not return)"
+            info!(
+                owing = ?self.owing(),
+                "reads wait until fewer of these nodes owe a reconciliation than the write \
+                 quorum: the metadata may lack writes they acknowledged before an unclean stop"
             );
-        } else if was_closed {
+        } else if was_closed && self.reads.is_gated() {
             info!("enough nodes reconciled; reads are served again");
         }
     }
@@ -147,7 +144,7 @@ impl Coordinator {
         let owing: Vec<String> = self.owing().iter().map(ToString::to_string).collect();
         Some(ringkv_common::WireError::Unavailable(format!(
             "reads wait until the metadata is learnt back from the nodes after an unclean \
-             stop; not yet reconciled: node(s) {} (remove a node that will not return)",
+             stop; not yet reconciled: node(s) {}",
             owing.join(", ")
         )))
     }

@@ -64,6 +64,15 @@ pub async fn run(
             "log recovered with damage; affected keys are repaired from other replicas"
         );
     }
+    if report.preallocated_bytes > 0 && fsync != FsyncPolicy::Always {
+        // Under `always` these are the zeros the log is written ahead in. Under the other
+        // policies they may also be unsynced appends a machine crash left as zeros.
+        warn!(
+            bytes = report.preallocated_bytes,
+            "log ended in zeros: space written ahead by a run under --fsync always, or \
+             unsynced writes a machine crash took"
+        );
+    }
     let store = Store::from_records(records);
     info!(
         records = report.records,

@@ -200,7 +200,9 @@ impl Journal {
             offset
         };
         if valid < total && write_ahead::all_zeros(&file, valid, total).map_err(io)? {
-            // Space written ahead: the journal ends here, and nothing was lost.
+            // Space written ahead under `always`; under `never` it may also be unsynced
+            // changes a machine crash left as zeros, which the reconciliation after an
+            // unclean stop learns back (no clean marker is before them).
             file.set_len(valid).map_err(io)?;
             file.sync_all().map_err(io)?;
         } else if valid < total {
@@ -273,9 +275,12 @@ impl Journal {
         // After a failed write the file may end in part of a group, and after a failed sync
         // the kernel may have dropped what it held: either way nothing more may be written.
         let end = self.len + self.buf.len() as u64;
-        if let Err(e) = write_ahead::make_room(&self.file, &mut self.allocated, end)
-            .and_then(|()| self.file.write_all_at(&self.buf, self.len))
-        {
+        if write_ahead::make_room(&self.file, &mut self.allocated, end).is_err() {
+            // A full disk may still hold the group itself: write it without (any zeros
+            // written are after the journal's end, where replay ignores them).
+            self.allocated = None;
+        }
+        if let Err(e) = self.file.write_all_at(&self.buf, self.len) {
             self.broken = true;
             return Err(io(e));
         }

@@ -234,7 +234,7 @@ impl Log {
         self.inner.lock().poisoned.clone()
     }
 
-    /// Bytes currently in the log file, garbage included.
+    /// Bytes in the log, garbage included (not the zeros the file is written ahead in).
     pub fn size_bytes(&self) -> u64 {
         self.inner.size.load(Ordering::Relaxed)
     }
@@ -344,8 +344,13 @@ impl Inner {
         // Only writes under the state's lock change the size.
         let at = self.size.load(Ordering::Relaxed);
         let end = at + frames.len() as u64;
-        let written = write_ahead::make_room(&file, &mut state.preallocated, end)
-            .and_then(|()| file.write_all_at(frames, at));
+        if let Err(e) = write_ahead::make_room(&file, &mut state.preallocated, end) {
+            // A full disk may still hold the record itself: go on appending to the end of the
+            // file (any zeros written are after the log's end, where replay ignores them).
+            tracing::warn!(error = %e, "cannot write the log ahead; appending without");
+            state.preallocated = None;
+        }
+        let written = file.write_all_at(frames, at);
         match written {
             Ok(()) => {
                 self.size.store(end, Ordering::Relaxed);

@@ -296,6 +296,36 @@ fn after_an_unclean_start_the_floor_waits_for_every_node() {
     lost.assert_learnt_back_then_collected();
 }
 
+/// While reads wait for nodes that may hold writes the journal lost, such a node cannot be
+/// removed (removing it would let reads go on without them), even with enough nodes up for a
+/// decommission; once it is back and reconciled, the write is read back.
+#[test]
+fn a_node_the_reads_wait_for_cannot_be_removed() {
+    let lost = lose_a_write_with_its_replicas_paused(Vec::new());
+    let c = &lost.c;
+    // Enough nodes up that the decommission itself would be allowed.
+    c.json(&["node", "add"]);
+    c.json(&["node", "add"]);
+    wait_for("three nodes up", Duration::from_secs(30), || {
+        (node_addrs(&c.status()).len() >= 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
+    let paused = lost.paused[0].to_string();
+    let out = c.ringkv(&["--json", "node", "remove", &paused]);
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!out.status.success(), "node {paused} was removed: {answer}");
+    assert_eq!(answer["error"]["class"], "unavailable", "{answer}");
+    assert_read_waits(c, "kept");
+    lost.resume_paused_nodes();
+    let got = wait_for(
+        "the write to be learnt back",
+        Duration::from_secs(30),
+        || try_get(c, "kept").filter(|got| got["value"] == "acknowledged"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
+    assert_eq!(got["version"], lost.version);
+}
+
 /// A node whose reconciliation could not ask it about a key it reported (failpoint
 /// `reconcile-fetch-fails`: the Fetch under the key lock fails) is not reconciled: the floor
 /// keeps waiting for it, and the next coordinator, whose Fetches succeed, learns the write

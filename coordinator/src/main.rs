@@ -73,10 +73,11 @@ struct Args {
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN, value_parser = parse_max_frame_len)]
     max_frame_len: usize,
     /// When key changes in the metadata journal are synced: `always` (before the write is
-    /// acknowledged) or `never` (buffered, written within 10 ms, not synced). After a
-    /// start that did not follow a clean shutdown, `never` reconciles every node before
-    /// serving, so with `--node-fsync always` acknowledged writes still survive a machine
-    /// crash once all nodes are back.
+    /// acknowledged) or `never` (buffered, written within 10 ms, not synced). After a stop
+    /// that was not a clean shutdown, the metadata is learnt back from the nodes, and under
+    /// `never` reads wait until fewer than --write-quorum nodes are still to be reconciled:
+    /// with `--node-fsync always`, acknowledged writes survive a machine crash and no read
+    /// serves the version before one; `always` also serves reads while nodes are missing.
     #[arg(long, value_enum, default_value = "always")]
     meta_fsync: MetaFsync,
     /// How long answers to a pipelining client may wait for its other requests in flight,

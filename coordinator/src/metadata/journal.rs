@@ -66,7 +66,8 @@ pub enum MetaFsync {
     /// Buffer key changes and write them within 10 ms, sync only on rewrite and close (node
     /// records, lease ceilings and deletions are still synced before they are acknowledged):
     /// a crash of the coordinator or of the machine can take the last key changes from the
-    /// journal, and the reconciliation after an unclean stop learns them back from the nodes.
+    /// journal, and the reconciliation after an unclean stop learns them back from the nodes
+    /// (reads wait for it).
     Never,
 }
 

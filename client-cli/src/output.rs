@@ -12,7 +12,7 @@
 //!   (`tombstone`: the version is a deletion)
 //! - `status`: `{"nodes":[NODE],"keys","under_replicated","misplaced","tombstones",
 //!   "collection":{"floor","passes","waiting_for":[node id],
-//!   "reconciliations":[{"node","complete","incomplete"}]},"degraded","rf","write_quorum","jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
+//!   "reconciliations":[{"node","complete","incomplete"}],"reads_wait"},"degraded","rf","write_quorum","jobs":[{"kind","keys_done","keys_total","bytes_done","bytes_total","eta_secs"}],
 //!   "writes":{"count","lock_wait_us","quorum_wait_us","commit_wait_us"}}`, the last the
 //!   time acknowledged writes spent in each stage, summed since the coordinator started; where
 //!   NODE is `{"id","addr","state","pid","keys","bytes","ops","messages","syncs",
@@ -140,6 +140,7 @@ fn status_json(status: &ClusterStatus) -> Value {
                 "complete": r.complete,
                 "incomplete": r.incomplete,
             })).collect::<Vec<_>>(),
+            "reads_wait": status.collection.reads_wait,
         }),
         "degraded": status.degraded,
         "rf": status.rf,
@@ -290,6 +291,19 @@ fn status_text(status: &ClusterStatus) -> String {
     if let Some(line) = deletions_line(status) {
         out.push_str(&line);
         out.push('\n');
+    }
+    if status.collection.reads_wait {
+        let ids: Vec<String> = status
+            .collection
+            .waiting_for
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        out.push_str(&format!(
+            "reads wait: the metadata may lack writes acknowledged before an unclean stop; \
+             reads are refused until enough of nodes {} are reconciled\n",
+            ids.join(", ")
+        ));
     }
     out
 }
@@ -834,6 +848,7 @@ mod tests {
                 passes: 3,
                 waiting_for: vec![NodeId(3), NodeId(4)],
                 reconciliations: vec![],
+                reads_wait: false,
             },
             ..status(false, 0)
         };
@@ -859,15 +874,28 @@ mod tests {
             ),
             "{text}"
         );
+        assert!(!text.contains("reads wait"), "{text}");
         assert_eq!(
-            parse(&Outcome::Status(cut_short))["collection"],
+            parse(&Outcome::Status(cut_short.clone()))["collection"],
             json!({
                 "floor": 40, "passes": 3, "waiting_for": [3, 4],
                 "reconciliations": [
                     {"node": 1, "complete": 1, "incomplete": 0},
                     {"node": 3, "complete": 0, "incomplete": 2},
                 ],
+                "reads_wait": false,
             })
+        );
+        let mut waiting = cut_short;
+        waiting.collection.reads_wait = true;
+        let text = String::from_utf8(render(&Outcome::Status(waiting.clone()), false)).unwrap();
+        assert!(
+            text.contains("reads are refused until enough of nodes 3, 4 are reconciled"),
+            "{text}"
+        );
+        assert_eq!(
+            parse(&Outcome::Status(waiting))["collection"]["reads_wait"],
+            true
         );
     }
 

@@ -17,7 +17,7 @@ use crate::types::{NodeId, NodeState, NodeStats, Version};
 /// `messages` and `syncs` of [`NodeStats`] and the `writes` of [`ClusterStatus`], which a
 /// build before them cannot decode: structs travel as arrays, and a longer one is refused;
 /// 4: the `reconciliations` of [`CollectionStatus`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest key accepted. Keys are held in memory by the coordinator and every replica,
 /// so they are kept small enough to make per-key overhead predictable.
@@ -380,6 +380,11 @@ pub struct CollectionStatus {
     /// answer for some key) and so do not count towards the floor.
     #[serde(default)]
     pub reconciliations: Vec<NodeReconciliations>,
+    /// Reads are refused until fewer of `waiting_for` are left than the write quorum: the
+    /// metadata may lack writes they acknowledged before an unclean stop under
+    /// `--meta-fsync never`.
+    #[serde(default)]
+    pub reads_wait: bool,
 }
 
 /// How often one node was reconciled to the end, and how often not (see [`CollectionStatus`]).

@@ -168,6 +168,7 @@ impl Coordinator {
             passes: self.collection.passes.load(Ordering::Relaxed),
             waiting_for,
             reconciliations: self.collection.reconciliations(),
+            reads_wait: self.reads.is_closed(),
         }
     }
 

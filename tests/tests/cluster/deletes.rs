@@ -275,6 +275,7 @@ impl LostWrite {
                 .all(|id| reconciliations_of(&status, *id, "complete") >= 1),
             "each paused node reconciled to the end: {status}"
         );
+        assert_eq!(status["collection"]["reads_wait"], false, "{status}");
         assert_eq!(c.json(&["get", "kept"])["value"], "acknowledged");
         assert_eq!(c.json(&["get", "k0"])["value"], Value::Null);
     }
@@ -378,6 +379,8 @@ fn assert_read_waits(c: &Cluster, key: &str) {
     assert!(!out.status.success(), "get {key} was answered: {answer}");
     assert_eq!(answer["error"]["class"], "unavailable", "{answer}");
     assert_eq!(answer["error"]["may_have_applied"], false, "{answer}");
+    let status = c.status();
+    assert_eq!(status["collection"]["reads_wait"], true, "{status}");
 }
 
 /// `get KEY`'s answer, or `None` if it was refused.

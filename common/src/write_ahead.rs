@@ -27,27 +27,49 @@ static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 /// If `written` is `Some` (how far `file` has been written), writes zeros so that the file
 /// extends past `end`, [`AHEAD`] bytes further; `None` writes nothing.
 ///
-/// # Errors
-/// The write's; `written` is then unchanged.
-pub fn make_room(file: &File, written: &mut Option<u64>, end: u64) -> io::Result<()> {
+/// Should the zeros not fit (a full disk), the file stops being written ahead (`written`
+/// becomes `None`) and the record is appended past its end as in any file: the record itself
+/// may still fit, and any zeros written are after the log's end, where replay ignores them.
+pub fn make_room(file: &File, written: &mut Option<u64>, end: u64) {
     let Some(from) = *written else {
-        return Ok(());
+        return;
     };
     if end <= from {
-        return Ok(());
+        return;
     }
     let target = end + AHEAD;
+    match write_zeros(file, from, target) {
+        Ok(()) => *written = Some(target),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the file ahead in zeros; appending without");
+            *written = None;
+        }
+    }
+}
+
+/// Writes zeros over `file`'s bytes `from..to`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     let mut at = from;
-    while at < target {
-        let len = usize::try_from(target - at)
+    while at < to {
+        let len = usize::try_from(to - at)
             .unwrap_or(usize::MAX)
             .min(ZEROS.len());
         let zeros = ZEROS.get(..len).ok_or(io::ErrorKind::InvalidInput)?;
         file.write_all_at(zeros, at)?;
         at += len as u64;
     }
-    *written = Some(target);
     Ok(())
+}
+
+/// At a clean close, after everything was synced: cuts the zeros written ahead (up to
+/// `written`) off `file`, so that it ends where the log does at `end`. Best effort: should it
+/// fail, replay takes the zeros for the end of the log anyway.
+pub fn cut_off(file: &File, written: Option<u64>, end: u64) {
+    if written.is_some_and(|written| written > end) {
+        if let Err(e) = file.set_len(end).and_then(|()| file.sync_all()) {
+            tracing::warn!(error = %e, "could not cut the zeros written ahead off the file");
+        }
+    }
 }
 
 /// Whether every byte of `file` from `from` to `to` is zero.
@@ -88,16 +110,16 @@ mod tests {
             .unwrap();
         file.write_all_at(b"head", 0).unwrap();
         let mut written = Some(4);
-        make_room(&file, &mut written, 10).unwrap();
+        make_room(&file, &mut written, 10);
         assert_eq!(written, Some(10 + AHEAD));
         assert_eq!(file.metadata().unwrap().len(), 10 + AHEAD);
         assert!(all_zeros(&file, 4, 10 + AHEAD).unwrap());
         // Within what was written: nothing to do.
-        make_room(&file, &mut written, 100).unwrap();
+        make_room(&file, &mut written, 100);
         assert_eq!(written, Some(10 + AHEAD));
         // Not written ahead at all.
         let mut none = None;
-        make_room(&file, &mut none, 1 << 30).unwrap();
+        make_room(&file, &mut none, 1 << 30);
         assert_eq!(file.metadata().unwrap().len(), 10 + AHEAD);
         assert!(!all_zeros(&file, 0, 8).unwrap());
         file.write_all_at(&[1], 5 + AHEAD).unwrap();

@@ -125,9 +125,4 @@ impl RecoveryGate {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
-
-    /// Whether this run has a gate at all (the journal may lack acknowledged writes).
-    pub fn is_gated(&self) -> bool {
-        self.quorum.is_some()
-    }
 }

@@ -124,14 +124,18 @@ impl Coordinator {
 
     /// Open or close the reads' [`RecoveryGate`] for the nodes that owe a reconciliation now.
     pub fn refresh_read_gate(&self) {
-        let (closed, was_closed) = self.reads.update(|| self.owing().len());
+        let mut owing = Vec::new();
+        let (closed, was_closed) = self.reads.update(|| {
+            owing = self.owing();
+            owing.len()
+        });
         if closed {
             info!(
-                owing = ?self.owing(),
+                ?owing,
                 "reads wait until fewer of these nodes owe a reconciliation than the write \
                  quorum: the metadata may lack writes they acknowledged before an unclean stop"
             );
-        } else if was_closed && self.reads.is_gated() {
+        } else if was_closed {
             info!("enough nodes reconciled; reads are served again");
         }
     }

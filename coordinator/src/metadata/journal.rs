@@ -276,11 +276,7 @@ impl Journal {
         // After a failed write the file may end in part of a group, and after a failed sync
         // the kernel may have dropped what it held: either way nothing more may be written.
         let end = self.len + self.buf.len() as u64;
-        if write_ahead::make_room(&self.file, &mut self.allocated, end).is_err() {
-            // A full disk may still hold the group itself: write it without (any zeros
-            // written are after the journal's end, where replay ignores them).
-            self.allocated = None;
-        }
+        write_ahead::make_room(&self.file, &mut self.allocated, end);
         if let Err(e) = self.file.write_all_at(&self.buf, self.len) {
             self.broken = true;
             return Err(io(e));
@@ -416,17 +412,7 @@ impl Journal {
             path: self.dir.join(JOURNAL_FILE),
             source,
         })?;
-        if self
-            .allocated
-            .take()
-            .is_some_and(|allocated| allocated > self.len)
-        {
-            // Everything is synced: should this fail, replay takes the zeros for the end.
-            let _ = self
-                .file
-                .set_len(self.len)
-                .and_then(|()| self.file.sync_all());
-        }
+        write_ahead::cut_off(&self.file, self.allocated.take(), self.len);
         Ok(())
     }
 }

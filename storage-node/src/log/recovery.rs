@@ -166,6 +166,12 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
                 offset += len;
                 good_end = offset;
             }
+            // Zeros to the end: space written ahead, the log's end (checked first, which spares
+            // a hunt for a frame through megabytes of zeros).
+            Frame::Bad(_) if write_ahead::all_zeros(reader.get_ref(), offset, file_len)? => {
+                report.preallocated_bytes = file_len - offset;
+                break;
+            }
             Frame::Bad(reason) => match find_next_frame(reader.get_ref(), offset + 1, file_len)? {
                 Some(next) => {
                     tracing::error!(
@@ -178,10 +184,6 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
                     offset = next;
                     // Discards the buffer, which `find_next_frame` moved the file out from under.
                     reader.seek(SeekFrom::Start(offset))?;
-                }
-                None if write_ahead::all_zeros(reader.get_ref(), offset, file_len)? => {
-                    report.preallocated_bytes = file_len - offset;
-                    break;
                 }
                 None => {
                     report.truncated_tail_bytes = file_len - offset;

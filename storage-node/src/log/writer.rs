@@ -344,14 +344,8 @@ impl Inner {
         // Only writes under the state's lock change the size.
         let at = self.size.load(Ordering::Relaxed);
         let end = at + frames.len() as u64;
-        if let Err(e) = write_ahead::make_room(&file, &mut state.preallocated, end) {
-            // A full disk may still hold the record itself: go on appending to the end of the
-            // file (any zeros written are after the log's end, where replay ignores them).
-            tracing::warn!(error = %e, "cannot write the log ahead; appending without");
-            state.preallocated = None;
-        }
-        let written = file.write_all_at(frames, at);
-        match written {
+        write_ahead::make_room(&file, &mut state.preallocated, end);
+        match file.write_all_at(frames, at) {
             Ok(()) => {
                 self.size.store(end, Ordering::Relaxed);
                 state.dirty = true;
@@ -421,14 +415,7 @@ impl Inner {
         if dirty {
             self.sync_file(&file)?;
         }
-        let end = self.size.load(Ordering::Relaxed);
-        if preallocated.is_some_and(|allocated| allocated > end) {
-            // Everything is synced: a failure here loses nothing, since replay takes the zeros
-            // for the end of the log.
-            if let Err(e) = file.set_len(end).and_then(|()| file.sync_all()) {
-                tracing::warn!(error = %e, "could not cut the zeros written ahead off the log");
-            }
-        }
+        write_ahead::cut_off(&file, preallocated, self.size.load(Ordering::Relaxed));
         Ok(())
     }
 

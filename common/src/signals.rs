@@ -1,5 +1,5 @@
-//! Turning SIGTERM and ctrl-c into a graceful-shutdown token, and keeping SIGHUP from
-//! stopping a server.
+//! Turning SIGTERM and ctrl-c into a graceful-shutdown token, and keeping SIGHUP and SIGXFSZ
+//! from stopping a server.
 
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +50,30 @@ pub fn ignore_hangups() {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for SIGHUP; it will stop this process")
+            }
+        }
+    }
+}
+
+/// From now on, a write past the process's file-size limit (`ulimit -f`) fails with an error
+/// (EFBIG) instead of killing the process with SIGXFSZ (call inside a runtime). The logs then
+/// handle it as they handle a full disk: a log that writes zeros ahead falls back to plain
+/// appends, and a record that does not fit fails its write, which is refused, not lost.
+pub fn survive_file_size_limit() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let xfsz = SignalKind::from_raw(nix::sys::signal::Signal::SIGXFSZ as i32);
+        match signal(xfsz) {
+            Ok(mut signals) => {
+                tokio::spawn(async move {
+                    while signals.recv().await.is_some() {
+                        tracing::warn!("SIGXFSZ received: a write went past the file-size limit");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot catch SIGXFSZ; a file-size limit will stop this process")
             }
         }
     }

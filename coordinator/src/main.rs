@@ -161,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));
+        ringkv_common::signals::survive_file_size_limit();
         ringkv_coordinator::run(config, listener, shutdown, |addr| {
             println!("listening on {addr}");
         })

@@ -607,6 +607,18 @@ impl NodeProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> NodeProcess {
+        NodeProcess::start_with(data_dir, coordinator, args, env, |_| {})
+    }
+
+    /// [`NodeProcess::start`], with `configure` applied to the command last (limits of the
+    /// process, say).
+    pub fn start_with(
+        data_dir: &Path,
+        coordinator: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        configure: impl FnOnce(&mut Command),
+    ) -> NodeProcess {
         std::fs::create_dir_all(data_dir).expect("node dir");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -623,12 +635,9 @@ impl NodeProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ringkv-node");
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn ringkv-node");
         let stdout = child.stdout.take().expect("stdout");
         // Killed by `drop` if it never becomes ready.
         let mut node = NodeProcess {

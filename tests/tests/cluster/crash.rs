@@ -680,3 +680,86 @@ fn failed_metadata_journal_write(extra_args: &[&str]) {
     assert_eq!(c.json(&["get", "after"])["value"], "y");
     c.wait_settled(Duration::from_secs(60));
 }
+
+/// A node's file-size limit stands in for a full disk: writes past it fail (EFBIG) as they
+/// would with no space left.
+const FILE_SIZE_LIMIT: u64 = 2 << 20;
+
+#[test]
+fn a_node_out_of_room_for_its_zeros_appends_without_them_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    // Under `--fsync always` the log is written 4 MiB ahead in zeros, which do not fit.
+    let mut node = NodeProcess::start_with(dir.path(), None, &["--fsync", "always"], &[], |cmd| {
+        use nix::sys::resource::{setrlimit, Resource};
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only setrlimit, a system call, runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                setrlimit(Resource::RLIMIT_FSIZE, FILE_SIZE_LIMIT, FILE_SIZE_LIMIT)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    });
+    let rt = runtime();
+    let value = |i: u64| Bytes::from(vec![b'a' + (i % 26) as u8; 1000]);
+    let key = |i: u64| Bytes::from(format!("full-{i}"));
+    let (acked, in_flight) = rt.block_on(async {
+        let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        let mut acked = Vec::new();
+        // Twice what the limit holds: the log must run out of room on the way.
+        for i in 0..(2 * FILE_SIZE_LIMIT / 1000) {
+            let store = (key(i), Version(i + 1), value(i));
+            let answer = client
+                .call(Request::Store {
+                    key: store.0.clone(),
+                    version: store.1,
+                    value: Some(store.2.clone()),
+                })
+                .await;
+            match answer {
+                Ok(Response::Stored { applied: true, .. }) => acked.push(store),
+                // Refused (the log failed) or the node stopped: the store's fate is unknown.
+                _ => return (acked, Some(store)),
+            }
+        }
+        (acked, None)
+    });
+    let in_flight = in_flight.expect("a store past the file-size limit must fail");
+    // The records went where the zeros could not: about the limit's worth of them.
+    assert!(
+        acked.len() as u64 > FILE_SIZE_LIMIT / 2 / 1000,
+        "only {} stores acknowledged",
+        acked.len()
+    );
+    // A failed log write stops the node with an error, not a signal: a restart replays the log.
+    let status = node.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = std::fs::read_to_string(dir.path().join("node.log")).unwrap();
+    assert!(
+        log.contains("cannot write the file ahead in zeros"),
+        "the fallback is logged: {log}"
+    );
+
+    // With room again, every acknowledged store is there, and writes go on.
+    let node = NodeProcess::start(dir.path(), None, &["--fsync", "always"], &[]);
+    rt.block_on(assert_holds(&node.addr, &acked, Some(&in_flight)));
+    rt.block_on(async {
+        let client = Client::connect(&node.addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        let answer = client
+            .call(Request::Store {
+                key: Bytes::from_static(b"after"),
+                version: Version(1 << 40),
+                value: Some(Bytes::from_static(b"v")),
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(answer, Response::Stored { applied: true, .. }),
+            "{answer:?}"
+        );
+    });
+}

@@ -5,9 +5,15 @@
 #   bench/compare.sh                  # build (release), run everything (a few minutes)
 #   DURATION=10s bench/compare.sh     # longer measured windows
 #   SKIP_BUILD=1 bench/compare.sh     # reuse target/release
+#   ROUNDS=3 bench/compare.sh         # every workload three times: medians and ranges
 #
 # Settings (environment): DURATION (5s), WARMUP (1s), CONNECTIONS (50), PIPELINE (16),
-# KEYS (10000), NODES (5), VALUE_SIZES ("100 1024"), OUT (a file to keep every run's JSON).
+# KEYS (10000), NODES (5), VALUE_SIZES ("100 1024"), ROUNDS (1), OUT (a file to keep every
+# run's JSON).
+#
+# Single runs of one workload move by 10-20% here, and a ratio by up to 0.2 between runs. With
+# ROUNDS above 1, each cluster runs all its workloads that many times over, each RingKV run
+# next to its Redis run, and the table shows the median of each row's ratios with their range.
 #
 # Plain runs: Redis without persistence, RingKV with `--node-fsync never --meta-fsync never`
 # (every write still reaches the files before it is acknowledged, so it survives a SIGKILL).
@@ -24,6 +30,8 @@ PIPELINE=${PIPELINE:-16}
 KEYS=${KEYS:-10000}
 NODES=${NODES:-5}
 VALUE_SIZES=${VALUE_SIZES:-"100 1024"}
+ROUNDS=${ROUNDS:-1}
+ROUND=1
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -56,7 +64,8 @@ run() {
     read -r t1 s1 <<< "$(cpu_ticks)"
     out=$(echo "$out" | jq -c --arg lab "$label" --arg sys "$system" \
         --argjson steal "$(awk -v t=$((t1 - t0)) -v s=$((s1 - s0)) 'BEGIN { printf "%.1f", (t > 0 ? 100 * s / t : 0) }')" \
-        '. + {"label": $lab, "system": $sys, "steal_pct": $steal}')
+        --argjson round "$ROUND" \
+        '. + {"label": $lab, "system": $sys, "steal_pct": $steal, "round": $round}')
     echo "$out" >> "$RESULTS"
     echo "$out" | jq -r \
         '"  \(.system | . + "      " | .[0:6]) \(.label): \(.throughput | floor) ops/s, p99 \(.latency_us.p99 / 1000) ms, errors \(.error_total), steal \(.steal_pct)%"' >&2
@@ -88,10 +97,18 @@ fsync_runs() {
     done
 }
 
+# rounds COMMAND...: COMMAND once per round, with ROUND set.
+rounds() {
+    for ROUND in $(seq "$ROUNDS"); do
+        [ "$ROUNDS" -eq 1 ] || echo "  round $ROUND of $ROUNDS" >&2
+        "$@"
+    done
+}
+
 echo "plain (no fsync): ringkv --node-fsync never --meta-fsync never, redis without AOF or RDB" >&2
 start_ringkv ringkv-plain never
 start_redis redis-plain --appendonly no
-plain_runs
+rounds plain_runs
 stop_pid "$REDIS_PID"
 stop_pid "$RINGKV_PID"
 
@@ -102,11 +119,11 @@ stop_pid "$RINGKV_PID"
 echo "fsync on every write: ringkv --node-fsync always --meta-fsync never, redis appendfsync always" >&2
 start_ringkv ringkv-fsync always never
 start_redis redis-fsync --appendonly yes --appendfsync always
-fsync_runs ""
+rounds fsync_runs ""
 stop_pid "$RINGKV_PID"
 echo "fsync on every write: ringkv --node-fsync always --meta-fsync always, redis appendfsync always" >&2
 start_ringkv ringkv-fsync-meta always always
-fsync_runs ", metadata synced"
+rounds fsync_runs ", metadata synced"
 stop_pid "$REDIS_PID"
 stop_pid "$RINGKV_PID"
 
@@ -115,25 +132,40 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 echo
 echo "RingKV vs Redis, $(date -u +%Y-%m-%d), $(nproc) cores ($CPU), loopback,"
 echo "$CONNECTIONS connections, $KEYS keys, ${DURATION} measured after ${WARMUP} warm-up; RingKV: $NODES nodes, RF 3, W 2"
+if [ "$ROUNDS" -gt 1 ]; then
+    echo "Medians of $ROUNDS rounds; in square brackets, the range of the rounds' ratios."
+fi
 echo
 jq -rs '
   def target(l):
     if (l | test("fsync")) then 0.5 elif (l | startswith("get")) then 0.6 else 0.4 end;
   def r2(x): (x * 100 | round) / 100;
+  def median: sort | if length == 0 then null
+    elif length % 2 == 1 then .[length / 2 | floor]
+    else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+  def ratios(f): map(if (.rd | f) > 0 then (.rk | f) / (.rd | f) else empty end);
+  def shown(xs): if (xs | length) == 0 then "-"
+    elif (xs | length) == 1 then "\(r2(xs[0]))"
+    else "\(r2(xs | median)) [\(r2(xs | min))-\(r2(xs | max))]" end;
   . as $all
+  | ($all | map(.round) | unique) as $rounds
   | (reduce $all[].label as $l ([]; if any(.[]; . == $l) then . else . + [$l] end)) as $labels
   | "| workload | RingKV ops/s | Redis ops/s | throughput ratio (target) | RingKV p99 ms | Redis p99 ms | p99 ratio (target <= 2) |",
     "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ( $labels[] as $l
-      | { rk: ([$all[] | select(.label == $l and .system == "ringkv")][0]),
-          rd: ([$all[] | select(.label == $l and .system == "redis")][0]) }
-      | select(.rk != null and .rd != null)
-      | "| \($l) | \(.rk.throughput | floor) | \(.rd.throughput | floor) | "
-        + "\(if .rd.throughput > 0 then r2(.rk.throughput / .rd.throughput) else "-" end) (>= \(target($l))) | "
-        + "\(r2(.rk.latency_us.p99 / 1000)) | \(r2(.rd.latency_us.p99 / 1000)) | "
-        + "\(if .rd.latency_us.p99 > 0 then r2(.rk.latency_us.p99 / .rd.latency_us.p99) else "-" end)"
-        + (if (.rk.error_total != 0 or .rd.error_total != 0)
-           then " (errors: ringkv \(.rk.error_total), redis \(.rd.error_total))" else "" end)
+      | [ $rounds[] as $r
+          | { rk: ([$all[] | select(.label == $l and .system == "ringkv" and .round == $r)][0]),
+              rd: ([$all[] | select(.label == $l and .system == "redis" and .round == $r)][0]) }
+          | select(.rk != null and .rd != null) ] as $pairs
+      | select($pairs | length > 0)
+      | ($pairs | map(.rk.error_total) | add) as $rk_errors
+      | ($pairs | map(.rd.error_total) | add) as $rd_errors
+      | "| \($l) | \($pairs | map(.rk.throughput) | median | floor) | \($pairs | map(.rd.throughput) | median | floor) | "
+        + "\(shown($pairs | ratios(.throughput))) (>= \(target($l))) | "
+        + "\(r2($pairs | map(.rk.latency_us.p99) | median / 1000)) | \(r2($pairs | map(.rd.latency_us.p99) | median / 1000)) | "
+        + "\(shown($pairs | ratios(.latency_us.p99)))"
+        + (if ($rk_errors != 0 or $rd_errors != 0)
+           then " (errors: ringkv \($rk_errors), redis \($rd_errors))" else "" end)
         + " |" )
 ' "$RESULTS"
 jq -rs '
@@ -152,8 +184,9 @@ jq -rs '
   def r(x): x | round;
   "| workload | client mean | key lock | write quorum | metadata commit | rest |",
   "| --- | ---: | ---: | ---: | ---: | ---: |",
-  ( .[] | select(.system == "ringkv" and .write_stages_us != null)
+ ( (map(.round) | unique | length) as $n
+    | .[] | select(.system == "ringkv" and .write_stages_us != null)
     | .write_stages_us as $w
-    | "| \(.label) | \(r(.latency_us.mean)) | \(r($w.lock)) | \(r($w.quorum)) | "
+    | "| \(.label)\(if $n > 1 then ", round \(.round)" else "" end) | \(r(.latency_us.mean)) | \(r($w.lock)) | \(r($w.quorum)) | "
       + "\(r($w.commit)) | \(r(.latency_us.mean - $w.lock - $w.quorum - $w.commit)) |" )
 ' "$RESULTS"

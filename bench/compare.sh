@@ -32,6 +32,10 @@ NODES=${NODES:-5}
 VALUE_SIZES=${VALUE_SIZES:-"100 1024"}
 ROUNDS=${ROUNDS:-1}
 ROUND=1
+if ! [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "ROUNDS must be a whole number of at least 1, not '$ROUNDS'" >&2
+    exit 2
+fi
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -133,7 +137,8 @@ echo
 echo "RingKV vs Redis, $(date -u +%Y-%m-%d), $(nproc) cores ($CPU), loopback,"
 echo "$CONNECTIONS connections, $KEYS keys, ${DURATION} measured after ${WARMUP} warm-up; RingKV: $NODES nodes, RF 3, W 2"
 if [ "$ROUNDS" -gt 1 ]; then
-    echo "Medians of $ROUNDS rounds; in square brackets, the range of the rounds' ratios."
+    echo "Medians of $ROUNDS rounds: ops/s and p99 of each system on its own, and of the rounds'"
+    echo "ratios (a RingKV run against the Redis run next to it), their range in square brackets."
 fi
 echo
 jq -rs '
@@ -156,16 +161,22 @@ jq -rs '
       | [ $rounds[] as $r
           | { rk: ([$all[] | select(.label == $l and .system == "ringkv" and .round == $r)][0]),
               rd: ([$all[] | select(.label == $l and .system == "redis" and .round == $r)][0]) }
-          | select(.rk != null and .rd != null) ] as $pairs
-      | select($pairs | length > 0)
-      | ($pairs | map(.rk.error_total) | add) as $rk_errors
-      | ($pairs | map(.rd.error_total) | add) as $rd_errors
-      | "| \($l) | \($pairs | map(.rk.throughput) | median | floor) | \($pairs | map(.rd.throughput) | median | floor) | "
-        + "\(shown($pairs | ratios(.throughput))) (>= \(target($l))) | "
-        + "\(r2($pairs | map(.rk.latency_us.p99) | median / 1000)) | \(r2($pairs | map(.rd.latency_us.p99) | median / 1000)) | "
-        + "\(shown($pairs | ratios(.latency_us.p99)))"
+          | select(.rk != null and .rd != null) ] as $both
+      # A run whose bench failed (error_total -1) takes its round out of the row.
+      | [ $both[] | select(.rk.error_total >= 0 and .rd.error_total >= 0) ] as $pairs
+      | (($both | length) - ($pairs | length)) as $failed
+      | select($both | length > 0)
+      | ($pairs | map(.rk.error_total) | add // 0) as $rk_errors
+      | ($pairs | map(.rd.error_total) | add // 0) as $rd_errors
+      | "| \($l) | "
+        + (if ($pairs | length) == 0 then "- | - | - (>= \(target($l))) | - | - | -" else
+          "\($pairs | map(.rk.throughput) | median | floor) | \($pairs | map(.rd.throughput) | median | floor) | "
+          + "\(shown($pairs | ratios(.throughput))) (>= \(target($l))) | "
+          + "\(r2($pairs | map(.rk.latency_us.p99) | median / 1000)) | \(r2($pairs | map(.rd.latency_us.p99) | median / 1000)) | "
+          + "\(shown($pairs | ratios(.latency_us.p99)))" end)
         + (if ($rk_errors != 0 or $rd_errors != 0)
            then " (errors: ringkv \($rk_errors), redis \($rd_errors))" else "" end)
+        + (if $failed > 0 then " (\($failed) of \($both | length) rounds failed)" else "" end)
         + " |" )
 ' "$RESULTS"
 jq -rs '

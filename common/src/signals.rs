@@ -55,26 +55,19 @@ pub fn ignore_hangups() {
     }
 }
 
-/// From now on, a write past the process's file-size limit (`ulimit -f`) fails with an error
-/// (EFBIG) instead of killing the process with SIGXFSZ (call inside a runtime). The logs then
-/// handle it as they handle a full disk: a log that writes zeros ahead falls back to plain
-/// appends, and a record that does not fit fails its write, which is refused, not lost.
-pub fn survive_file_size_limit() {
+/// Ignore SIGXFSZ from now on (call first thing in `main`, before any file is written):
+/// a write past the process's file-size limit (`ulimit -f`) then fails with an error (EFBIG)
+/// instead of killing the process. The logs handle it as they handle a full disk: zeros that
+/// do not fit are not written ahead, and a record that does not fit fails its write, which is
+/// refused, not acknowledged. Ignoring is inherited by the processes this one spawns.
+pub fn ignore_file_size_limit_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let xfsz = SignalKind::from_raw(nix::sys::signal::Signal::SIGXFSZ as i32);
-        match signal(xfsz) {
-            Ok(mut signals) => {
-                tokio::spawn(async move {
-                    while signals.recv().await.is_some() {
-                        tracing::warn!("SIGXFSZ received: a write went past the file-size limit");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot catch SIGXFSZ; a file-size limit will stop this process")
-            }
+        use nix::sys::signal::{signal, SigHandler, Signal};
+        // SAFETY: installs no handler (SIG_IGN), so no code runs in signal context; nothing
+        // else in this program sets SIGXFSZ's disposition.
+        if let Err(e) = unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) } {
+            eprintln!("cannot ignore SIGXFSZ ({e}); a file-size limit will stop this process");
         }
     }
 }

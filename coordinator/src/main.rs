@@ -107,6 +107,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any file is written, the lock file and the logs included.
+    ringkv_common::signals::ignore_file_size_limit_signal();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -161,7 +163,6 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));
-        ringkv_common::signals::survive_file_size_limit();
         ringkv_coordinator::run(config, listener, shutdown, |addr| {
             println!("listening on {addr}");
         })

@@ -64,6 +64,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any file is written, the lock file and the logs included.
+    ringkv_common::signals::ignore_file_size_limit_signal();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -82,9 +84,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args, lock: ringkv_common::dir_lock::DirLock) -> anyhow::Result<()> {
-    // Before the readiness line, so that no SIGHUP or SIGXFSZ stops a node that is up.
+    // Before the readiness line, so that no SIGHUP stops a node that is up.
     ringkv_common::signals::ignore_hangups();
-    ringkv_common::signals::survive_file_size_limit();
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
     let config = NodeConfig {

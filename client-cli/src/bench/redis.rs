@@ -471,15 +471,28 @@ mod tests {
                     .collect(),
             ))
         });
-        // Lengths of every number of digits, as the formatter writes them.
-        for len in [0, 9, 10, 99, 100, 1024, 65_536, 1_000_000] {
-            let value = vec![b'x'; len];
+        // A value's length in a whole command.
+        let value = vec![b'x'; 1024];
+        let mut out = BytesMut::new();
+        encode_command(&[b"SET", b"key", &value], &mut out);
+        let mut expected = b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$1024\r\n".to_vec();
+        expected.extend_from_slice(&value);
+        expected.extend_from_slice(b"\r\n");
+        assert!(out[..] == expected[..]);
+    }
+
+    #[test]
+    fn headers_write_numbers_of_every_length_as_the_formatter_does() {
+        let mut numbers = vec![0, usize::MAX];
+        let mut power: usize = 1;
+        while let Some(next) = power.checked_mul(10) {
+            numbers.extend([next - 1, next, next + 1]);
+            power = next;
+        }
+        for n in numbers {
             let mut out = BytesMut::new();
-            encode_command(&[b"SET", b"key", &value], &mut out);
-            let mut expected = format!("*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n${len}\r\n").into_bytes();
-            expected.extend_from_slice(&value);
-            expected.extend_from_slice(b"\r\n");
-            assert!(out[..] == expected[..], "value of {len} bytes");
+            put_header(&mut out, b'$', n);
+            assert_eq!(&out[..], format!("${n}\r\n").as_bytes(), "{n}");
         }
     }
 

@@ -15,6 +15,7 @@
 //! - [`dir_lock`]: the exclusive lock a process holds on its data directory.
 //! - [`runtime`]: the server binaries' async runtime and its worker count.
 //! - [`sync`]: locks that are taken even after a panic poisoned them.
+//! - [`file_range`]: a byte range of a file walked in pieces of bounded length.
 //! - [`write_ahead`]: files kept written ahead in zeros, so that syncing them is cheap.
 
 pub mod client;
@@ -22,6 +23,7 @@ pub mod codec;
 pub mod config;
 pub mod dir_lock;
 pub mod error;
+pub mod file_range;
 pub mod id_hash;
 pub mod process;
 pub mod protocol;

@@ -17,6 +17,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use crate::file_range::pieces;
+
 /// Bytes of zeros written ahead at a time: a few seconds of appends under load, and zeroing
 /// them costs the writer well under a millisecond.
 pub const AHEAD: u64 = 4 << 20;
@@ -49,14 +51,9 @@ pub fn make_room(file: &File, written: &mut Option<u64>, end: u64) {
 
 /// Writes zeros over `file`'s bytes `from..to`.
 fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
-    let mut at = from;
-    while at < to {
-        let len = usize::try_from(to - at)
-            .unwrap_or(usize::MAX)
-            .min(ZEROS.len());
+    for (at, len) in pieces(from, to, ZEROS.len()) {
         let zeros = ZEROS.get(..len).ok_or(io::ErrorKind::InvalidInput)?;
         file.write_all_at(zeros, at)?;
-        at += len as u64;
     }
     Ok(())
 }
@@ -78,17 +75,12 @@ pub fn cut_off(file: &File, written: Option<u64>, end: u64) {
 /// The reads'.
 pub fn all_zeros(file: &File, from: u64, to: u64) -> io::Result<bool> {
     let mut chunk = vec![0u8; 1 << 20];
-    let mut at = from;
-    while at < to {
-        let n = usize::try_from(to - at)
-            .unwrap_or(usize::MAX)
-            .min(chunk.len());
-        let part = chunk.get_mut(..n).ok_or(io::ErrorKind::InvalidInput)?;
+    for (at, len) in pieces(from, to, chunk.len()) {
+        let part = chunk.get_mut(..len).ok_or(io::ErrorKind::InvalidInput)?;
         file.read_exact_at(part, at)?;
         if part.iter().any(|&b| b != 0) {
             return Ok(false);
         }
-        at += n as u64;
     }
     Ok(true)
 }

@@ -38,6 +38,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use ringkv_common::file_range::pieces;
 use ringkv_common::write_ahead;
 use serde::{Deserialize, Serialize};
 
@@ -521,15 +522,10 @@ impl Snapshot {
 /// Append bytes `from..to` of `source` to `dest`.
 fn copy_range(source: &File, dest: &mut File, from: u64, to: u64) -> io::Result<()> {
     let mut chunk = vec![0u8; 1 << 20];
-    let mut at = from;
-    while at < to {
-        let n = usize::try_from(to - at)
-            .unwrap_or(usize::MAX)
-            .min(chunk.len());
-        let part = chunk.get_mut(..n).ok_or(io::ErrorKind::InvalidInput)?;
+    for (at, len) in pieces(from, to, chunk.len()) {
+        let part = chunk.get_mut(..len).ok_or(io::ErrorKind::InvalidInput)?;
         source.read_exact_at(part, at)?;
         dest.write_all(part)?;
-        at += n as u64;
     }
     Ok(())
 }

@@ -248,8 +248,8 @@ fn to_outcome(cmd: &Command, request: &str, response: Response) -> Result<Outcom
             key: key.clone(),
             location,
         },
-        (Command::Status, Response::Status(status)) => Outcome::Status(status),
-        (Command::Nodes, Response::Status(status)) => Outcome::Nodes(status),
+        (Command::Status, Response::Status(status)) => Outcome::Status(*status),
+        (Command::Nodes, Response::Status(status)) => Outcome::Nodes(*status),
         (Command::Check, Response::Checked(report)) => Outcome::Checked(report),
         (Command::Node(NodeCommand::Add), Response::NodeAdded { node }) => {
             Outcome::NodeAdded { node }
@@ -450,7 +450,7 @@ mod tests {
                     value: Some(key),
                 }),
                 Request::Delete { .. } => Err(WireError::Unavailable("1 of 3 replicas up".into())),
-                Request::Status => Ok(Response::Status(ClusterStatus {
+                Request::Status => Ok(Response::Status(Box::new(ClusterStatus {
                     nodes: Vec::new(),
                     keys: 5,
                     under_replicated: 0,
@@ -462,7 +462,7 @@ mod tests {
                     degraded: false,
                     jobs: Vec::new(),
                     writes: Default::default(),
-                })),
+                }))),
                 Request::NodeSignal { node, .. } if node == NodeId(9) => {
                     Err(WireError::NotFound(format!("node {node}")))
                 }

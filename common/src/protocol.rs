@@ -255,8 +255,9 @@ pub enum Response {
     },
     /// Answer to [`Request::Locate`].
     Located(Location),
-    /// Answer to [`Request::Status`].
-    Status(ClusterStatus),
+    /// Answer to [`Request::Status`]; boxed, because an answer is moved several times per
+    /// request and the status is four times the size of every other answer.
+    Status(Box<ClusterStatus>),
     /// Answer to [`Request::Check`].
     Checked(CheckReport),
     /// A node was added (spawned) with this id.
@@ -430,5 +431,22 @@ impl CheckReport {
     /// True when every key is healthy.
     pub fn is_healthy(&self) -> bool {
         self.healthy == self.keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers are moved through the call table, futures and channels on every request, so a
+    /// large variant kept inline makes every GET pay for copying it.
+    #[test]
+    fn answers_stay_small() {
+        assert!(
+            std::mem::size_of::<Reply>() <= 64,
+            "{}",
+            std::mem::size_of::<Reply>()
+        );
+        assert!(std::mem::size_of::<Envelope<Reply>>() <= 72);
     }
 }

@@ -45,7 +45,7 @@ impl Handler for Coordinator {
             (_, Request::Locate { key }) => Box::pin(self.locate(key)).await,
             (_, Request::Status) => Box::pin(self.status_off_workers())
                 .await
-                .map(Response::Status),
+                .map(|status| Response::Status(Box::new(status))),
             (_, Request::Check) => Box::pin(self.check()).await.map(Response::Checked),
             (_, Request::NodeAdd) => Box::pin(self.add_node()).await,
             (_, Request::NodeRemove { node }) => Box::pin(self.remove_node(node)).await,

@@ -20,7 +20,7 @@ pub async fn request(addr: &str, req: Request, timeout: Duration) -> Result<Resp
 /// `status`.
 pub async fn status(addr: &str, timeout: Duration) -> Result<ClusterStatus, CallError> {
     match request(addr, Request::Status, timeout).await? {
-        Response::Status(s) => Ok(s),
+        Response::Status(s) => Ok(*s),
         other => Err(unexpected("status", &other)),
     }
 }

@@ -256,7 +256,7 @@ pub enum Response {
     /// Answer to [`Request::Locate`].
     Located(Location),
     /// Answer to [`Request::Status`]; boxed, because an answer is moved several times per
-    /// request and the status is four times the size of every other answer.
+    /// request and the status alone is more than three times the size of any other answer.
     Status(Box<ClusterStatus>),
     /// Answer to [`Request::Check`].
     Checked(CheckReport),

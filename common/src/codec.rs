@@ -107,10 +107,27 @@ pub fn decode_payload<T: DeserializeOwned + FastWire>(payload: &[u8]) -> Result<
     if let Some(msg) = T::decode_fast(body) {
         return Ok(msg);
     }
-    rmp_serde::from_slice(body).map_err(|e| FrameError::Undecodable {
+    from_msgpack(body).map_err(|e| FrameError::Undecodable {
         id: envelope_id(body),
         reason: e.to_string(),
     })
+}
+
+/// Deepest nesting of MessagePack arrays and maps decoded. Every message of the protocol and
+/// every journal entry nests less than a dozen deep; rmp-serde's own limit (1024) lets a
+/// frame of a kilobyte of nested arrays recurse deep enough to overflow a thread's stack,
+/// which aborts the whole process.
+pub const MAX_MSGPACK_DEPTH: usize = 32;
+
+/// Decode MessagePack from untrusted bytes (a peer's frame, a file), nesting at most
+/// [`MAX_MSGPACK_DEPTH`] deep.
+///
+/// # Errors
+/// Bytes that are not a `T`, or that nest deeper.
+pub fn from_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_MSGPACK_DEPTH);
+    T::deserialize(&mut de)
 }
 
 /// Best-effort read of the envelope id of a body whose message did not decode.
@@ -121,7 +138,7 @@ fn envelope_id(body: &[u8]) -> Option<u64> {
         #[allow(dead_code)]
         msg: serde::de::IgnoredAny,
     }
-    rmp_serde::from_slice::<IdOnly>(body).ok().map(|e| e.id)
+    from_msgpack::<IdOnly>(body).ok().map(|e| e.id)
 }
 
 impl<Out, In: DeserializeOwned + FastWire> Decoder for FrameCodec<Out, In> {
@@ -396,5 +413,35 @@ mod tests {
         buf.extend_from_slice(b"ab");
         let item = Codec::new(1024).decode(&mut buf).unwrap().unwrap();
         assert_eq!(item, Err(FrameError::Short(2)));
+    }
+
+    /// A frame of nothing but nested arrays (a kilobyte is enough) once recursed deep enough
+    /// to overflow the decoding thread's stack and abort the process; it is undecodable,
+    /// with its id, like any other bad message.
+    #[test]
+    fn deeply_nested_frames_are_undecodable_not_a_crash() {
+        for depth in [MAX_MSGPACK_DEPTH + 1, 1_000, 100_000] {
+            // [1, [[[...nil...]]]]: an envelope whose message nests `depth` arrays deep.
+            let mut body = vec![0x92, 0x01];
+            body.extend(std::iter::repeat_n(0x91, depth));
+            body.push(0xc0);
+            let mut payload = crc32fast::hash(&body).to_be_bytes().to_vec();
+            payload.extend_from_slice(&body);
+            for result in [
+                decode_payload::<Envelope<Request>>(&payload).map(|_| ()),
+                decode_payload::<Envelope<crate::protocol::Reply>>(&payload).map(|_| ()),
+            ] {
+                assert!(
+                    matches!(
+                        result,
+                        Err(FrameError::Undecodable {
+                            id: None | Some(1),
+                            ..
+                        })
+                    ),
+                    "{depth}: {result:?}"
+                );
+            }
+        }
     }
 }

@@ -585,7 +585,7 @@ fn read_frame(reader: &mut impl Read) -> io::Result<Option<(Entry, u64)>> {
     if hasher.finalize() != crc {
         return Ok(None);
     }
-    match rmp_serde::from_slice::<Entry>(&payload) {
+    match ringkv_common::codec::from_msgpack::<Entry>(&payload) {
         Ok(entry) => Ok(Some((entry, (FRAME_HEADER_LEN + len) as u64))),
         Err(_) => Ok(None),
     }

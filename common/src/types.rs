@@ -9,6 +9,13 @@ use serde::{Deserialize, Serialize};
 #[serde(transparent)]
 pub struct NodeId(pub u64);
 
+impl NodeId {
+    /// The highest id a node may carry. Ids are handed out one by one from 1, so no real
+    /// cluster comes near it; a peer that claims an id above it is refused, so the next id
+    /// (the highest known plus one) cannot overflow.
+    pub const MAX: NodeId = NodeId(1 << 32);
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
@@ -32,6 +39,12 @@ pub struct Version(pub u64);
 impl Version {
     /// The version of a key that was never written.
     pub const ZERO: Version = Version(0);
+
+    /// The highest version a node stores or the coordinator hands out: at a million writes a
+    /// second, 146,000 years of them. A version above it can only come from a faulty or
+    /// hostile peer; refusing it keeps the coordinator's version lease (which reserves a
+    /// million versions at a time above the highest seen) clear of overflow.
+    pub const MAX: Version = Version(1 << 62);
 }
 
 impl fmt::Display for Version {

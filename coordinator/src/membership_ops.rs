@@ -45,6 +45,12 @@ impl Coordinator {
             });
         }
         let id = match node {
+            Some(id) if id > NodeId::MAX || id.0 == 0 => {
+                return Err(WireError::BadRequest(format!(
+                    "node id {id} is outside 1..={}: no coordinator hands it out",
+                    NodeId::MAX
+                )));
+            }
             Some(id) => {
                 if self.members.state(id) == Some(NodeState::Removed) {
                     return Err(WireError::BadRequest(format!(
@@ -163,7 +169,7 @@ impl Coordinator {
         // journal) may not know every node that was ever spawned.
         let mut id = self.members.next_id();
         while self.config.node_dir(id).exists() {
-            id = NodeId(id.0 + 1);
+            id = NodeId(id.0.saturating_add(1));
         }
         let dir = self.config.node_dir(id);
         let record = NodeRecord {

@@ -418,7 +418,13 @@ impl Coordinator {
                 self.reconcile_entry(node, entry, &mut stats).await;
             }
             match next {
-                Some(n) => after = Some(n),
+                Some(n) if scan_advances(after.as_ref(), &n) => after = Some(n),
+                Some(n) => {
+                    // Pages come in key order; one that does not move past the last would
+                    // have this loop ask for it again for ever.
+                    warn!(%node, next = ?n, after = ?after, "node's scan did not move forward");
+                    return false;
+                }
                 None => break,
             }
         }
@@ -605,5 +611,29 @@ pub async fn run_sweeper(coord: Arc<Coordinator>) {
                 debug!(keys = n, "sweep queued misplaced keys");
             }
         }
+    }
+}
+
+/// Whether a node's scan page, which continues after `next`, moved past the page before it
+/// (which continued after `after`, `None` for the first): a scan is in key order.
+fn scan_advances(after: Option<&Bytes>, next: &Bytes) -> bool {
+    after.is_none_or(|after| next > after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scan_advances_only_past_the_last_key() {
+        let key = |k: &'static str| Bytes::from_static(k.as_bytes());
+        assert!(scan_advances(None, &key("a")));
+        assert!(scan_advances(Some(&key("a")), &key("b")));
+        assert!(scan_advances(Some(&key("a")), &key("a\0")));
+        assert!(
+            !scan_advances(Some(&key("b")), &key("b")),
+            "the same page again"
+        );
+        assert!(!scan_advances(Some(&key("b")), &key("a")), "backwards");
     }
 }

@@ -482,9 +482,11 @@ impl Coordinator {
         let Some(&(_, newest, tombstone)) = held.iter().max_by_key(|(_, v, _)| *v) else {
             return;
         };
-        if newest <= meta.version {
+        if newest <= meta.version || newest > Version::MAX {
             return;
         }
+        // Versions handed out from now on are above it, as after a reconciliation.
+        self.meta.observe_version(newest);
         let replicas = held
             .iter()
             .filter(|(_, v, _)| *v == newest)

@@ -106,9 +106,16 @@ impl Membership {
         self.inner.write_unpoisoned()
     }
 
-    /// The id the next new node gets.
+    /// The id the next new node gets. Ids above [`NodeId::MAX`] are refused at registration,
+    /// so this cannot overflow.
     pub fn next_id(&self) -> NodeId {
-        NodeId(self.read().nodes.keys().last().map_or(1, |n| n.0 + 1))
+        NodeId(
+            self.read()
+                .nodes
+                .keys()
+                .last()
+                .map_or(1, |n| n.0.saturating_add(1)),
+        )
     }
 
     /// Add a node that is about to be spawned or that joined, in state `suspect` until it

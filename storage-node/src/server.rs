@@ -289,11 +289,18 @@ fn forget_in(store: &mut Store, frames: &mut EncodedRecord, key: &[u8], version:
     Ok(Response::Done)
 }
 
-/// Refuse a store that no coordinator would send: bad sizes, or the reserved version 0.
+/// Refuse a store that no coordinator would send: bad sizes, the reserved version 0, or a
+/// version above [`Version::MAX`].
 fn check_store(key: &[u8], version: Version, value: Option<&Bytes>) -> Result<(), WireError> {
     ringkv_common::protocol::check_sizes(key, value)?;
     if version == Version::ZERO {
         return Err(WireError::BadRequest("version 0 is reserved".into()));
+    }
+    if version > Version::MAX {
+        return Err(WireError::BadRequest(format!(
+            "version {version} is above the highest a coordinator hands out, {}",
+            Version::MAX
+        )));
     }
     Ok(())
 }

@@ -418,6 +418,14 @@ impl Metadata {
         loop {
             let needed = {
                 let mut lease = self.lease.lock_unpoisoned();
+                if lease.next > Version::MAX.0 {
+                    // Only a journal entry no coordinator wrote can put it there.
+                    return Err(MetaError::Write(format!(
+                        "no versions left: the next would be {}, above the highest, {}",
+                        lease.next,
+                        Version::MAX
+                    )));
+                }
                 if lease.next < lease.ceiling {
                     let v = lease.next;
                     lease.next += 1;
@@ -427,7 +435,7 @@ impl Metadata {
                         version: Version(v),
                     });
                 }
-                lease.next.max(lease.ceiling) + VERSION_LEASE
+                lease.next.max(lease.ceiling).saturating_add(VERSION_LEASE)
             };
             // Persist a higher ceiling before handing out anything below it.
             self.submit(vec![Op::Ceiling(needed)]).await?;
@@ -440,7 +448,13 @@ impl Metadata {
     /// Versions never repeat as long as the journal is intact; this keeps them moving forward
     /// even when a damaged journal lost a lease, since every version that reached a node is
     /// seen by the reconciliation of that node.
+    /// A version above [`Version::MAX`] is ignored (no coordinator hands one out, and nodes
+    /// refuse to store one): it would exhaust the versions left.
     pub fn observe_version(&self, version: Version) {
+        if version > Version::MAX {
+            warn!(%version, "ignored a version above the highest a coordinator hands out");
+            return;
+        }
         let mut lease = self.lease.lock_unpoisoned();
         if version.0 >= lease.next {
             lease.next = version.0.saturating_add(1);
@@ -1195,6 +1209,28 @@ mod tests {
         assert_eq!(m.keys_on_node(NodeId(2)), vec![k.clone()]);
         assert_eq!(m.keys_on_node(NodeId(3)), vec![k]);
         assert!(m.keys_on_node(NodeId(1)).is_empty());
+    }
+
+    /// A version a peer reports above [`Version::MAX`] is ignored; one at the top of the
+    /// range leaves no versions, and asking for one is an error, not a lease that overflows.
+    #[tokio::test]
+    async fn versions_from_peers_cannot_overflow_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = Metadata::open(dir.path()).unwrap();
+        let before = m.next_version().await.unwrap().version();
+        m.observe_version(Version(u64::MAX));
+        m.observe_version(Version(Version::MAX.0 + 1));
+        let after = m.next_version().await.unwrap().version();
+        assert!(
+            after > before && after.0 < before.0 + VERSION_LEASE,
+            "{after}"
+        );
+        m.observe_version(Version::MAX);
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(10), m.next_version());
+        match asked.await.expect("an answer, not an endless loop") {
+            Err(e) => assert!(e.to_string().contains("no versions left"), "{e}"),
+            Ok(ticket) => panic!("version {} handed out", ticket.version()),
+        }
     }
 
     #[tokio::test]

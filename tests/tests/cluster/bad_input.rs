@@ -310,3 +310,39 @@ fn protocol_version_mismatch_is_refused_clearly() {
 mod tokio_util_codec {
     pub use tokio_util::codec::{Decoder, Encoder};
 }
+
+/// A peer that registers as a node under an id no coordinator hands out is refused, and the
+/// next node still gets the next id: the highest id known plus one cannot overflow.
+#[test]
+fn a_node_id_beyond_the_range_is_refused_and_ids_go_on() {
+    let c = Cluster::start(3);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let peer = Client::connect(&c.addr, Role::Node, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        for id in [u64::MAX, ringkv_common::NodeId::MAX.0 + 1, 0] {
+            let register = Request::Register {
+                node: Some(ringkv_common::NodeId(id)),
+                addr: "127.0.0.1:1".into(),
+                pid: 1,
+                data_dir: "/nonexistent".into(),
+            };
+            match peer.call_timeout(register, Duration::from_secs(20)).await {
+                Err(CallError::Remote(WireError::BadRequest(m))) => {
+                    assert!(m.contains("outside"), "{id}: {m}")
+                }
+                other => panic!("node id {id} was not refused: {other:?}"),
+            }
+        }
+    });
+    let added = c.json(&["node", "add"]);
+    assert_eq!(added["node"], 4, "{added}");
+    let ids: Vec<u64> = c.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.iter().all(|id| (1..=4).contains(id)), "{ids:?}");
+}

@@ -113,12 +113,20 @@ fn a_node_answers_each_request_of_a_batch_in_order_and_keeps_its_writes_across_s
             (16, store("k3", 0, "version zero is reserved")),
             (17, Request::Status),
             (18, store("k4", 7, "four")),
+            (
+                19,
+                store(
+                    "k5",
+                    u64::MAX,
+                    "beyond every version a coordinator hands out",
+                ),
+            ),
         ],
     ));
     let ids: Vec<u64> = answers.iter().map(|a| a.id).collect();
     assert_eq!(
         ids,
-        (10..=18).collect::<Vec<_>>(),
+        (10..=19).collect::<Vec<_>>(),
         "one answer per request, in order"
     );
     let msgs: Vec<&Reply> = answers.iter().map(|a| &a.msg).collect();
@@ -166,6 +174,11 @@ fn a_node_answers_each_request_of_a_batch_in_order_and_keeps_its_writes_across_s
         &stored(true, 7),
         "a refused request does not stop the rest"
     );
+    assert!(
+        matches!(msgs[9], Err(WireError::BadRequest(m)) if m.contains("above the highest")),
+        "{:?}",
+        msgs[9]
+    );
 
     // SIGKILL: no chance to flush. What the batch acknowledged is in the log.
     node.child.kill().unwrap();
@@ -181,6 +194,7 @@ fn a_node_answers_each_request_of_a_batch_in_order_and_keeps_its_writes_across_s
         );
         assert_eq!(fetch_from(&client, "k2").await, (Version::ZERO, None));
         assert_eq!(fetch_from(&client, "k3").await, (Version::ZERO, None));
+        assert_eq!(fetch_from(&client, "k5").await, (Version::ZERO, None));
         assert_eq!(
             fetch_from(&client, "k4").await,
             (Version(7), Some(Bytes::from_static(b"four")))

@@ -29,6 +29,10 @@ const MAX_ARRAY_LEN: usize = 1 << 20;
 /// Deepest nesting of arrays accepted, so hostile input cannot recurse without bound.
 const MAX_DEPTH: usize = 8;
 
+/// Longest line (a simple string, an error, a number) accepted without its CRLF: a reply
+/// that never ends its line would otherwise be buffered, and searched again, without bound.
+const MAX_LINE: usize = 64 * 1024;
+
 /// Commands queued for the writer before callers wait.
 const SEND_QUEUE: usize = 4096;
 
@@ -88,7 +92,7 @@ fn parse_at(buf: &[u8], start: usize, depth: usize) -> Result<Option<(Resp, usiz
     let Some((&kind, _)) = rest.split_first() else {
         return Ok(None);
     };
-    let Some((line, after_line)) = line_at(buf, start + 1) else {
+    let Some((line, after_line)) = line_at(buf, start + 1)? else {
         return Ok(None);
     };
     match kind {
@@ -139,11 +143,22 @@ fn parse_at(buf: &[u8], start: usize, depth: usize) -> Result<Option<(Resp, usiz
     }
 }
 
-/// The line starting at `start` (without its CRLF) and the offset just past the CRLF.
-fn line_at(buf: &[u8], start: usize) -> Option<(&[u8], usize)> {
-    let rest = buf.get(start..)?;
-    let cr = rest.windows(2).position(|w| w == b"\r\n")?;
-    Some((rest.get(..cr)?, start + cr + 2))
+/// The line starting at `start` (without its CRLF) and the offset just past the CRLF;
+/// `None` while the CRLF has not arrived.
+fn line_at(buf: &[u8], start: usize) -> Result<Option<(&[u8], usize)>, RespError> {
+    let Some(rest) = buf.get(start..) else {
+        return Ok(None);
+    };
+    let searched = rest.get(..MAX_LINE + 2).unwrap_or(rest);
+    match searched.windows(2).position(|w| w == b"\r\n") {
+        Some(cr) => Ok(rest.get(..cr).map(|line| (line, start + cr + 2))),
+        None if rest.len() >= MAX_LINE + 2 => Err(RespError::TooLarge {
+            what: "reply line",
+            len: rest.len(),
+            max: MAX_LINE,
+        }),
+        None => Ok(None),
+    }
 }
 
 fn number(line: &[u8]) -> Result<i64, RespError> {
@@ -455,6 +470,33 @@ mod tests {
         }
         let deep = b"*1\r\n".repeat(MAX_DEPTH + 2);
         assert_eq!(parse(&deep), Err(RespError::TooDeep));
+    }
+
+    /// A line that never ends is refused once it is longer than any reply line, instead of
+    /// being buffered for ever; up to that length it may still be arriving.
+    #[test]
+    fn a_line_without_its_end_is_bounded() {
+        let mut line = vec![b'+'];
+        line.resize(1 + MAX_LINE + 1, b'x');
+        assert_eq!(parse(&line), Ok(None), "still within the limit");
+        line.push(b'x');
+        assert!(
+            matches!(
+                parse(&line),
+                Err(RespError::TooLarge {
+                    what: "reply line",
+                    ..
+                })
+            ),
+            "{:?}",
+            parse(&line)
+        );
+        let mut whole = vec![b'+'];
+        whole.resize(1 + MAX_LINE, b'x');
+        whole.extend_from_slice(b"\r\n");
+        let (reply, used) = parse(&whole).unwrap().unwrap();
+        assert_eq!(used, whole.len());
+        assert!(matches!(reply, Resp::Simple(s) if s.len() == MAX_LINE));
     }
 
     #[test]

@@ -28,14 +28,18 @@ Examples:
 
 Exit codes:
   0  success
-  1  the command failed: the coordinator refused it (unavailable, indeterminate, not_found, ...)
+  1  the coordinator answered with an error (unavailable, indeterminate, not_found, ...),
      or `check` found keys that are not healthy
   2  usage error: bad arguments, or the value could not be read from stdin
   3  no usable connection: cannot connect (or the protocol versions differ), the connection
      was lost, or no answer within --timeout
 
+A failed write may still have taken effect (may_have_applied): after indeterminate,
+internal, timeout or connection_lost, read the key before writing it again.
+
 With --json, stdout holds exactly one JSON document: the result, or
-{\"error\":{\"class\":CLASS,\"message\":MESSAGE}} on failure. Errors also go to stderr.";
+{\"error\":{\"class\":CLASS,\"message\":MESSAGE,\"may_have_applied\":BOOL}} on failure.
+Errors also go to stderr.";
 
 /// The `ringkv` process's arguments.
 #[derive(Parser, Debug, Clone, PartialEq)]

@@ -15,9 +15,10 @@
 //! the body.
 //!
 //! Errors come in two kinds. A [`FrameError`] (bad CRC, undecodable body) leaves the framing
-//! intact, so it is returned as an item and the connection may answer it and carry on.
-//! A [`CodecError`] (oversized frame, EOF mid-frame, I/O) means the stream can no longer be
-//! trusted and the connection must close.
+//! intact, so it is returned as an item for the connection to answer; the server then
+//! carries on after an undecodable body but closes after a bad CRC, whose length it cannot
+//! trust either (see `server`). A [`CodecError`] (oversized frame, EOF mid-frame, I/O) means
+//! the stream can no longer be trusted and the connection must close.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use std::marker::PhantomData;

@@ -415,9 +415,10 @@ mod tests {
         let help = Cli::command().render_long_help().to_string();
         for code in [
             "0  success",
-            "1  the command failed",
+            "1  the coordinator answered with an error",
             "2  usage",
             "3  no usable",
+            "\"may_have_applied\":BOOL",
         ] {
             assert!(help.contains(code), "help lacks {code:?}");
         }

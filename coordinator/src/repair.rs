@@ -486,6 +486,12 @@ impl Coordinator {
         mut entry: ScanEntry,
         stats: &mut ReconcileStats,
     ) {
+        if entry.version > Version::MAX {
+            // No coordinator handed it out, so no acknowledged write has it: nothing the
+            // metadata should learn (it would put the key beyond every later write).
+            warn!(%node, version = %entry.version, "ignored a key held at a version above the highest");
+            return;
+        }
         self.meta.observe_version(entry.version);
         let key = entry.key.clone();
         let _guard = self.locks.lock(&key).await;
@@ -500,6 +506,7 @@ impl Coordinator {
         fail::fail_point!("reconcile-fetch-fails", |_| stats.skipped += 1);
         let req = Request::Fetch { key: key.clone() };
         match self.members.call(node, req, self.config.node_timeout).await {
+            Ok(Response::Fetched { version, .. }) if version > Version::MAX => return,
             Ok(Response::Fetched { version, value }) if version != Version::ZERO => {
                 entry.version = version;
                 entry.tombstone = value.is_none();

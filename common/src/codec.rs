@@ -114,13 +114,14 @@ pub fn decode_payload<T: DeserializeOwned + FastWire>(payload: &[u8]) -> Result<
     })
 }
 
-/// Deepest nesting of MessagePack arrays and maps decoded. Every message of the protocol and
-/// every journal entry nests less than a dozen deep; rmp-serde's own limit (1024) lets a
-/// frame of a kilobyte of nested arrays recurse deep enough to overflow a thread's stack,
-/// which aborts the whole process.
+/// rmp-serde's depth limit for what peers and files send: arrays and maps nested this deep
+/// are refused (31 levels decode). Every message of the protocol and every journal entry
+/// nests at most about six deep; rmp-serde's default (1024) lets a frame of a kilobyte of
+/// nested arrays recurse deep enough to overflow a thread's stack, which aborts the whole
+/// process.
 pub const MAX_MSGPACK_DEPTH: usize = 32;
 
-/// Decode MessagePack from untrusted bytes (a peer's frame, a file), nesting at most
+/// Decode MessagePack from untrusted bytes (a peer's frame, a file), nested less than
 /// [`MAX_MSGPACK_DEPTH`] deep.
 ///
 /// # Errors

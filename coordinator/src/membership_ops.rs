@@ -45,7 +45,9 @@ impl Coordinator {
             });
         }
         let id = match node {
-            Some(id) if id > NodeId::MAX || id.0 == 0 => {
+            // A node already in the registry keeps its id whatever it is (an older build
+            // took any); a new one must carry an id this coordinator could have handed out.
+            Some(id) if (id > NodeId::MAX || id.0 == 0) && self.members.record(id).is_none() => {
                 return Err(WireError::BadRequest(format!(
                     "node id {id} is outside 1..={}: no coordinator hands it out",
                     NodeId::MAX
@@ -68,7 +70,7 @@ impl Coordinator {
                 id
             }
             None => {
-                let id = self.members.next_id();
+                let id = self.members.next_id().ok_or_else(no_ids_left)?;
                 let record = joined_record(id, &addr, &data_dir, pid);
                 self.members.add(record.clone());
                 // Durable before the node enters the ring and takes writes: under
@@ -140,10 +142,7 @@ impl Coordinator {
 
     /// Spawn one more node and wait until it registers.
     pub async fn add_node(self: &Arc<Self>) -> Reply {
-        let (id, dir) = self
-            .new_spawned_node()
-            .await
-            .map_err(|e| WireError::Unavailable(format!("cannot record the node: {e}")))?;
+        let (id, dir) = self.new_spawned_node().await?;
         let pid = self
             .supervisor
             .spawn(id, &dir)
@@ -162,14 +161,15 @@ impl Coordinator {
     }
 
     /// Allocate an id and a data directory for a node to spawn, and record it.
-    async fn new_spawned_node(
-        self: &Arc<Self>,
-    ) -> Result<(NodeId, std::path::PathBuf), crate::metadata::MetaError> {
+    async fn new_spawned_node(self: &Arc<Self>) -> Result<(NodeId, std::path::PathBuf), WireError> {
         // Skip ids whose data directory exists: a registry that lost its tail (a damaged
         // journal) may not know every node that was ever spawned.
-        let mut id = self.members.next_id();
+        let mut id = self.members.next_id().ok_or_else(no_ids_left)?;
         while self.config.node_dir(id).exists() {
-            id = NodeId(id.0.saturating_add(1));
+            id = NodeId(id.0 + 1);
+            if id > NodeId::MAX {
+                return Err(no_ids_left());
+            }
         }
         let dir = self.config.node_dir(id);
         let record = NodeRecord {
@@ -183,7 +183,10 @@ impl Coordinator {
             owes_reconciliation: false,
         };
         self.members.add(record.clone());
-        self.meta.save_node(record).await?;
+        self.meta
+            .save_node(record)
+            .await
+            .map_err(|e| WireError::Unavailable(format!("cannot record the node: {e}")))?;
         Ok((id, dir))
     }
 
@@ -362,6 +365,14 @@ impl Coordinator {
         }
         Ok(expected)
     }
+}
+
+/// Every id in `1..=NodeId::MAX` is taken (only a registry that peers filled on purpose).
+fn no_ids_left() -> WireError {
+    WireError::Unavailable(format!(
+        "no node ids left: every id up to {} is taken",
+        NodeId::MAX
+    ))
 }
 
 /// The registry record of a node that joined by itself (not spawned by the coordinator).

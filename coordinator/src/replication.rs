@@ -474,15 +474,17 @@ impl Coordinator {
                 _ => None,
             }
         });
+        // A version above the highest was never handed out: no write to adopt.
         let held: Vec<_> = futures::future::join_all(asks)
             .await
             .into_iter()
             .flatten()
+            .filter(|(_, v, _)| *v <= Version::MAX)
             .collect();
         let Some(&(_, newest, tombstone)) = held.iter().max_by_key(|(_, v, _)| *v) else {
             return;
         };
-        if newest <= meta.version || newest > Version::MAX {
+        if newest <= meta.version {
             return;
         }
         // Versions handed out from now on are above it, as after a reconciliation.

@@ -106,16 +106,17 @@ impl Membership {
         self.inner.write_unpoisoned()
     }
 
-    /// The id the next new node gets. Ids above [`NodeId::MAX`] are refused at registration,
-    /// so this cannot overflow.
-    pub fn next_id(&self) -> NodeId {
-        NodeId(
-            self.read()
-                .nodes
-                .keys()
-                .last()
-                .map_or(1, |n| n.0.saturating_add(1)),
-        )
+    /// The id the next new node gets: one above the highest in `1..=NodeId::MAX` (ids beyond
+    /// it, which registration refuses, are passed over), or `None` when none is left.
+    pub fn next_id(&self) -> Option<NodeId> {
+        let highest = self
+            .read()
+            .nodes
+            .keys()
+            .rev()
+            .find(|n| **n <= NodeId::MAX)
+            .map_or(0, |n| n.0);
+        next_in_range(highest)
     }
 
     /// Add a node that is about to be spawned or that joined, in state `suspect` until it
@@ -408,5 +409,24 @@ impl Membership {
                 })??,
         };
         client.call_timeout(req, timeout).await
+    }
+}
+
+/// The id after `id`, if it is still within `1..=NodeId::MAX`.
+fn next_in_range(id: u64) -> Option<NodeId> {
+    Some(NodeId(id.checked_add(1)?)).filter(|next| *next <= NodeId::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_stay_within_their_range() {
+        assert_eq!(next_in_range(0), Some(NodeId(1)));
+        assert_eq!(next_in_range(41), Some(NodeId(42)));
+        assert_eq!(next_in_range(NodeId::MAX.0 - 1), Some(NodeId::MAX));
+        assert_eq!(next_in_range(NodeId::MAX.0), None, "every id is taken");
+        assert_eq!(next_in_range(u64::MAX), None);
     }
 }

@@ -345,4 +345,33 @@ fn a_node_id_beyond_the_range_is_refused_and_ids_go_on() {
         .map(|n| n["id"].as_u64().unwrap())
         .collect();
     assert!(ids.iter().all(|id| (1..=4).contains(id)), "{ids:?}");
+
+    // The highest id is a node's to take; after it, no id is left to hand out, and adding a
+    // node says so instead of handing out one that registration would refuse.
+    rt.block_on(async {
+        let peer = Client::connect(&c.addr, Role::Node, DEFAULT_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        let register = Request::Register {
+            node: Some(ringkv_common::NodeId::MAX),
+            addr: "127.0.0.1:1".into(),
+            pid: 1,
+            data_dir: "/nonexistent".into(),
+        };
+        let answer = peer.call_timeout(register, Duration::from_secs(20)).await;
+        assert!(
+            matches!(answer, Ok(Response::Registered { .. })),
+            "{answer:?}"
+        );
+    });
+    let out = c.ringkv(&["--json", "node", "add"]);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!out.status.success(), "{answer}");
+    assert_eq!(answer["error"]["class"], "unavailable", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no node ids left")),
+        "{answer}"
+    );
 }

@@ -77,7 +77,8 @@ pub struct GlobalArgs {
     )]
     pub coordinator: String,
 
-    /// Print one JSON document on stdout instead of human-readable text.
+    /// Print each result as JSON instead of text: a command prints one document; in the shell
+    /// and in scripts each command's result is one JSON line among the echoed steps.
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -149,10 +150,12 @@ pub enum Command {
     #[command(subcommand)]
     Node(NodeCommand),
 
-    /// Verify that every key has all its live replicas, agreeing on its version (like fsck).
+    /// Verify that every key has its full count of replicas (--rf) on up nodes, all at the
+    /// version the metadata names (like fsck).
     #[command(
-        long_about = "Verify that every key has all its live replicas, agreeing on its version \
-                      (like fsck).\n\nExits 0 when every key is healthy and 1 otherwise, after \
+        long_about = "Verify that every key has its full count of replicas (--rf, 3 by default) \
+                      on nodes that are up, all at the version the metadata names (like \
+                      fsck).\n\nExits 0 when every key is healthy and 1 otherwise, after \
                       printing how many keys are under-replicated, lost or stale.",
         after_help = "Examples:\n  ringkv check\n  ringkv check && echo consistent"
     )]

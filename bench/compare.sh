@@ -195,7 +195,7 @@ jq -rs '
   def r(x): x | round;
   "| workload | client mean | key lock | write quorum | metadata commit | rest |",
   "| --- | ---: | ---: | ---: | ---: | ---: |",
- ( (map(.round) | unique | length) as $n
+  ( (map(.round) | unique | length) as $n
     | .[] | select(.system == "ringkv" and .write_stages_us != null)
     | .write_stages_us as $w
     | "| \(.label)\(if $n > 1 then ", round \(.round)" else "" end) | \(r(.latency_us.mean)) | \(r($w.lock)) | \(r($w.quorum)) | "

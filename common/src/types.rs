@@ -14,6 +14,16 @@ impl NodeId {
     /// cluster comes near it; a peer that claims an id above it is refused, so the next id
     /// (the highest known plus one) cannot overflow.
     pub const MAX: NodeId = NodeId(1 << 32);
+
+    /// Whether a coordinator could hand out this id: it is within `1..=NodeId::MAX`.
+    pub fn is_assignable(self) -> bool {
+        (1..=NodeId::MAX.0).contains(&self.0)
+    }
+
+    /// The id after this one, if it is still within `1..=NodeId::MAX`.
+    pub fn next(self) -> Option<NodeId> {
+        Some(NodeId(self.0.checked_add(1)?)).filter(|next| next.is_assignable())
+    }
 }
 
 impl fmt::Display for NodeId {
@@ -123,4 +133,18 @@ pub struct NodeStats {
     /// arrived while the one before it ran (group commit).
     #[serde(default)]
     pub syncs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_stay_within_their_range() {
+        assert_eq!(NodeId(0).next(), Some(NodeId(1)));
+        assert_eq!(NodeId(41).next(), Some(NodeId(42)));
+        assert_eq!(NodeId(NodeId::MAX.0 - 1).next(), Some(NodeId::MAX));
+        assert_eq!(NodeId::MAX.next(), None, "every id is taken");
+        assert_eq!(NodeId(u64::MAX).next(), None);
+    }
 }

@@ -47,7 +47,7 @@ impl Coordinator {
         let id = match node {
             // A node already in the registry keeps its id whatever it is (an older build
             // took any); a new one must carry an id this coordinator could have handed out.
-            Some(id) if (id > NodeId::MAX || id.0 == 0) && self.members.record(id).is_none() => {
+            Some(id) if !id.is_assignable() && self.members.record(id).is_none() => {
                 return Err(WireError::BadRequest(format!(
                     "node id {id} is outside 1..={}: no coordinator hands it out",
                     NodeId::MAX
@@ -166,10 +166,7 @@ impl Coordinator {
         // journal) may not know every node that was ever spawned.
         let mut id = self.members.next_id().ok_or_else(no_ids_left)?;
         while self.config.node_dir(id).exists() {
-            id = NodeId(id.0 + 1);
-            if id > NodeId::MAX {
-                return Err(no_ids_left());
-            }
+            id = id.next().ok_or_else(no_ids_left)?;
         }
         let dir = self.config.node_dir(id);
         let record = NodeRecord {

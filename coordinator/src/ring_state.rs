@@ -115,8 +115,8 @@ impl Membership {
             .keys()
             .rev()
             .find(|n| **n <= NodeId::MAX)
-            .map_or(0, |n| n.0);
-        next_in_range(highest)
+            .copied();
+        highest.unwrap_or(NodeId(0)).next()
     }
 
     /// Add a node that is about to be spawned or that joined, in state `suspect` until it
@@ -409,24 +409,5 @@ impl Membership {
                 })??,
         };
         client.call_timeout(req, timeout).await
-    }
-}
-
-/// The id after `id`, if it is still within `1..=NodeId::MAX`.
-fn next_in_range(id: u64) -> Option<NodeId> {
-    Some(NodeId(id.checked_add(1)?)).filter(|next| *next <= NodeId::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_ids_stay_within_their_range() {
-        assert_eq!(next_in_range(0), Some(NodeId(1)));
-        assert_eq!(next_in_range(41), Some(NodeId(42)));
-        assert_eq!(next_in_range(NodeId::MAX.0 - 1), Some(NodeId::MAX));
-        assert_eq!(next_in_range(NodeId::MAX.0), None, "every id is taken");
-        assert_eq!(next_in_range(u64::MAX), None);
     }
 }

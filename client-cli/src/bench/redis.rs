@@ -197,19 +197,8 @@ pub fn encode_command(parts: &[&[u8]], out: &mut BytesMut) {
 /// load generator encodes every command it sends to Redis, and its cost per command should be
 /// no higher than that of RingKV's own client.
 fn put_header(out: &mut BytesMut, kind: u8, n: usize) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = n;
-    for slot in digits.iter_mut().rev() {
-        *slot = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        start -= 1;
-        if rest == 0 {
-            break;
-        }
-    }
     out.put_u8(kind);
-    out.extend_from_slice(digits.get(start..).unwrap_or_default());
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 

@@ -317,18 +317,26 @@ mod tokio_util_codec {
 fn a_node_id_beyond_the_range_is_refused_and_ids_go_on() {
     let c = Cluster::start(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let peer = Client::connect(&c.addr, Role::Node, DEFAULT_MAX_FRAME_LEN)
-            .await
-            .unwrap();
-        for id in [u64::MAX, ringkv_common::NodeId::MAX.0 + 1, 0] {
+    // A peer that says it is a node, registering under `id` (nothing listens at its address).
+    let addr = c.addr.clone();
+    let register = |id: u64| {
+        let addr = addr.clone();
+        async move {
+            let peer = Client::connect(&addr, Role::Node, DEFAULT_MAX_FRAME_LEN)
+                .await
+                .unwrap();
             let register = Request::Register {
                 node: Some(ringkv_common::NodeId(id)),
                 addr: "127.0.0.1:1".into(),
                 pid: 1,
                 data_dir: "/nonexistent".into(),
             };
-            match peer.call_timeout(register, Duration::from_secs(20)).await {
+            peer.call_timeout(register, Duration::from_secs(20)).await
+        }
+    };
+    rt.block_on(async {
+        for id in [u64::MAX, ringkv_common::NodeId::MAX.0 + 1, 0] {
+            match register(id).await {
                 Err(CallError::Remote(WireError::BadRequest(m))) => {
                     assert!(m.contains("outside"), "{id}: {m}")
                 }
@@ -348,22 +356,11 @@ fn a_node_id_beyond_the_range_is_refused_and_ids_go_on() {
 
     // The highest id is a node's to take; after it, no id is left to hand out, and adding a
     // node says so instead of handing out one that registration would refuse.
-    rt.block_on(async {
-        let peer = Client::connect(&c.addr, Role::Node, DEFAULT_MAX_FRAME_LEN)
-            .await
-            .unwrap();
-        let register = Request::Register {
-            node: Some(ringkv_common::NodeId::MAX),
-            addr: "127.0.0.1:1".into(),
-            pid: 1,
-            data_dir: "/nonexistent".into(),
-        };
-        let answer = peer.call_timeout(register, Duration::from_secs(20)).await;
-        assert!(
-            matches!(answer, Ok(Response::Registered { .. })),
-            "{answer:?}"
-        );
-    });
+    let answer = rt.block_on(register(ringkv_common::NodeId::MAX.0));
+    assert!(
+        matches!(answer, Ok(Response::Registered { .. })),
+        "{answer:?}"
+    );
     let out = c.ringkv(&["--json", "node", "add"]);
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(!out.status.success(), "{answer}");

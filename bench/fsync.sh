@@ -13,7 +13,7 @@
 #   SKIP_BUILD=1 PIPELINES="1 16" bench/fsync.sh
 #
 # Settings (environment): DURATION (5s), CONNECTIONS (50), NODES (5), VALUE_SIZE (100),
-# PIPELINES ("1"), RINGKV_ARGS.
+# PIPELINES ("1"), META_FSYNC (the coordinator's `--meta-fsync`, "always"), RINGKV_ARGS.
 set -euo pipefail
 
 DURATION=${DURATION:-5s}
@@ -21,6 +21,7 @@ CONNECTIONS=${CONNECTIONS:-50}
 NODES=${NODES:-5}
 VALUE_SIZE=${VALUE_SIZE:-100}
 PIPELINES=${PIPELINES:-1}
+META_FSYNC=${META_FSYNC:-always}
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -110,7 +111,7 @@ echo
 echo "| system | pipeline | ops/s | user | system | softirq | iowait | idle | steal | context switches per op | fdatasync per op | RingKV: stores per node fsync; waits per write (quorum, metadata commit) |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
 for depth in $PIPELINES; do
-    start_ringkv "ringkv-$depth" always
+    start_ringkv "ringkv-$depth" always "$META_FSYNC"
     read -r s0 o0 <<< "$(node_counts)"
     before=$("$BIN/ringkv" --coordinator "$RINGKV_ADDR" --json status | jq -c .writes)
     measured_run

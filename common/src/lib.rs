@@ -9,6 +9,7 @@
 //! - [`ring`]: the consistent-hash ring with virtual nodes.
 //! - [`server`]: the per-connection loop shared by the node and the coordinator (handshake, pipelining).
 //! - [`client`]: a pipelining client over one connection.
+//! - [`cluster_token`]: the secret that lets only the coordinator and its nodes take peer roles.
 //! - [`config`]: parsers shared by the binaries' flags.
 //! - [`signals`]: SIGTERM and ctrl-c as a shutdown token.
 //! - [`process`]: finding local processes by their command line.
@@ -19,6 +20,7 @@
 //! - [`write_ahead`]: files kept written ahead in zeros, so that syncing them is cheap.
 
 pub mod client;
+pub mod cluster_token;
 pub mod codec;
 pub mod config;
 pub mod dir_lock;

@@ -16,8 +16,9 @@ use crate::types::{NodeId, NodeState, NodeStats, Version};
 /// Bumped on any incompatible change to the messages below (2: [`Request::Batch`]; 3: the
 /// `messages` and `syncs` of [`NodeStats`] and the `writes` of [`ClusterStatus`], which a
 /// build before them cannot decode: structs travel as arrays, and a longer one is refused;
-/// 4: the `reconciliations` of [`CollectionStatus`]).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 4: the `reconciliations` of [`CollectionStatus`]; 5: the `reads_wait` of the collection
+/// status; 6: the cluster token of [`Request::Hello`], without which a peer role is refused).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest key accepted. Keys are held in memory by the coordinator and every replica,
 /// so they are kept small enough to make per-key overhead predictable.
@@ -80,6 +81,17 @@ pub enum Role {
     Coordinator,
 }
 
+impl Role {
+    /// The role's name, as on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Node => "node",
+            Role::Coordinator => "coordinator",
+        }
+    }
+}
+
 /// What `node kill|pause|resume` does to a spawned node's process.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -95,8 +107,15 @@ pub enum NodeSignal {
 /// Every request any peer can send.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Request {
-    /// First message on every connection: the sender's protocol version and role.
-    Hello { protocol: u32, role: Role },
+    /// First message on every connection: the sender's protocol version and role, and for
+    /// the node and coordinator roles the cluster token ([`crate::cluster_token`]). Left out
+    /// of the encoding when absent, so that a client's hello is what it always was.
+    Hello {
+        protocol: u32,
+        role: Role,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
 
     // --- client -> coordinator ---
     /// Store `value` under `key`; answered with [`Response::Written`] once a write quorum has it.

@@ -55,6 +55,14 @@ pub trait Handler: Send + Sync + 'static {
     fn answer_hold(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// Whether a peer that says it is `role`, with `token` in its hello, may go on: an
+    /// error refuses it (the error is its answer, and the connection closes). Everyone by
+    /// default.
+    fn admit(&self, role: Role, token: Option<&str>) -> Result<(), WireError> {
+        let _ = (role, token);
+        Ok(())
+    }
 }
 
 tokio::task_local! {
@@ -92,9 +100,13 @@ pub async fn serve<H: Handler>(
                 accepted_so_far += 1;
                 let burst = std::cell::Cell::new(accepted_so_far << 32);
                 tracker.spawn(BURST.scope(burst, async move {
-                    if let Err(e) = serve_connection(stream, handler, max_frame_len, shutdown).await
-                    {
-                        debug!(%peer, error = %e, "connection closed with error");
+                    match serve_connection(stream, handler, max_frame_len, shutdown).await {
+                        Ok(()) => {}
+                        // A peer without the cluster token: an operator should hear of it.
+                        Err(e @ ConnectionError::Refused(_)) => {
+                            warn!(%peer, error = %e, "refused a peer");
+                        }
+                        Err(e) => debug!(%peer, error = %e, "connection closed with error"),
                     }
                 }));
             }
@@ -121,6 +133,9 @@ pub enum ConnectionError {
     NoHello(&'static str),
     #[error("peer speaks protocol version {0}")]
     ProtocolMismatch(u32),
+    /// The handler refused the peer's role; the refusal was its answer.
+    #[error("peer refused: {0}")]
+    Refused(WireError),
 }
 
 /// Run one connection to completion.
@@ -147,7 +162,7 @@ pub async fn serve_connection<H: Handler>(
     let mut framed = Framed::new(stream, ServerCodec::new(max_frame_len));
     // A peer that never says hello must not keep a shutdown waiting.
     let greeted = tokio::select! {
-        greeted = handshake(&mut framed) => greeted,
+        greeted = handshake(&mut framed, handler.as_ref()) => greeted,
         () = shutdown.cancelled() => Ok(None),
     };
     let result = match greeted {
@@ -185,20 +200,37 @@ fn error_answer(e: &ConnectionError) -> Option<WireError> {
             server: PROTOCOL_VERSION,
             client: *client,
         }),
-        ConnectionError::Codec(_) => None,
+        ConnectionError::Codec(_) | ConnectionError::Refused(_) => None,
     }
 }
 
 type ServerFramed = Framed<TcpStream, ServerCodec>;
 
-/// Insist on a `Hello` first and answer it; `None` when the peer closed without a word.
-async fn handshake(framed: &mut ServerFramed) -> Result<Option<Role>, ConnectionError> {
+/// Insist on a `Hello` first, let `handler` admit the peer, and answer it; `None` when the
+/// peer closed without a word.
+async fn handshake(
+    framed: &mut ServerFramed,
+    handler: &impl Handler,
+) -> Result<Option<Role>, ConnectionError> {
     let Some(frame) = framed.next().await else {
         return Ok(None);
     };
     let env = frame??;
     match env.msg {
-        Request::Hello { protocol, role } if protocol == PROTOCOL_VERSION => {
+        Request::Hello {
+            protocol,
+            role,
+            token,
+        } if protocol == PROTOCOL_VERSION => {
+            if let Err(refusal) = handler.admit(role, token.as_deref()) {
+                // Answered under the hello's own id, so the peer's connect call gets it.
+                let answer = Envelope {
+                    id: env.id,
+                    msg: Err(refusal.clone()),
+                };
+                let _ = framed.send(answer).await;
+                return Err(ConnectionError::Refused(refusal));
+            }
             let hello = Envelope {
                 id: env.id,
                 msg: Ok(Response::Hello {
@@ -466,6 +498,7 @@ mod tests {
         let hello = Request::Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Client,
+            token: None,
         };
         peer.send(Envelope { id: 0, msg: hello }).await.unwrap();
         peer.next().await.unwrap().unwrap().unwrap();
@@ -557,6 +590,7 @@ mod tests {
         let hello = Request::Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Client,
+            token: None,
         };
         sink.send(Envelope { id: 0, msg: hello }).await.unwrap();
         answers.next().await.unwrap().unwrap().unwrap();
@@ -615,6 +649,7 @@ mod tests {
         let hello = Request::Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Client,
+            token: None,
         };
         peer.send(Envelope { id: 0, msg: hello }).await.unwrap();
         peer.next().await.unwrap().unwrap().unwrap();

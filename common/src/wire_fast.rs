@@ -564,6 +564,7 @@ mod tests {
             Request::Hello {
                 protocol: 1,
                 role: Role::Client,
+                token: None,
             },
             Request::Status,
             Request::NodeRemove { node: NodeId(2) },

@@ -68,6 +68,8 @@ pub async fn run(
     // Held until this function returns: a second coordinator on the same directory would
     // interleave its journal writes with ours.
     let _lock = ringkv_common::dir_lock::lock_dir(&config.data_dir)?;
+    let cluster_token = ringkv_common::cluster_token::load_or_create(&config.data_dir)
+        .with_context(|| format!("the cluster token in {}", config.data_dir.display()))?;
     let dir = config.data_dir.clone();
     let meta_fsync = config.meta_fsync;
     let write_quorum = u8::try_from(config.write_quorum).unwrap_or(u8::MAX);
@@ -88,11 +90,18 @@ pub async fn run(
         config.vnodes,
         config.node_batching,
         config.max_frame_len,
+        cluster_token.clone(),
     );
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
-    let supervisor = Supervisor::new(config.launch.clone(), addr.to_string(), exit_tx);
+    let supervisor = Supervisor::new(
+        config.launch.clone(),
+        addr.to_string(),
+        exit_tx,
+        cluster_token.clone(),
+    );
     let reads = RecoveryGate::new(meta.read_gate());
     let coord = Arc::new(Coordinator {
+        cluster_token,
         reads,
         config,
         meta,

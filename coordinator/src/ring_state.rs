@@ -52,6 +52,8 @@ pub struct Membership {
     batching: Batching,
     /// The largest frame on a connection to a node.
     max_frame_len: usize,
+    /// Presented to the nodes ([`ringkv_common::cluster_token`]).
+    cluster_token: String,
 }
 
 impl Membership {
@@ -63,6 +65,7 @@ impl Membership {
         vnodes: u32,
         batching: Batching,
         max_frame_len: usize,
+        cluster_token: String,
     ) -> Membership {
         // Nodes retry every half second at most; give them a few tries before the failure
         // detector starts counting.
@@ -95,6 +98,7 @@ impl Membership {
             inner: RwLock::new(Inner { nodes, ring }),
             batching,
             max_frame_len,
+            cluster_token,
         }
     }
 
@@ -356,9 +360,14 @@ impl Membership {
             }
             entry.record.addr.clone()
         };
-        let client =
-            Client::connect_with(&addr, Role::Coordinator, self.max_frame_len, self.batching)
-                .await?;
+        let client = Client::connect_as(
+            &addr,
+            Role::Coordinator,
+            Some(&self.cluster_token),
+            self.max_frame_len,
+            self.batching,
+        )
+        .await?;
         let mut inner = self.write();
         if let Some(entry) = inner.nodes.get_mut(&id) {
             if entry.record.addr == addr {

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use ringkv_common::cluster_token;
 use ringkv_common::protocol::{Reply, Request, Response, Role};
 use ringkv_common::server::Handler;
 use ringkv_common::WireError;
@@ -9,6 +10,20 @@ use ringkv_common::WireError;
 use crate::state::Coordinator;
 
 impl Handler for Coordinator {
+    /// Only the coordinator's own nodes may say they are nodes: registering puts a node in
+    /// the ring, where writes are stored on it.
+    fn admit(&self, role: Role, token: Option<&str>) -> Result<(), WireError> {
+        if role == Role::Node && !cluster_token::matches(&self.cluster_token, token) {
+            return Err(WireError::BadRequest(format!(
+                "a node must present this cluster's token (the coordinator's {} file, in {} \
+                 for a node started by hand), and this one did not",
+                cluster_token::FILE,
+                cluster_token::ENV
+            )));
+        }
+        Ok(())
+    }
+
     fn answer_hold(&self) -> Option<std::time::Duration> {
         (!self.config.answer_hold.is_zero()).then_some(self.config.answer_hold)
     }

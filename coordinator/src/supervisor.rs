@@ -47,6 +47,8 @@ impl NodeLaunch {
 pub struct Supervisor {
     launch: NodeLaunch,
     coordinator_addr: String,
+    /// Passed to every node spawned ([`ringkv_common::cluster_token::ENV`]).
+    cluster_token: String,
     /// Pids of children this process spawned and has not yet seen exit.
     children: Mutex<HashMap<NodeId, u32>>,
     exits: mpsc::UnboundedSender<NodeId>,
@@ -61,10 +63,12 @@ impl Supervisor {
         launch: NodeLaunch,
         coordinator_addr: String,
         exits: mpsc::UnboundedSender<NodeId>,
+        cluster_token: String,
     ) -> Supervisor {
         Supervisor {
             launch,
             coordinator_addr,
+            cluster_token,
             children: Mutex::new(HashMap::new()),
             exits,
             stopping: AtomicBool::new(false),
@@ -89,6 +93,8 @@ impl Supervisor {
             .arg("--id")
             .arg(id.to_string())
             .args(&self.launch.args)
+            // In the environment, not on the command line, which every user can read.
+            .env(ringkv_common::cluster_token::ENV, &self.cluster_token)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringkv_common::client::Client;
+use ringkv_common::client::{Batching, Client};
 use ringkv_common::protocol::{Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
 use ringkv_common::NodeId;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,8 @@ pub struct HeartbeatConfig {
     pub data_dir: PathBuf,
     pub interval: Duration,
     pub id: Option<NodeId>,
+    /// Presented in the hello; the coordinator refuses a node without it.
+    pub cluster_token: Option<String>,
 }
 
 /// Register and heartbeat until `shutdown`.
@@ -79,7 +81,14 @@ async fn session(
     id: &mut Option<NodeId>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = Client::connect(&cfg.coordinator, Role::Node, DEFAULT_MAX_FRAME_LEN).await?;
+    let client = Client::connect_as(
+        &cfg.coordinator,
+        Role::Node,
+        cfg.cluster_token.as_deref(),
+        DEFAULT_MAX_FRAME_LEN,
+        Batching::Off,
+    )
+    .await?;
     let reg = Request::Register {
         node: *id,
         addr: cfg.advertise_addr.clone(),

@@ -41,6 +41,9 @@ pub struct NodeConfig {
     pub heartbeat_interval: Duration,
     pub compact: CompactThreshold,
     pub max_frame_len: usize,
+    /// See [`ringkv_common::cluster_token`]: presented to the coordinator, and required of
+    /// peers acting as one. `None`: every peer may.
+    pub cluster_token: Option<String>,
 }
 
 /// Open the log, serve on `listener` and heartbeat to the coordinator until `shutdown`;
@@ -79,7 +82,7 @@ pub async fn run(
         keys = store.stats().keys,
         "log replayed"
     );
-    let node = Arc::new(Node::new(store, log));
+    let node = Arc::new(Node::new(store, log).with_cluster_token(config.cluster_token.clone()));
 
     let addr = listener.local_addr()?;
     let id = config
@@ -103,6 +106,7 @@ pub async fn run(
             data_dir: config.data_dir.clone(),
             interval: config.heartbeat_interval,
             id,
+            cluster_token: config.cluster_token.clone(),
         };
         tracker.spawn(heartbeat::run(cfg, node.clone(), shutdown.clone()));
     }

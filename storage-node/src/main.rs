@@ -17,9 +17,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// RingKV storage node: holds replicas in memory, backed by a checksummed log.
 ///
-/// Usually spawned by `ringkv-coordinator`; start one by hand to join a running cluster:
+/// Usually spawned by `ringkv-coordinator`; start one by hand to join a running cluster,
+/// with the token from the coordinator's data directory:
 ///
-///   ringkv-node --coordinator 127.0.0.1:7400 --data-dir ./node-a
+///   RINGKV_CLUSTER_TOKEN=$(cat ringkv-data/cluster.token) \
+///     ringkv-node --coordinator 127.0.0.1:7400 --data-dir ./node-a
 #[derive(Parser, Debug)]
 #[command(version, about, verbatim_doc_comment)]
 struct Args {
@@ -56,6 +58,13 @@ struct Args {
     /// largest key and value).
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN, value_parser = parse_max_frame_len)]
     max_frame_len: usize,
+    /// The cluster token: the coordinator's `cluster.token` file (in its data directory). With
+    /// it, this node presents it to the coordinator and refuses a peer that says it is the
+    /// coordinator without it; the coordinator passes it to the nodes it spawns, and refuses
+    /// a node that registers without it. Without it, any peer may act as the coordinator
+    /// here (a node on its own, for tests and tools).
+    #[arg(long, env = ringkv_common::cluster_token::ENV, hide_env_values = true)]
+    cluster_token: Option<String>,
     /// Async worker threads (default: half the cores, at least 1, leaving the rest to the
     /// other nodes and the coordinator on the same machine). One worker runs
     /// every task on the main thread (a single-threaded runtime).
@@ -100,6 +109,10 @@ async fn serve(args: Args, lock: ringkv_common::dir_lock::DirLock) -> anyhow::Re
             garbage_ratio: args.compact_garbage_ratio,
         },
         max_frame_len: args.max_frame_len,
+        cluster_token: args
+            .cluster_token
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| t.trim().to_string()),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use ringkv_common::cluster_token;
 use ringkv_common::protocol::{Envelope, Reply, Request, Response, Role, MAX_BATCH_REQUESTS};
 use ringkv_common::server::Handler;
 use ringkv_common::{NodeStats, Version, WireError};
@@ -55,6 +56,8 @@ pub struct Node {
     compacting: tokio::sync::Mutex<()>,
     /// Cancelled when the log fails; the node then stops (see the module's notes).
     log_failed: tokio_util::sync::CancellationToken,
+    /// Required of a peer acting as the coordinator, if set.
+    cluster_token: Option<String>,
 }
 
 impl Node {
@@ -67,7 +70,15 @@ impl Node {
             messages: AtomicU64::new(0),
             compacting: tokio::sync::Mutex::new(()),
             log_failed: tokio_util::sync::CancellationToken::new(),
+            cluster_token: None,
         }
+    }
+
+    /// Require `token` of every peer acting as the coordinator (`None`: require nothing).
+    #[must_use]
+    pub fn with_cluster_token(mut self, token: Option<String>) -> Node {
+        self.cluster_token = token;
+        self
     }
 
     /// Cancelled once the log has failed and the node must stop.
@@ -312,6 +323,19 @@ fn fetched(store: &Store, key: &[u8]) -> Response {
 }
 
 impl Handler for Node {
+    fn admit(&self, role: Role, token: Option<&str>) -> Result<(), WireError> {
+        match &self.cluster_token {
+            Some(expected) if role != Role::Client && !cluster_token::matches(expected, token) => {
+                Err(WireError::BadRequest(format!(
+                    "a {} peer must present this cluster's token ({}), and this one did not",
+                    role.name(),
+                    cluster_token::ENV
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn handle(self: Arc<Self>, req: Request, role: Role) -> Reply {
         self.ops.fetch_add(1, Ordering::Relaxed);
         self.messages.fetch_add(1, Ordering::Relaxed);

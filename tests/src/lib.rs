@@ -219,9 +219,18 @@ impl Cluster {
         }
     }
 
-    /// Start a `ringkv-node` by hand on `data_dir`, joined to this coordinator.
+    /// Start a `ringkv-node` by hand on `data_dir`, joined to this coordinator (with its
+    /// cluster token).
     pub fn start_node(&self, data_dir: &Path, env: &[(&str, &str)]) -> NodeProcess {
-        NodeProcess::start(data_dir, Some(&self.addr), &[], env)
+        let token = self.cluster_token();
+        let mut env = env.to_vec();
+        env.push((ringkv_common::cluster_token::ENV, &token));
+        NodeProcess::start(data_dir, Some(&self.addr), &[], &env)
+    }
+
+    /// The coordinator's cluster token, which its nodes present.
+    pub fn cluster_token(&self) -> String {
+        ringkv_common::cluster_token::read(&self.data_dir()).expect("the cluster token")
     }
 
     /// Start the coordinator again on the same directory and address.
@@ -592,6 +601,22 @@ pub fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).unwrap_or_else(|e| panic!("signal {sig} to {pid}: {e}"));
 }
 
+/// A connection to the node at `addr` as its coordinator, presenting `token` (a cluster's
+/// nodes require [`Cluster::cluster_token`]; a node started on its own requires none).
+pub async fn node_client(
+    addr: &str,
+    token: Option<&str>,
+) -> Result<Client, ringkv_common::client::CallError> {
+    Client::connect_as(
+        addr,
+        Role::Coordinator,
+        token,
+        DEFAULT_MAX_FRAME_LEN,
+        ringkv_common::client::Batching::Off,
+    )
+    .await
+}
+
 /// A storage node started by hand (not by the coordinator); killed when dropped.
 pub struct NodeProcess {
     pub child: Child,
@@ -628,6 +653,7 @@ impl NodeProcess {
         let mut cmd = Command::new(bin_dir().join("ringkv-node"));
         // A node without `coordinator` stays on its own, whatever the environment names.
         cmd.env_remove("RINGKV_COORDINATOR");
+        cmd.env_remove(ringkv_common::cluster_token::ENV);
         cmd.arg("--data-dir").arg(data_dir).args(args);
         if let Some(addr) = coordinator {
             cmd.arg("--coordinator").arg(addr);

@@ -161,6 +161,17 @@ impl OwnedCluster {
             what: "duplicating the node log handle".into(),
             source,
         })?;
+        // The coordinator refuses a node without its token.
+        let token =
+            ringkv_common::cluster_token::read(&self.spec.data_dir()).map_err(|source| {
+                ChaosError::Io {
+                    what: format!(
+                        "reading the cluster token in {}",
+                        self.spec.data_dir().display()
+                    ),
+                    source,
+                }
+            })?;
         let mut cmd = Command::new(&self.spec.node_bin);
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
@@ -175,7 +186,8 @@ impl OwnedCluster {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .env(ringkv_common::cluster_token::ENV, token);
         for (k, v) in &self.spec.env {
             cmd.env(k, v);
         }

@@ -154,6 +154,19 @@ impl Client {
         max_frame_len: usize,
         batching: Batching,
     ) -> Result<Client, CallError> {
+        Self::connect_as(addr, role, None, max_frame_len, batching).await
+    }
+
+    /// As [`connect_with`](Client::connect_with), presenting the cluster `token` in the
+    /// hello: a node or coordinator refuses the peer roles without it
+    /// ([`crate::cluster_token`]).
+    pub async fn connect_as(
+        addr: &str,
+        role: Role,
+        token: Option<&str>,
+        max_frame_len: usize,
+        batching: Batching,
+    ) -> Result<Client, CallError> {
         let connect_err = |reason: String| CallError::Connect {
             addr: addr.to_string(),
             reason,
@@ -297,6 +310,7 @@ impl Client {
         let hello = Request::Hello {
             protocol: PROTOCOL_VERSION,
             role,
+            token: token.map(str::to_string),
         };
         match client.call_timeout(hello, CONNECT_TIMEOUT).await {
             Ok(Response::Hello { .. }) => Ok(client),

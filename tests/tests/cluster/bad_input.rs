@@ -5,7 +5,7 @@ use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringkv_common::client::{CallError, Client};
+use ringkv_common::client::{Batching, CallError, Client};
 use ringkv_common::codec::FrameCodec;
 use ringkv_common::protocol::{Envelope, Reply, Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
 use ringkv_common::{Version, WireError};
@@ -34,7 +34,7 @@ fn too_large_key_and_value_are_refused_and_write_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = c.client().await;
-        let node = Client::connect(&node_addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+        let node = ringkv_tests::node_client(&node_addr, Some(&c.cluster_token()))
             .await
             .unwrap();
         let oversized = [
@@ -209,6 +209,7 @@ fn unknown_message_gets_bad_request_and_connection_survives() {
                 msg: Request::Hello {
                     protocol: PROTOCOL_VERSION,
                     role: Role::Client,
+                    token: None,
                 },
             },
             &mut buf,
@@ -284,6 +285,7 @@ fn protocol_version_mismatch_is_refused_clearly() {
                 msg: Request::Hello {
                     protocol: 999,
                     role: Role::Client,
+                    token: None,
                 },
             },
             &mut buf,
@@ -319,12 +321,19 @@ fn a_node_id_beyond_the_range_is_refused_and_ids_go_on() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     // A peer that says it is a node, registering under `id` (nothing listens at its address).
     let addr = c.addr.clone();
+    let token = c.cluster_token();
     let register = |id: u64| {
-        let addr = addr.clone();
+        let (addr, token) = (addr.clone(), token.clone());
         async move {
-            let peer = Client::connect(&addr, Role::Node, DEFAULT_MAX_FRAME_LEN)
-                .await
-                .unwrap();
+            let peer = Client::connect_as(
+                &addr,
+                Role::Node,
+                Some(&token),
+                DEFAULT_MAX_FRAME_LEN,
+                Batching::Off,
+            )
+            .await
+            .unwrap();
             let register = Request::Register {
                 node: Some(ringkv_common::NodeId(id)),
                 addr: "127.0.0.1:1".into(),
@@ -371,4 +380,77 @@ fn a_node_id_beyond_the_range_is_refused_and_ids_go_on() {
             .is_some_and(|m| m.contains("no node ids left")),
         "{answer}"
     );
+}
+
+/// Only the coordinator and its nodes may take the peer roles: a peer that says it is a node
+/// to the coordinator, or the coordinator to a node, without the cluster token (or with
+/// another) is refused at its hello, and a node started without it does not join. The
+/// cluster carries on, and with the token the same peers are served.
+#[test]
+fn peer_roles_need_the_cluster_token() {
+    let c = Cluster::start(3);
+    let token = c.cluster_token();
+    let node_addr = c.status()["nodes"][0]["addr"].as_str().unwrap().to_string();
+    let rt = ringkv_tests::runtime();
+    let refused = |result: Result<Client, CallError>, who: &str| match result {
+        Err(CallError::Remote(WireError::BadRequest(m))) => {
+            assert!(m.contains("token"), "{who}: {m}")
+        }
+        Err(other) => panic!("{who}: refused for another reason: {other}"),
+        Ok(_) => panic!("{who}: admitted without the cluster token"),
+    };
+    rt.block_on(async {
+        for given in [None, Some("not-the-token"), Some("")] {
+            let as_node = Client::connect_as(
+                &c.addr,
+                Role::Node,
+                given,
+                DEFAULT_MAX_FRAME_LEN,
+                Batching::Off,
+            )
+            .await;
+            refused(as_node, &format!("a node with {given:?}"));
+            let as_coordinator = ringkv_tests::node_client(&node_addr, given).await;
+            refused(as_coordinator, &format!("a coordinator with {given:?}"));
+        }
+        // Clients need no token.
+        let client = c.client().await;
+        client
+            .call(Request::Put {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from_static(b"v"),
+            })
+            .await
+            .expect("a client's put");
+        // With the token, the node answers its coordinator's requests.
+        let node = ringkv_tests::node_client(&node_addr, Some(&token))
+            .await
+            .expect("the node admits its coordinator");
+        let fetched = node
+            .call(Request::Fetch {
+                key: Bytes::from_static(b"absent"),
+            })
+            .await;
+        assert!(
+            matches!(fetched, Ok(Response::Fetched { .. })),
+            "{fetched:?}"
+        );
+    });
+
+    // A node started by hand without the token is told why, and never joins.
+    let dir = c.dir.path().join("tokenless");
+    let _tokenless = ringkv_tests::NodeProcess::start(&dir, Some(&c.addr), &[], &[]);
+    ringkv_tests::wait_for(
+        "the tokenless node to report its refusal",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(dir.join("node.log")).ok()?;
+            log.contains("must present this cluster's token")
+                .then_some(())
+        },
+    )
+    .unwrap();
+    let status = c.status();
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 3, "{status}");
+    assert_eq!(c.json(&["get", "k"])["value"], "v");
 }

@@ -45,6 +45,7 @@ async fn send_batch(addr: &str, requests: Vec<(u64, Request)>) -> Vec<Envelope<R
     let hello = Request::Hello {
         protocol: PROTOCOL_VERSION,
         role: Role::Coordinator,
+        token: None,
     };
     conn.send(Envelope { id: 1, msg: hello }).await.unwrap();
     let batch = requests

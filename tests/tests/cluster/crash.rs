@@ -153,8 +153,11 @@ fn crash_between_migration_copy_and_metadata_switch() {
 }
 
 /// Every key the node at `addr` holds, with its version and tombstone flag, from its scan.
-async fn scan_node(addr: &str) -> std::collections::BTreeMap<Bytes, (Version, bool)> {
-    let client = Client::connect(addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
+async fn scan_node(
+    addr: &str,
+    token: Option<&str>,
+) -> std::collections::BTreeMap<Bytes, (Version, bool)> {
+    let client = ringkv_tests::node_client(addr, token)
         .await
         .expect("connect to node");
     let mut held = std::collections::BTreeMap::new();
@@ -196,7 +199,7 @@ fn killed_node_restarts_from_its_log_and_catches_up() {
         .and_then(|n| n["addr"].as_str())
         .unwrap()
         .to_string();
-    let held = rt.block_on(scan_node(&addr));
+    let held = rt.block_on(scan_node(&addr, Some(&c.cluster_token())));
     assert!(held.len() >= 50, "node 2 holds {} of 150 keys", held.len());
     signal(pid, Signal::SIGKILL);
     c.wait_state(2, "down", Duration::from_secs(10));
@@ -213,7 +216,7 @@ fn killed_node_restarts_from_its_log_and_catches_up() {
     // re-replicated elsewhere meanwhile, so nothing else would show a broken replay).
     let alone = NodeProcess::start(&node_dir, None, &[], &[]);
     assert_eq!(
-        rt.block_on(scan_node(&alone.addr)),
+        rt.block_on(scan_node(&alone.addr, None)),
         held,
         "the log replays to what the node held"
     );

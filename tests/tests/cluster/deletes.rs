@@ -6,17 +6,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nix::sys::signal::Signal;
-use ringkv_common::client::Client;
-use ringkv_common::protocol::{Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
+use ringkv_common::protocol::{Request, Response};
 use ringkv_common::Version;
 use ringkv_tests::{node_pid, runtime, signal, wait_for, Cluster, NodeProcess, Options};
 use serde_json::Value;
 
 /// What each node holds of `keys`: `(version, has a value)` per key, per node address.
-async fn held_by(addr: &str, keys: &[String]) -> Option<Vec<(Version, bool)>> {
-    let client = Client::connect(addr, Role::Coordinator, DEFAULT_MAX_FRAME_LEN)
-        .await
-        .ok()?;
+async fn held_by(addr: &str, token: &str, keys: &[String]) -> Option<Vec<(Version, bool)>> {
+    let client = ringkv_tests::node_client(addr, Some(token)).await.ok()?;
     let mut held = Vec::new();
     for key in keys {
         let req = Request::Fetch {
@@ -57,6 +54,7 @@ fn collected_deletions_stay_deleted_when_a_stale_replica_returns() {
         ..Options::default()
     });
     let rt = runtime();
+    let token = c.cluster_token();
     let mut expected: BTreeMap<String, Option<String>> = BTreeMap::new();
     for i in 0..120 {
         let (k, v) = (format!("d{i}"), format!("old-{i}"));
@@ -104,7 +102,7 @@ fn collected_deletions_stay_deleted_when_a_stale_replica_returns() {
         "the returning node to forget the deleted keys",
         Duration::from_secs(30),
         || {
-            let held = rt.block_on(held_by(&victim_addr, &deleted))?;
+            let held = rt.block_on(held_by(&victim_addr, &token, &deleted))?;
             held.iter().all(|(_, value)| !value).then_some(())
         },
     )
@@ -123,7 +121,7 @@ fn collected_deletions_stay_deleted_when_a_stale_replica_returns() {
     for (id, addr) in node_addrs(&s) {
         let mut kept = Vec::new();
         wait_for("a node to answer", Duration::from_secs(10), || {
-            let held = rt.block_on(held_by(&addr, &deleted))?;
+            let held = rt.block_on(held_by(&addr, &token, &deleted))?;
             kept = deleted
                 .iter()
                 .zip(held)
@@ -139,11 +137,12 @@ fn collected_deletions_stay_deleted_when_a_stale_replica_returns() {
 
 /// Nodes holding `key` at `version`, asked directly.
 fn holders(rt: &tokio::runtime::Runtime, c: &Cluster, key: &str, version: u64) -> Vec<u64> {
+    let token = c.cluster_token();
     node_addrs(&c.status())
         .into_iter()
         .filter(|(_, addr)| {
             let held = rt
-                .block_on(held_by(addr, &[key.to_string()]))
+                .block_on(held_by(addr, &token, &[key.to_string()]))
                 .unwrap_or_else(|| panic!("node at {addr} did not answer a fetch of {key}"));
             held.first().is_some_and(|(v, _)| v.0 == version)
         })

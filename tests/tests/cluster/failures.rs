@@ -272,7 +272,7 @@ fn a_hand_started_node_registers_the_address_it_advertises() {
             "--advertise",
             &advertised,
         ],
-        &[],
+        &[(ringkv_common::cluster_token::ENV, &c.cluster_token())],
     );
     let id = wait_for("the node registered", Duration::from_secs(30), || {
         c.status()["nodes"]
@@ -447,18 +447,15 @@ fn a_decommission_waits_for_a_write_in_flight_to_the_leaving_node() {
     });
     // The put's store has reached the leaving node: it is between its stores and its commit.
     let rt = runtime();
+    let token = c.cluster_token();
     wait_for(
         "the put's store on the leaving node",
         Duration::from_secs(30),
         || {
             let held = rt.block_on(async {
-                let node = ringkv_common::client::Client::connect(
-                    &leaving_addr,
-                    ringkv_common::protocol::Role::Coordinator,
-                    ringkv_common::protocol::DEFAULT_MAX_FRAME_LEN,
-                )
-                .await
-                .ok()?;
+                let node = ringkv_tests::node_client(&leaving_addr, Some(&token))
+                    .await
+                    .ok()?;
                 let fetch = ringkv_common::protocol::Request::Fetch {
                     key: bytes::Bytes::from_static(b"probe"),
                 };

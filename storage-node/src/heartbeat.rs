@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringkv_common::client::{Batching, Client};
+use ringkv_common::client::{Batching, CallError, Client};
 use ringkv_common::protocol::{Request, Response, Role, DEFAULT_MAX_FRAME_LEN};
 use ringkv_common::NodeId;
 use tokio_util::sync::CancellationToken;
@@ -55,14 +55,22 @@ pub struct HeartbeatConfig {
 pub async fn run(cfg: HeartbeatConfig, node: Arc<Node>, shutdown: CancellationToken) {
     let mut id = cfg.id;
     let mut backoff = Duration::from_millis(50);
-    let mut warned = false;
+    // Whether the last warning was of a refusal; each kind is said once in a row.
+    let mut warned: Option<bool> = None;
     while !shutdown.is_cancelled() {
         match session(&cfg, &node, &mut id, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
-                if !warned {
-                    warn!(coordinator = %cfg.coordinator, error = %e, "coordinator unreachable; retrying");
-                    warned = true;
+                // An error answer: the coordinator was reached and said no (a missing cluster
+                // token, an id it does not hand out), which retrying alone will not change.
+                let refused = matches!(e.downcast_ref::<CallError>(), Some(CallError::Remote(_)));
+                if warned != Some(refused) {
+                    if refused {
+                        warn!(coordinator = %cfg.coordinator, error = %e, "the coordinator refused this node; retrying");
+                    } else {
+                        warn!(coordinator = %cfg.coordinator, error = %e, "coordinator unreachable; retrying");
+                    }
+                    warned = Some(refused);
                 }
             }
         }

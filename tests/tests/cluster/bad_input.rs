@@ -445,8 +445,9 @@ fn peer_roles_need_the_cluster_token() {
         Duration::from_secs(30),
         || {
             let log = std::fs::read_to_string(dir.join("node.log")).ok()?;
-            log.contains("must present this cluster's token")
-                .then_some(())
+            (log.contains("the coordinator refused this node")
+                && log.contains("must present this cluster's token"))
+            .then_some(())
         },
     )
     .unwrap();

@@ -8,7 +8,7 @@
 //! refuse a peer role whose hello does not carry it. Clients need no token.
 
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// The token's file in the coordinator's data directory (readable by its owner only).
@@ -27,7 +27,15 @@ const TOKEN_BYTES: usize = 16;
 /// no token.
 pub fn read(dir: &Path) -> io::Result<String> {
     let path = dir.join(FILE);
-    let text = std::fs::read_to_string(&path)?;
+    let file = std::fs::File::open(&path)?;
+    if file.metadata()?.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            "the cluster token file is readable by other users; make it 0600"
+        );
+    }
+    let mut text = String::new();
+    (&file).read_to_string(&mut text)?;
     let token = text.trim();
     if token.is_empty() {
         return Err(io::Error::new(
@@ -50,10 +58,14 @@ pub fn load_or_create(dir: &Path) -> io::Result<String> {
             // Written whole under a temporary name and renamed, so that a crash leaves either
             // no token or the whole token.
             let tmp = dir.join(format!("{FILE}.tmp"));
+            // A leftover from a crash is replaced, never reused with whatever mode it has.
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
             file.write_all(format!("{token}\n").as_bytes())?;
@@ -85,7 +97,6 @@ pub fn matches(expected: &str, given: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_token_is_created_once_for_its_owner_only_and_then_kept() {
@@ -101,6 +112,22 @@ mod tests {
         assert_eq!(load_or_create(dir.path()).unwrap(), first);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(load_or_create(other.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn a_leftover_temporary_file_is_replaced_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(format!("{FILE}.tmp"));
+        std::fs::write(&tmp, "stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let token = load_or_create(dir.path()).unwrap();
+        assert_ne!(token, "stale");
+        let mode = std::fs::metadata(dir.path().join(FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!tmp.exists());
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub enum Request {
     Hello {
         protocol: u32,
         role: Role,
+        /// Must stay the last field: leaving it out shortens the array it is encoded as,
+        /// and a missing last field decodes as `None`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
     },

@@ -16,6 +16,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use std::task::Poll;
@@ -102,8 +103,9 @@ pub async fn serve<H: Handler>(
                 tracker.spawn(BURST.scope(burst, async move {
                     match serve_connection(stream, handler, max_frame_len, shutdown).await {
                         Ok(()) => {}
-                        // A peer without the cluster token: an operator should hear of it.
-                        Err(e @ ConnectionError::Refused(_)) => {
+                        // A peer without the cluster token: an operator should hear of it,
+                        // but a peer that keeps knocking must not flood the log.
+                        Err(e @ ConnectionError::Refused(_)) if refusal_may_warn() => {
                             warn!(%peer, error = %e, "refused a peer");
                         }
                         Err(e) => debug!(%peer, error = %e, "connection closed with error"),
@@ -120,6 +122,16 @@ pub async fn serve<H: Handler>(
     tracker.close();
     tracker.wait().await;
     info!("stopped serving");
+}
+
+/// Whether a refused peer may be logged at warn level now: once a second at most (the rest go
+/// to debug).
+fn refusal_may_warn() -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.swap(now, Ordering::Relaxed) != now
 }
 
 /// Why a connection ended early.

@@ -32,7 +32,8 @@ struct Args {
     /// Address for clients and nodes.
     #[arg(long, default_value = ringkv_common::DEFAULT_COORDINATOR_ADDR)]
     listen: String,
-    /// Directory for the metadata DB and the spawned nodes' data.
+    /// Directory for the metadata journal, the cluster token (`cluster.token`, which a node
+    /// started by hand needs in RINGKV_CLUSTER_TOKEN) and the spawned nodes' data.
     #[arg(long, default_value = "./ringkv-data")]
     data_dir: PathBuf,
     /// Storage nodes to spawn (at least; `ringkv node add` spawns more).

@@ -99,6 +99,12 @@ pub async fn run(
              which only reaches this node from its own machine"
         );
     }
+    if config.coordinator.is_some() && config.cluster_token.is_none() {
+        warn!(
+            "no cluster token ({}): the coordinator will refuse this node",
+            ringkv_common::cluster_token::ENV
+        );
+    }
     if let Some(coordinator) = config.coordinator.clone() {
         let cfg = heartbeat::HeartbeatConfig {
             coordinator,

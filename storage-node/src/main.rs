@@ -58,12 +58,19 @@ struct Args {
     /// largest key and value).
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN, value_parser = parse_max_frame_len)]
     max_frame_len: usize,
-    /// The cluster token: the coordinator's `cluster.token` file (in its data directory). With
-    /// it, this node presents it to the coordinator and refuses a peer that says it is the
-    /// coordinator without it; the coordinator passes it to the nodes it spawns, and refuses
-    /// a node that registers without it. Without it, any peer may act as the coordinator
-    /// here (a node on its own, for tests and tools).
-    #[arg(long, env = ringkv_common::cluster_token::ENV, hide_env_values = true)]
+    /// The cluster token: the contents of the coordinator's `cluster.token` file (in its data
+    /// directory). Prefer the environment variable: a flag's value is visible to every user
+    /// of the machine. With it, this node presents it to the coordinator and refuses a peer
+    /// that says it is the coordinator without it; the coordinator passes it to the nodes it
+    /// spawns, and refuses a node that registers without it. Without it, any peer may act as
+    /// the coordinator here (a node on its own, for tests and tools). An empty value is an
+    /// error, not "no token".
+    #[arg(
+        long,
+        env = ringkv_common::cluster_token::ENV,
+        hide_env_values = true,
+        value_parser = parse_token
+    )]
     cluster_token: Option<String>,
     /// Async worker threads (default: half the cores, at least 1, leaving the rest to the
     /// other nodes and the coordinator on the same machine). One worker runs
@@ -92,6 +99,19 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(serve(args, lock))
 }
 
+/// A cluster token as given (surrounding whitespace dropped): an empty one is refused, since
+/// `$(cat PATH)` of a wrong path gives one, and it would pass for no token at all.
+fn parse_token(given: &str) -> Result<String, String> {
+    let token = given.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "the cluster token is empty; give the contents of the coordinator's {} file",
+            ringkv_common::cluster_token::FILE
+        ));
+    }
+    Ok(token.to_string())
+}
+
 async fn serve(args: Args, lock: ringkv_common::dir_lock::DirLock) -> anyhow::Result<()> {
     // Before the readiness line, so that no SIGHUP stops a node that is up.
     ringkv_common::signals::ignore_hangups();
@@ -109,10 +129,7 @@ async fn serve(args: Args, lock: ringkv_common::dir_lock::DirLock) -> anyhow::Re
             garbage_ratio: args.compact_garbage_ratio,
         },
         max_frame_len: args.max_frame_len,
-        cluster_token: args
-            .cluster_token
-            .filter(|t| !t.trim().is_empty())
-            .map(|t| t.trim().to_string()),
+        cluster_token: args.cluster_token,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(ringkv_common::signals::cancel_on_signal(shutdown.clone()));

@@ -186,11 +186,11 @@ impl OwnedCluster {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
-            .env("NO_COLOR", "1")
-            .env(ringkv_common::cluster_token::ENV, token);
+            .env("NO_COLOR", "1");
         for (k, v) in &self.spec.env {
             cmd.env(k, v);
         }
+        cmd.env(ringkv_common::cluster_token::ENV, token);
         detach_from_terminal(&mut cmd);
         let child = cmd.spawn().map_err(|source| ChaosError::Spawn {
             what: self.spec.node_bin.display().to_string(),

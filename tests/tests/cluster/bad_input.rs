@@ -454,4 +454,20 @@ fn peer_roles_need_the_cluster_token() {
     let status = c.status();
     assert_eq!(status["nodes"].as_array().unwrap().len(), 3, "{status}");
     assert_eq!(c.json(&["get", "k"])["value"], "v");
+
+    // An empty token (`$(cat WRONG-PATH)`) is an error, not "no token".
+    let child = std::process::Command::new(ringkv_tests::bin_dir().join("ringkv-node"))
+        .arg("--data-dir")
+        .arg(c.dir.path().join("empty-token"))
+        .args(["--coordinator", &c.addr])
+        .env(ringkv_common::cluster_token::ENV, " \n")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = ringkv_tests::output_within(child, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("the cluster token is empty"), "{stderr}");
 }

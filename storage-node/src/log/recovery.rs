@@ -10,14 +10,20 @@
 //!   are reported as a region and skipped, and replay resumes at the next valid frame. The original
 //!   file is then preserved as `ringkv.log.corrupt-<unix-secs>` and replaced by a fresh log of the
 //!   recovered records, so the corruption is reported once and never replayed again.
+//! - A value may hold any bytes, an encoded log frame with a valid CRC included, so a frame found
+//!   inside a bad frame's claimed extent is never replayed: the hunt for the next frame starts
+//!   after that extent, and when the extent runs past the end of the file, whatever follows the
+//!   bad frame is **set aside** (reported as a region to the end, kept in the preserved original,
+//!   not replayed). The hunt reads at most a budget of candidate frames in full, and sets the
+//!   rest aside past it, so a value full of look-alike headers cannot make replay crawl.
 //!
 //! Invariants: a record is returned only if its frame is intact (CRC and lengths); every byte that is
 //! not returned is accounted for in the [`RecoveryReport`] and logged; and when recovery returns,
 //! `ringkv.log` holds exactly the magic followed by the returned records, so the next open is clean.
 //!
-//! Known limit: resynchronising after corruption trusts the first valid frame it finds. A value that
-//! itself contains an encoded log frame could therefore be mistaken for a record if the frame holding
-//! it is damaged; with ordinary data the chance is that of a 32-bit CRC collision per plausible offset.
+//! Known limit: when a frame's header is itself garbage, the hunt goes byte by byte through it and
+//! trusts the first valid frame; had that record's value held a frame, it could be taken for a
+//! record. That needs the disk to damage exactly those bytes.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -172,8 +178,21 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
                 report.preallocated_bytes = file_len - offset;
                 break;
             }
-            Frame::Bad(reason) => match find_next_frame(reader.get_ref(), offset + 1, file_len)? {
-                Some(next) => {
+            Frame::Bad(reason) => match next_frame_after_bad(reader.get_ref(), offset, file_len)? {
+                Resync::SetAside => {
+                    // What follows the bad frame is kept in the preserved original only: a
+                    // frame inside the bad one's claimed extent may be bytes of a value.
+                    tracing::error!(
+                        offset,
+                        len = file_len - offset,
+                        reason,
+                        "corrupt log region with no trustworthy record after it; the rest of \
+                         the log is set aside, its records lost on this node"
+                    );
+                    report.corrupt_regions.push((offset, file_len - offset));
+                    break;
+                }
+                Resync::At(next) => {
                     tracing::error!(
                         offset,
                         len = next - offset,
@@ -185,7 +204,7 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
                     // Discards the buffer, which `find_next_frame` moved the file out from under.
                     reader.seek(SeekFrom::Start(offset))?;
                 }
-                None => {
+                Resync::None => {
                     report.truncated_tail_bytes = file_len - offset;
                     tracing::warn!(
                         offset,
@@ -201,11 +220,67 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
     Ok((records, report, good_end))
 }
 
-/// The offset of the first valid frame at or after `from`, if any.
+/// Where replay goes on after a bad frame at `offset`.
+enum Resync {
+    /// At the next valid frame, here.
+    At(u64),
+    /// Nowhere: no valid frame follows (a torn tail).
+    None,
+    /// Nowhere, and the rest of the file is kept aside: the only valid frames lie inside the
+    /// bad frame's own claimed extent, or the hunt for one ran out of its budget.
+    SetAside,
+}
+
+/// Where replay resumes after the bad frame at `offset`.
+///
+/// A frame's value can hold any bytes, a well-formed frame with a valid CRC included (a client
+/// chose them), so the hunt never trusts a frame found inside a bad frame's extent, as far as
+/// its header claims one. If the header's lengths are plausible and the extent fits in the
+/// file (a damaged record, or one torn in space written ahead in zeros), the hunt starts after
+/// it. If the extent runs past the end of the file (a torn last record, or a damaged length
+/// field), a frame found after `offset` is inside that extent: the rest of the file is set
+/// aside rather than replayed. Only when the header itself is garbage does the hunt go byte by
+/// byte from `offset + 1`.
+fn next_frame_after_bad(file: &File, offset: u64, file_len: u64) -> io::Result<Resync> {
+    let head = if offset + MIN_FRAME_LEN as u64 <= file_len {
+        let mut raw = [0u8; MIN_FRAME_LEN];
+        read_exact_at(file, &mut raw, offset)?;
+        FrameHead::parse(raw).ok()
+    } else {
+        None
+    };
+    let (from, inside_extent) = match head {
+        Some(head) if offset + head.frame_len() <= file_len => (offset + head.frame_len(), false),
+        Some(_) => (offset + 1, true),
+        None => (offset + 1, false),
+    };
+    Ok(match find_next_frame(file, from, file_len, HUNT_BUDGET)? {
+        Hunt::Found(_) if inside_extent => Resync::SetAside,
+        Hunt::Found(next) => Resync::At(next),
+        Hunt::NotFound => Resync::None,
+        Hunt::OutOfBudget => Resync::SetAside,
+    })
+}
+
+/// Bytes of candidate frames read in full and CRC-checked by one hunt before it gives up: a
+/// value full of look-alike headers would otherwise have every one of them read to its claimed
+/// length, quadratic in the value's size. Ordinary data passes the header checks rarely, and a
+/// real next frame is found within a frame's length.
+const HUNT_BUDGET: u64 = 256 << 20;
+
+/// What [`find_next_frame`] found.
+enum Hunt {
+    Found(u64),
+    NotFound,
+    OutOfBudget,
+}
+
+/// The offset of the first valid frame at or after `from`.
 ///
 /// Cheap header checks (lengths and flags, see [`FrameHead::parse`]) reject almost every offset
-/// from an in-memory window; only the survivors are read in full and CRC-checked.
-fn find_next_frame(file: &File, from: u64, file_len: u64) -> io::Result<Option<u64>> {
+/// from an in-memory window; only the survivors are read in full and CRC-checked, up to
+/// `budget` bytes of them ([`HUNT_BUDGET`]).
+fn find_next_frame(file: &File, from: u64, file_len: u64, mut budget: u64) -> io::Result<Hunt> {
     let mut window = Vec::new();
     let mut base = from;
     while base + MIN_FRAME_LEN as u64 <= file_len {
@@ -224,15 +299,19 @@ fn find_next_frame(file: &File, from: u64, file_len: u64) -> io::Result<Option<u
             if candidate + head.frame_len() > file_len {
                 continue;
             }
+            let Some(left) = budget.checked_sub(head.frame_len()) else {
+                return Ok(Hunt::OutOfBudget);
+            };
+            budget = left;
             let mut reader = file;
             reader.seek(SeekFrom::Start(candidate))?;
             if let Frame::Record(..) = read_frame(&mut reader, file_len - candidate)? {
-                return Ok(Some(candidate));
+                return Ok(Hunt::Found(candidate));
             }
         }
         base += (want + 1 - MIN_FRAME_LEN) as u64;
     }
-    Ok(None)
+    Ok(Hunt::NotFound)
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -448,12 +527,21 @@ mod tests {
                 let dir = dir_with(&damaged);
 
                 let (log, got, report) = open(dir.path());
-                let mut expected = records.clone();
-                expected.remove(k);
+                // A flip in the length field (the +5 byte adds 1 MiB) makes the record claim
+                // to run past the end of the file, so the frames after it lie inside its
+                // claimed extent: they are set aside, not replayed. (A tombstone claiming a
+                // value has a header that is plainly garbage, and is skipped byte by byte.)
+                let (expected, region) = if at == start + 5 && !records[k].is_tombstone() {
+                    (records[..k].to_vec(), (start, damaged.len() as u64 - start))
+                } else {
+                    let mut expected = records.clone();
+                    expected.remove(k);
+                    (expected, (start, end - start))
+                };
                 assert_eq!(got, expected, "flip in record {k} at byte {at}");
-                assert_eq!(report.corrupt_regions, vec![(start, end - start)]);
+                assert_eq!(report.corrupt_regions, vec![region]);
                 assert_eq!(report.truncated_tail_bytes, 0);
-                assert_eq!(report.records, records.len() as u64 - 1);
+                assert_eq!(report.records, expected.len() as u64);
                 let copies = corrupt_copies(dir.path());
                 assert_eq!(copies.len(), 1);
                 assert_eq!(
@@ -470,6 +558,109 @@ mod tests {
                 assert_eq!(corrupt_copies(dir.path()).len(), 1);
             }
         }
+    }
+
+    /// A record whose value holds a whole encoded frame (for another key, at a high version),
+    /// between two ordinary records; returns the file, each frame's end, and the offset of the
+    /// frame inside the value.
+    fn with_a_frame_in_a_value() -> (Vec<Record>, Vec<u8>, Vec<u64>, u64) {
+        let inner = crate::log::record::EncodedRecord::new(
+            b"forged",
+            ringkv_common::Version(1 << 40),
+            Some(b"not written by this node"),
+        )
+        .unwrap();
+        let mut value = vec![b'x'; 64];
+        value.extend_from_slice(&inner.0);
+        value.extend_from_slice(&[b'y'; 64]);
+        let records = vec![
+            put(b"before", 1, b"a"),
+            put(b"carrier", 2, &value),
+            put(b"after", 3, b"c"),
+        ];
+        let (bytes, ends) = written(&records);
+        let at = bytes
+            .windows(inner.0.len())
+            .position(|w| w == inner.0.as_slice())
+            .unwrap() as u64;
+        assert!(
+            ends[0] < at && at < ends[1],
+            "the frame sits inside the carrier's value"
+        );
+        (records, bytes, ends, at)
+    }
+
+    /// The frame inside a damaged record's value is never replayed: the hunt starts after the
+    /// damaged record's extent, and finds the record after it.
+    #[test]
+    fn a_frame_inside_a_damaged_records_value_is_not_replayed() {
+        let (records, bytes, ends, inner) = with_a_frame_in_a_value();
+        // The value's first byte (before the inner frame), and the CRC.
+        for at in [ends[0] + 21 + 7, ends[0]] {
+            let mut damaged = bytes.clone();
+            damaged[at as usize] ^= 0x01;
+            let dir = dir_with(&damaged);
+            let (log, got, report) = open(dir.path());
+            assert_eq!(
+                got,
+                vec![records[0].clone(), records[2].clone()],
+                "flip at {at}"
+            );
+            assert_eq!(report.corrupt_regions, vec![(ends[0], ends[1] - ends[0])]);
+            assert!(inner > ends[0]);
+            runtime().block_on(log.close()).unwrap();
+        }
+    }
+
+    /// The same record torn after the frame in its value, at the end of a file not written
+    /// ahead: the frame lies inside the torn record's claimed extent, so it is set aside with
+    /// everything after the last good record, and the original is kept.
+    #[test]
+    fn a_frame_inside_a_torn_records_value_is_set_aside_not_replayed() {
+        let (records, bytes, ends, inner) = with_a_frame_in_a_value();
+        // In the padding after the inner frame.
+        let cut = ends[1] as usize - 20;
+        assert!(cut > inner as usize + 51);
+        let dir = dir_with(&bytes[..cut]);
+        let (log, got, report) = open(dir.path());
+        assert_eq!(got, vec![records[0].clone()]);
+        assert_eq!(
+            report.corrupt_regions,
+            vec![(ends[0], cut as u64 - ends[0])]
+        );
+        assert_eq!(corrupt_copies(dir.path()).len(), 1, "the original is kept");
+        runtime().block_on(log.close()).unwrap();
+        let (log, again, report) = open(dir.path());
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(again, vec![records[0].clone()]);
+        runtime().block_on(log.close()).unwrap();
+    }
+
+    /// Look-alike headers every 21 bytes, each claiming a 4 KiB value that fits in the file:
+    /// the hunt reads candidates only up to its budget, then gives up instead of reading every
+    /// one of them in full.
+    #[test]
+    fn the_hunt_through_look_alike_headers_stops_at_its_budget() {
+        let mut fake = Vec::new();
+        let len = (13 + 4096u32).to_be_bytes();
+        for _ in 0..20_000 {
+            fake.extend_from_slice(&[0xC0, 0xFF, 0xEE, 0x00]);
+            fake.extend_from_slice(&len);
+            fake.extend_from_slice(&7u64.to_be_bytes());
+            fake.extend_from_slice(&[0, 0, 0, 0, 0]);
+        }
+        let dir = dir_with(&fake);
+        let file = File::open(dir.path().join(LOG_FILE)).unwrap();
+        let file_len = fake.len() as u64;
+        assert!(matches!(
+            find_next_frame(&file, 0, file_len, 1 << 20).unwrap(),
+            Hunt::OutOfBudget
+        ));
+        // With budget enough for every candidate, none of them is a frame.
+        assert!(matches!(
+            find_next_frame(&file, 0, file_len, u64::MAX).unwrap(),
+            Hunt::NotFound
+        ));
     }
 
     #[test]

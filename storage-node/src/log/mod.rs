@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`record`]: the on-disk record format, the single encode/decode chokepoint.
-//! - [`recovery`]: replay at open; cuts a torn tail, skips and preserves mid-file corruption.
+//! - [`recovery`]: replay at open; cuts a torn tail, skips one damaged record, sets aside what
+//!   follows other damage, and preserves the original of a damaged log.
 //! - [`compaction`]: rewriting the log to a live set (write, fsync, rename, fsync the directory).
 //! - [`writer`]: [`Log`], the handle that writes the file, and its sync thread (group commit, fsync policy).
 //!

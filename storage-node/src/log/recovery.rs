@@ -6,24 +6,25 @@
 //!   file is cut back to its last record.
 //! - A bad frame with no valid frame anywhere after it is a **torn tail** (a crash mid-append): the
 //!   file is truncated to the end of the last good record, synced, and the loss is reported.
-//! - A bad frame followed, somewhere later, by a valid frame is **mid-file corruption**: the bad bytes
-//!   are reported as a region and skipped, and replay resumes at the next valid frame. The original
-//!   file is then preserved as `ringkv.log.corrupt-<unix-secs>` and replaced by a fresh log of the
-//!   recovered records, so the corruption is reported once and never replayed again.
-//! - A value may hold any bytes, an encoded log frame with a valid CRC included, so a frame found
-//!   inside a bad frame's claimed extent is never replayed: the hunt for the next frame starts
-//!   after that extent, and when the extent runs past the end of the file, whatever follows the
-//!   bad frame is **set aside** (reported as a region to the end, kept in the preserved original,
-//!   not replayed). The hunt reads at most a budget of candidate frames in full, and sets the
-//!   rest aside past it, so a value full of look-alike headers cannot make replay crawl.
+//! - A bad frame whose header is intact and which is followed, exactly where that header says it
+//!   ends, by a valid record is **one damaged record**: it is reported as a region and skipped,
+//!   and replay goes on.
+//! - Any other bad frame with valid frames somewhere after it is **damage with records after it**:
+//!   everything from the bad frame on is reported as one region and **set aside**, not replayed.
+//!   A value may hold any bytes, a whole encoded frame with a valid CRC included (a client chose
+//!   them), so a frame found by hunting through the file is never trusted: it may lie inside the
+//!   bad record's value, whose true extent is unknown once its header may be damaged. The hunt
+//!   reads at most [`HUNT_BUDGET`] bytes of candidates in full, and sets the rest aside past it,
+//!   so a value full of look-alike headers cannot make replay crawl.
+//! - In both of the last two cases the original file is preserved as
+//!   `ringkv.log.corrupt-<unix-secs>` and replaced by a fresh log of the replayed records, so the
+//!   damage is reported once and never replayed again, and nothing set aside is lost for good:
+//!   the coordinator repairs the node's keys from other replicas, and the original is there to
+//!   inspect.
 //!
 //! Invariants: a record is returned only if its frame is intact (CRC and lengths); every byte that is
 //! not returned is accounted for in the [`RecoveryReport`] and logged; and when recovery returns,
 //! `ringkv.log` holds exactly the magic followed by the returned records, so the next open is clean.
-//!
-//! Known limit: when a frame's header is itself garbage, the hunt goes byte by byte through it and
-//! trusts the first valid frame; had that record's value held a frame, it could be taken for a
-//! record. That needs the disk to damage exactly those bytes.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -181,7 +182,7 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
             Frame::Bad(reason) => match next_frame_after_bad(reader.get_ref(), offset, file_len)? {
                 Resync::SetAside => {
                     // What follows the bad frame is kept in the preserved original only: a
-                    // frame inside the bad one's claimed extent may be bytes of a value.
+                    // frame found in it may be bytes of a value.
                     tracing::error!(
                         offset,
                         len = file_len - offset,
@@ -222,44 +223,44 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
 
 /// Where replay goes on after a bad frame at `offset`.
 enum Resync {
-    /// At the next valid frame, here.
+    /// At the next record, here: the bad frame is one damaged record.
     At(u64),
     /// Nowhere: no valid frame follows (a torn tail).
     None,
-    /// Nowhere, and the rest of the file is kept aside: the only valid frames lie inside the
-    /// bad frame's own claimed extent, or the hunt for one ran out of its budget.
+    /// Nowhere, and the rest of the file is kept aside, not replayed: frames follow, but none
+    /// where the bad frame says it ends, or the hunt for one ran out of its budget.
     SetAside,
 }
 
 /// Where replay resumes after the bad frame at `offset`.
 ///
 /// A frame's value can hold any bytes, a well-formed frame with a valid CRC included (a client
-/// chose them), so the hunt never trusts a frame found inside a bad frame's extent, as far as
-/// its header claims one. If the header's lengths are plausible and the extent fits in the
-/// file (a damaged record, or one torn in space written ahead in zeros), the hunt starts after
-/// it. If the extent runs past the end of the file (a torn last record, or a damaged length
-/// field), a frame found after `offset` is inside that extent: the rest of the file is set
-/// aside rather than replayed. Only when the header itself is garbage does the hunt go byte by
-/// byte from `offset + 1`.
+/// chose them), so a frame found by hunting through the file is not trusted: it may lie inside
+/// the bad record's value, whose true extent is unknown once its header may be damaged. Replay
+/// resumes only where the bad frame's header says it ends, and only if a valid record starts
+/// exactly there: one damaged record, its length intact. Otherwise the hunt only tells a torn
+/// tail (no valid frame after `offset`: cut) from damage with records after it (set aside).
 fn next_frame_after_bad(file: &File, offset: u64, file_len: u64) -> io::Result<Resync> {
-    let head = if offset + MIN_FRAME_LEN as u64 <= file_len {
+    if offset + MIN_FRAME_LEN as u64 <= file_len {
         let mut raw = [0u8; MIN_FRAME_LEN];
         read_exact_at(file, &mut raw, offset)?;
-        FrameHead::parse(raw).ok()
-    } else {
-        None
-    };
-    let (from, inside_extent) = match head {
-        Some(head) if offset + head.frame_len() <= file_len => (offset + head.frame_len(), false),
-        Some(_) => (offset + 1, true),
-        None => (offset + 1, false),
-    };
-    Ok(match find_next_frame(file, from, file_len, HUNT_BUDGET)? {
-        Hunt::Found(_) if inside_extent => Resync::SetAside,
-        Hunt::Found(next) => Resync::At(next),
-        Hunt::NotFound => Resync::None,
-        Hunt::OutOfBudget => Resync::SetAside,
-    })
+        if let Ok(head) = FrameHead::parse(raw) {
+            let end = offset + head.frame_len();
+            if end < file_len {
+                let mut reader = file;
+                reader.seek(SeekFrom::Start(end))?;
+                if let Frame::Record(..) = read_frame(&mut reader, file_len - end)? {
+                    return Ok(Resync::At(end));
+                }
+            }
+        }
+    }
+    Ok(
+        match find_next_frame(file, offset + 1, file_len, HUNT_BUDGET)? {
+            Hunt::NotFound => Resync::None,
+            Hunt::Found | Hunt::OutOfBudget => Resync::SetAside,
+        },
+    )
 }
 
 /// Bytes of candidate frames read in full and CRC-checked by one hunt before it gives up: a
@@ -270,12 +271,12 @@ const HUNT_BUDGET: u64 = 256 << 20;
 
 /// What [`find_next_frame`] found.
 enum Hunt {
-    Found(u64),
+    Found,
     NotFound,
     OutOfBudget,
 }
 
-/// The offset of the first valid frame at or after `from`.
+/// Whether a valid frame starts anywhere at or after `from`.
 ///
 /// Cheap header checks (lengths and flags, see [`FrameHead::parse`]) reject almost every offset
 /// from an in-memory window; only the survivors are read in full and CRC-checked, up to
@@ -306,7 +307,7 @@ fn find_next_frame(file: &File, from: u64, file_len: u64, mut budget: u64) -> io
             let mut reader = file;
             reader.seek(SeekFrom::Start(candidate))?;
             if let Frame::Record(..) = read_frame(&mut reader, file_len - candidate)? {
-                return Ok(Hunt::Found(candidate));
+                return Ok(Hunt::Found);
             }
         }
         base += (want + 1 - MIN_FRAME_LEN) as u64;
@@ -527,11 +528,9 @@ mod tests {
                 let dir = dir_with(&damaged);
 
                 let (log, got, report) = open(dir.path());
-                // A flip in the length field (the +5 byte adds 1 MiB) makes the record claim
-                // to run past the end of the file, so the frames after it lie inside its
-                // claimed extent: they are set aside, not replayed. (A tombstone claiming a
-                // value has a header that is plainly garbage, and is skipped byte by byte.)
-                let (expected, region) = if at == start + 5 && !records[k].is_tombstone() {
+                // A flip in the length field (the +5 byte adds 1 MiB) leaves no record where
+                // the frame says it ends: what follows is set aside, not replayed.
+                let (expected, region) = if at == start + 5 {
                     (records[..k].to_vec(), (start, damaged.len() as u64 - start))
                 } else {
                     let mut expected = records.clone();
@@ -608,8 +607,32 @@ mod tests {
             );
             assert_eq!(report.corrupt_regions, vec![(ends[0], ends[1] - ends[0])]);
             assert!(inner > ends[0]);
+            assert_eq!(corrupt_copies(dir.path()).len(), 1, "the original is kept");
+            runtime().block_on(log.close()).unwrap();
+            let (log, again, report) = open(dir.path());
+            assert!(report.is_clean(), "second open: {report:?}");
+            assert_eq!(again, vec![records[0].clone(), records[2].clone()]);
             runtime().block_on(log.close()).unwrap();
         }
+    }
+
+    /// The record before the carrier damaged in its header, so that nothing says where it
+    /// ends: a hunt would meet the frame in the carrier's value, which is not replayed; the
+    /// rest is set aside.
+    #[test]
+    fn a_frame_in_a_value_after_a_garbage_header_is_not_replayed() {
+        let (_, bytes, _, _) = with_a_frame_in_a_value();
+        let mut damaged = bytes.clone();
+        // The first record's flags byte: unknown flags make its header garbage.
+        damaged[HEADER_LEN as usize + 16] = 0x80;
+        let dir = dir_with(&damaged);
+        let (log, got, report) = open(dir.path());
+        assert!(got.is_empty(), "{got:?}");
+        assert_eq!(
+            report.corrupt_regions,
+            vec![(HEADER_LEN, damaged.len() as u64 - HEADER_LEN)]
+        );
+        runtime().block_on(log.close()).unwrap();
     }
 
     /// The same record torn after the frame in its value, at the end of a file not written
@@ -744,16 +767,66 @@ mod tests {
     }
 
     #[test]
-    fn garbage_between_records_is_skipped() {
-        // Bytes that were never a record at all (e.g. a misdirected write), inserted mid-file.
+    fn garbage_between_records_sets_the_rest_aside() {
+        // Bytes that were never a record at all (e.g. a misdirected write), inserted mid-file:
+        // nothing says where they end, so the records after them are not trusted.
         let records = mixed(4);
         let (bytes, ends) = written(&records);
         let mut damaged = bytes[..ends[1] as usize].to_vec();
         damaged.extend_from_slice(&[0xAB; 100]);
         damaged.extend_from_slice(&bytes[ends[1] as usize..]);
         let dir = dir_with(&damaged);
-        let (_log, got, report) = open(dir.path());
-        assert_eq!(got, records);
-        assert_eq!(report.corrupt_regions, vec![(ends[1], 100)]);
+        let (log, got, report) = open(dir.path());
+        assert_eq!(got, records[..2]);
+        assert_eq!(
+            report.corrupt_regions,
+            vec![(ends[1], damaged.len() as u64 - ends[1])]
+        );
+        let copies = corrupt_copies(dir.path());
+        assert_eq!(copies.len(), 1);
+        assert_eq!(fs::read(&copies[0]).unwrap(), damaged, "kept as it was");
+        runtime().block_on(log.close()).unwrap();
+    }
+
+    /// A damaged length field in a record that is not the last, in a file still written ahead
+    /// in zeros: wherever the length now points (inside the next record, or into the zeros),
+    /// no record starts there, so the records after it are set aside with the original kept,
+    /// never cut off as a torn tail.
+    #[test]
+    fn a_damaged_length_never_cuts_off_the_records_after_it() {
+        let records = mixed(10);
+        let (bytes, ends) = written(&records);
+        let mut file = bytes.clone();
+        file.resize(bytes.len() + (4 << 20), 0);
+        for k in [2usize, 8] {
+            let start = ends[k - 1];
+            // Bytes +5, +6 and +7 of the frame: the length's upper-middle, lower-middle and
+            // lowest bytes (+1 MiB into the zeros, +4 KiB, +16 bytes).
+            for at in [start + 5, start + 6, start + 7] {
+                let mut damaged = file.clone();
+                damaged[at as usize] ^= 0x10;
+                let dir = dir_with(&damaged);
+                let (log, got, report) = open(dir.path());
+                assert_eq!(got, records[..k], "record {k}, byte {at}");
+                assert_eq!(report.truncated_tail_bytes, 0, "record {k}, byte {at}");
+                assert_eq!(
+                    report.corrupt_regions,
+                    vec![(start, damaged.len() as u64 - start)],
+                    "record {k}, byte {at}"
+                );
+                let copies = corrupt_copies(dir.path());
+                assert_eq!(
+                    copies.len(),
+                    1,
+                    "record {k}, byte {at}: the original is kept"
+                );
+                assert_eq!(fs::read(&copies[0]).unwrap(), damaged);
+                runtime().block_on(log.close()).unwrap();
+                let (log, again, report) = open(dir.path());
+                assert!(report.is_clean(), "second open: {report:?}");
+                assert_eq!(again, records[..k]);
+                runtime().block_on(log.close()).unwrap();
+            }
+        }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //! - [`record`]: the on-disk record format, the single encode/decode chokepoint.
-//! - [`recovery`]: replay at open; cuts a torn tail, skips one damaged record, sets aside what
-//!   follows other damage, and preserves the original of a damaged log.
+//! - [`recovery`]: replay at open; stops at the first bad record, cuts a torn tail, and sets
+//!   aside (in a preserved original) everything from damage that has records after it.
 //! - [`compaction`]: rewriting the log to a live set (write, fsync, rename, fsync the directory).
 //! - [`writer`]: [`Log`], the handle that writes the file, and its sync thread (group commit, fsync policy).
 //!
@@ -13,8 +13,8 @@
 //!   replay takes for the end of the log.
 //! - `ringkv.log.compact`: a rewrite in progress. One left over at open is a crash before its rename,
 //!   so it is deleted.
-//! - `ringkv.log.corrupt-<unix-secs>`: the original of a log in which recovery found mid-file
-//!   corruption, kept for inspection. Nothing reads it again.
+//! - `ringkv.log.corrupt-<unix-secs>`: the original of a log in which recovery found damage with
+//!   records after it, kept for inspection. Nothing reads it again.
 //!
 //! # Invariants
 //! - After [`Log::open`] returns, only [`Log`] writes `ringkv.log`, one whole frame group at a time under its mutex.

@@ -1,26 +1,24 @@
 //! Replaying the log at open, and repairing what a crash or the disk did to it.
 //!
-//! Owns the decision of what a damaged log means:
-//! - Zeros after the last good record, to the end of the file, are space the writer wrote ahead
-//!   under `--fsync always` (see [`super::writer`]): the log ends there, nothing is lost, and the
-//!   file is cut back to its last record.
-//! - A bad frame with no valid frame anywhere after it is a **torn tail** (a crash mid-append): the
-//!   file is truncated to the end of the last good record, synced, and the loss is reported.
-//! - A bad frame whose header is intact and which is followed, exactly where that header says it
-//!   ends, by a valid record is **one damaged record**: it is reported as a region and skipped,
-//!   and replay goes on.
-//! - Any other bad frame with valid frames somewhere after it is **damage with records after it**:
-//!   everything from the bad frame on is reported as one region and **set aside**, not replayed.
-//!   A value may hold any bytes, a whole encoded frame with a valid CRC included (a client chose
-//!   them), so a frame found by hunting through the file is never trusted: it may lie inside the
-//!   bad record's value, whose true extent is unknown once its header may be damaged. The hunt
-//!   reads at most [`HUNT_BUDGET`] bytes of candidates in full, and sets the rest aside past it,
-//!   so a value full of look-alike headers cannot make replay crawl.
-//! - In both of the last two cases the original file is preserved as
-//!   `ringkv.log.corrupt-<unix-secs>` and replaced by a fresh log of the replayed records, so the
-//!   damage is reported once and never replayed again, and nothing set aside is lost for good:
-//!   the coordinator repairs the node's keys from other replicas, and the original is there to
-//!   inspect.
+//! Owns the decision of what a damaged log means. Replay reads frames in order and stops at the
+//! first bad one; nothing after a bad frame is ever replayed. A value may hold any bytes, a whole
+//! encoded frame with a valid CRC included (a client chose them), and once a frame is bad nothing
+//! says where the next one starts: a frame found by hunting may lie inside a value. (RocksDB's
+//! point-in-time WAL recovery, meant for replicated systems, stops the same way.) What follows
+//! the bad frame decides what happens to it:
+//! - Zeros to the end of the file are space the writer wrote ahead under `--fsync always` (see
+//!   [`super::writer`]): the log ends there, and the file is cut back to its last record.
+//! - No valid frame anywhere after it: a **torn tail** (a crash mid-append). The file is truncated
+//!   to the end of the last good record, synced, and the loss is reported.
+//! - Valid frames after it: **damage**. Everything from the bad frame on is reported as one region
+//!   and **set aside**: the original file is preserved as `ringkv.log.corrupt-<unix-secs>` and
+//!   replaced by a fresh log of the records before the damage, so it is reported once and never
+//!   replayed. The records set aside are lost on this node only: the coordinator's
+//!   reconciliation of the returning node unlists the keys it no longer holds and repairs them
+//!   from other replicas, and the original is there to inspect.
+//!
+//! The hunt that tells the last two apart reads at most [`HUNT_BUDGET`] bytes of candidate frames in
+//! full, and counts as damage past it, so a value full of look-alike headers cannot make it crawl.
 //!
 //! Invariants: a record is returned only if its frame is intact (CRC and lengths); every byte that is
 //! not returned is accounted for in the [`RecoveryReport`] and logged; and when recovery returns,
@@ -179,33 +177,13 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
                 report.preallocated_bytes = file_len - offset;
                 break;
             }
-            Frame::Bad(reason) => match next_frame_after_bad(reader.get_ref(), offset, file_len)? {
-                Resync::SetAside => {
-                    // What follows the bad frame is kept in the preserved original only: a
-                    // frame found in it may be bytes of a value.
-                    tracing::error!(
-                        offset,
-                        len = file_len - offset,
-                        reason,
-                        "corrupt log region with no trustworthy record after it; the rest of \
-                         the log is set aside, its records lost on this node"
-                    );
-                    report.corrupt_regions.push((offset, file_len - offset));
-                    break;
-                }
-                Resync::At(next) => {
-                    tracing::error!(
-                        offset,
-                        len = next - offset,
-                        reason,
-                        "corrupt log region skipped; its records are lost on this node"
-                    );
-                    report.corrupt_regions.push((offset, next - offset));
-                    offset = next;
-                    // Discards the buffer, which `find_next_frame` moved the file out from under.
-                    reader.seek(SeekFrom::Start(offset))?;
-                }
-                Resync::None => {
+            Frame::Bad(reason) => {
+                // Nothing after a bad frame is replayed: a frame found there may be bytes of a
+                // value (see the module docs). The hunt only says whether anything valid
+                // follows, and so whether the rest is a torn tail or must be kept.
+                if find_next_frame(reader.get_ref(), offset + 1, file_len, HUNT_BUDGET)?
+                    == Hunt::NotFound
+                {
                     report.truncated_tail_bytes = file_len - offset;
                     tracing::warn!(
                         offset,
@@ -213,63 +191,31 @@ fn replay(file: File, file_len: u64) -> Result<(Vec<Record>, RecoveryReport, u64
                         reason,
                         "torn log tail cut off at the last good record"
                     );
-                    break;
+                } else {
+                    report.corrupt_regions.push((offset, file_len - offset));
+                    tracing::error!(
+                        offset,
+                        len = file_len - offset,
+                        reason,
+                        "damaged log record with records after it; the rest of the log is set \
+                         aside (kept in the preserved original), its records lost on this node"
+                    );
                 }
-            },
+                break;
+            }
         }
     }
     Ok((records, report, good_end))
 }
 
-/// Where replay goes on after a bad frame at `offset`.
-enum Resync {
-    /// At the next record, here: the bad frame is one damaged record.
-    At(u64),
-    /// Nowhere: no valid frame follows (a torn tail).
-    None,
-    /// Nowhere, and the rest of the file is kept aside, not replayed: frames follow, but none
-    /// where the bad frame says it ends, or the hunt for one ran out of its budget.
-    SetAside,
-}
-
-/// Where replay resumes after the bad frame at `offset`.
-///
-/// A frame's value can hold any bytes, a well-formed frame with a valid CRC included (a client
-/// chose them), so a frame found by hunting through the file is not trusted: it may lie inside
-/// the bad record's value, whose true extent is unknown once its header may be damaged. Replay
-/// resumes only where the bad frame's header says it ends, and only if a valid record starts
-/// exactly there: one damaged record, its length intact. Otherwise the hunt only tells a torn
-/// tail (no valid frame after `offset`: cut) from damage with records after it (set aside).
-fn next_frame_after_bad(file: &File, offset: u64, file_len: u64) -> io::Result<Resync> {
-    if offset + MIN_FRAME_LEN as u64 <= file_len {
-        let mut raw = [0u8; MIN_FRAME_LEN];
-        read_exact_at(file, &mut raw, offset)?;
-        if let Ok(head) = FrameHead::parse(raw) {
-            let end = offset + head.frame_len();
-            if end < file_len {
-                let mut reader = file;
-                reader.seek(SeekFrom::Start(end))?;
-                if let Frame::Record(..) = read_frame(&mut reader, file_len - end)? {
-                    return Ok(Resync::At(end));
-                }
-            }
-        }
-    }
-    Ok(
-        match find_next_frame(file, offset + 1, file_len, HUNT_BUDGET)? {
-            Hunt::NotFound => Resync::None,
-            Hunt::Found | Hunt::OutOfBudget => Resync::SetAside,
-        },
-    )
-}
-
-/// Bytes of candidate frames read in full and CRC-checked by one hunt before it gives up: a
-/// value full of look-alike headers would otherwise have every one of them read to its claimed
-/// length, quadratic in the value's size. Ordinary data passes the header checks rarely, and a
-/// real next frame is found within a frame's length.
+/// Bytes of candidate frames read in full and CRC-checked by one hunt before it gives up (and
+/// the rest is kept, as if a frame had been found): a value full of look-alike headers would
+/// otherwise have every one of them read to its claimed length, quadratic in the value's size.
+/// Ordinary data passes the header checks rarely.
 const HUNT_BUDGET: u64 = 256 << 20;
 
 /// What [`find_next_frame`] found.
+#[derive(Debug, PartialEq, Eq)]
 enum Hunt {
     Found,
     NotFound,
@@ -514,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn bit_flip_mid_file_is_skipped_reported_and_preserved() {
+    fn bit_flip_mid_file_sets_the_rest_aside_and_preserves_it() {
         let records = mixed(12);
         let (bytes, ends) = written(&records);
         let rt = runtime();
@@ -528,15 +474,8 @@ mod tests {
                 let dir = dir_with(&damaged);
 
                 let (log, got, report) = open(dir.path());
-                // A flip in the length field (the +5 byte adds 1 MiB) leaves no record where
-                // the frame says it ends: what follows is set aside, not replayed.
-                let (expected, region) = if at == start + 5 {
-                    (records[..k].to_vec(), (start, damaged.len() as u64 - start))
-                } else {
-                    let mut expected = records.clone();
-                    expected.remove(k);
-                    (expected, (start, end - start))
-                };
+                let expected = records[..k].to_vec();
+                let region = (start, damaged.len() as u64 - start);
                 assert_eq!(got, expected, "flip in record {k} at byte {at}");
                 assert_eq!(report.corrupt_regions, vec![region]);
                 assert_eq!(report.truncated_tail_bytes, 0);
@@ -556,6 +495,44 @@ mod tests {
                 rt.block_on(log.close()).unwrap();
                 assert_eq!(corrupt_copies(dir.path()).len(), 1);
             }
+        }
+    }
+
+    /// A record whose value ends in a chain of whole encoded frames (tombstones of other keys,
+    /// each ending where the next starts, the last where the value ends): should a damaged
+    /// length field make the record seem to end at one of them, or replay resume anywhere in
+    /// the value, the chain would replay as records. No flip of any bit of the length does.
+    #[test]
+    fn no_damaged_length_makes_a_chain_of_frames_in_a_value_replay() {
+        let mut value = vec![b'v'; 200];
+        for i in 0..64u64 {
+            let frame = crate::log::record::EncodedRecord::new(
+                format!("forged{i:05}").as_bytes(),
+                ringkv_common::Version(u64::MAX - i),
+                None,
+            )
+            .unwrap();
+            value.extend_from_slice(&frame.0);
+        }
+        let records = vec![
+            put(b"before", 1, b"a"),
+            put(b"carrier", 2, &value),
+            put(b"after", 3, b"c"),
+        ];
+        let (bytes, ends) = written(&records);
+        for bit in 0..32 {
+            let mut damaged = bytes.clone();
+            let at = ends[0] as usize + 4 + 3 - bit / 8;
+            damaged[at] ^= 1 << (bit % 8);
+            let dir = dir_with(&damaged);
+            let (log, got, report) = open(dir.path());
+            assert_eq!(got, records[..1], "length bit {bit}");
+            assert_eq!(
+                report.corrupt_regions,
+                vec![(ends[0], damaged.len() as u64 - ends[0])],
+                "length bit {bit}"
+            );
+            runtime().block_on(log.close()).unwrap();
         }
     }
 
@@ -589,8 +566,8 @@ mod tests {
         (records, bytes, ends, at)
     }
 
-    /// The frame inside a damaged record's value is never replayed: the hunt starts after the
-    /// damaged record's extent, and finds the record after it.
+    /// The frame inside a damaged record's value is never replayed: the damaged record and
+    /// everything after it are set aside.
     #[test]
     fn a_frame_inside_a_damaged_records_value_is_not_replayed() {
         let (records, bytes, ends, inner) = with_a_frame_in_a_value();
@@ -600,25 +577,23 @@ mod tests {
             damaged[at as usize] ^= 0x01;
             let dir = dir_with(&damaged);
             let (log, got, report) = open(dir.path());
+            assert_eq!(got, records[..1], "flip at {at}");
             assert_eq!(
-                got,
-                vec![records[0].clone(), records[2].clone()],
-                "flip at {at}"
+                report.corrupt_regions,
+                vec![(ends[0], damaged.len() as u64 - ends[0])]
             );
-            assert_eq!(report.corrupt_regions, vec![(ends[0], ends[1] - ends[0])]);
             assert!(inner > ends[0]);
             assert_eq!(corrupt_copies(dir.path()).len(), 1, "the original is kept");
             runtime().block_on(log.close()).unwrap();
             let (log, again, report) = open(dir.path());
             assert!(report.is_clean(), "second open: {report:?}");
-            assert_eq!(again, vec![records[0].clone(), records[2].clone()]);
+            assert_eq!(again, records[..1]);
             runtime().block_on(log.close()).unwrap();
         }
     }
 
-    /// The record before the carrier damaged in its header, so that nothing says where it
-    /// ends: a hunt would meet the frame in the carrier's value, which is not replayed; the
-    /// rest is set aside.
+    /// The record before the carrier damaged in its header: a hunt from there meets the frame
+    /// in the carrier's value, which is not replayed; the rest is set aside.
     #[test]
     fn a_frame_in_a_value_after_a_garbage_header_is_not_replayed() {
         let (_, bytes, _, _) = with_a_frame_in_a_value();
@@ -636,8 +611,8 @@ mod tests {
     }
 
     /// The same record torn after the frame in its value, at the end of a file not written
-    /// ahead: the frame lies inside the torn record's claimed extent, so it is set aside with
-    /// everything after the last good record, and the original is kept.
+    /// ahead: a frame follows the bad one, so this is not taken for a torn tail; everything
+    /// after the last good record is set aside, and the original is kept.
     #[test]
     fn a_frame_inside_a_torn_records_value_is_set_aside_not_replayed() {
         let (records, bytes, ends, inner) = with_a_frame_in_a_value();
@@ -708,7 +683,7 @@ mod tests {
     }
 
     #[test]
-    fn two_corrupt_regions_and_a_torn_tail_are_all_reported() {
+    fn damage_before_more_damage_and_a_torn_tail_sets_everything_from_it_aside() {
         let records = mixed(10);
         let (bytes, ends) = written(&records);
         let mut damaged = bytes.clone();
@@ -718,16 +693,13 @@ mod tests {
         let dir = dir_with(&damaged);
 
         let (log, got, report) = open(dir.path());
-        let expected: Vec<_> = [0, 1, 3, 4, 5, 7, 8]
-            .iter()
-            .map(|&i| records[i].clone())
-            .collect();
+        let expected = records[..2].to_vec();
         assert_eq!(got, expected);
         assert_eq!(
             report.corrupt_regions,
-            vec![(ends[1], ends[2] - ends[1]), (ends[5], ends[6] - ends[5])]
+            vec![(ends[1], damaged.len() as u64 - ends[1])]
         );
-        assert_eq!(report.truncated_tail_bytes, ends[9] - 3 - ends[8]);
+        assert_eq!(report.truncated_tail_bytes, 0);
         runtime().block_on(log.close()).unwrap();
         let (_log, again, report) = open(dir.path());
         assert!(report.is_clean());
@@ -789,9 +761,8 @@ mod tests {
     }
 
     /// A damaged length field in a record that is not the last, in a file still written ahead
-    /// in zeros: wherever the length now points (inside the next record, or into the zeros),
-    /// no record starts there, so the records after it are set aside with the original kept,
-    /// never cut off as a torn tail.
+    /// in zeros: the records after it are set aside with the original kept, never cut off as a
+    /// torn tail.
     #[test]
     fn a_damaged_length_never_cuts_off_the_records_after_it() {
         let records = mixed(10);
@@ -801,7 +772,7 @@ mod tests {
         for k in [2usize, 8] {
             let start = ends[k - 1];
             // Bytes +5, +6 and +7 of the frame: the length's upper-middle, lower-middle and
-            // lowest bytes (+1 MiB into the zeros, +4 KiB, +16 bytes).
+            // lowest bytes (a change of 1 MiB, 4 KiB or 16 bytes).
             for at in [start + 5, start + 6, start + 7] {
                 let mut damaged = file.clone();
                 damaged[at as usize] ^= 0x10;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where PUT with fsync on every write spends the machine: RingKV (`--node-fsync always
-# --meta-fsync always`) against Redis (`appendfsync always`), the same workload from the same
+# --meta-fsync always`, or META_FSYNC's policy) against Redis (`appendfsync always`), the same workload from the same
 # generator. For each run, over the whole machine: the shares of user, system, softirq,
 # iowait, idle and steal time (/proc/stat; steal is time the hypervisor gave other guests),
 # context switches per operation, fdatasync calls per operation (if `perf` is installed),

@@ -41,7 +41,8 @@ pub const LOG_FILE: &str = "ringkv.log";
 /// File name of a rewrite in progress; renamed over [`LOG_FILE`] once complete and synced.
 pub const COMPACT_FILE: &str = "ringkv.log.compact";
 
-/// Prefix of the preserved copy of a log that had mid-file corruption (`<prefix><unix-secs>`).
+/// Prefix of the preserved copy of a log that had damage with records after it
+/// (`<prefix><unix-secs>`).
 pub const CORRUPT_FILE_PREFIX: &str = "ringkv.log.corrupt-";
 
 /// What can go wrong with the log.

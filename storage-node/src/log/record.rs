@@ -212,7 +212,8 @@ pub(crate) enum Frame {
     /// A valid record and the length of its frame.
     Record(Record, u64),
     /// No valid record starts here: why not. Incomplete and corrupt frames look alike on purpose;
-    /// recovery tells a torn tail from mid-file corruption by what follows, not by the frame itself.
+    /// recovery tells a torn tail from damage with records after it by what follows, not by the
+    /// frame itself.
     Bad(&'static str),
 }
 

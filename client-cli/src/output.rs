@@ -16,8 +16,9 @@
 //!   "writes":{"count","lock_wait_us","quorum_wait_us","commit_wait_us"}}`, the last the
 //!   time acknowledged writes spent in each stage, summed since the coordinator started; where
 //!   NODE is `{"id","addr","state","pid","keys","bytes","ops","messages","syncs",
-//!   "last_heartbeat_ms"}`: `ops` counts requests and `messages` the frames that carried them
-//!   (a batch is one), `syncs` the node's log fsyncs
+//!   "log_set_aside_bytes","last_heartbeat_ms"}`: `ops` counts requests and `messages` the
+//!   frames that carried them (a batch is one), `syncs` the node's log fsyncs,
+//!   `log_set_aside_bytes` what its log set aside at its last start (damage, not replayed)
 //! - `nodes`: `{"nodes":[NODE]}`
 //! - `node add`: `{"node"}`; `node remove|kill|pause|resume`: `{"node","ok":true}`
 //! - `check`: `{"keys","healthy","under_replicated","lost","stale"}`
@@ -120,6 +121,7 @@ fn node_json(node: &NodeInfo) -> Value {
         "ops": node.stats.ops,
         "messages": node.stats.messages,
         "syncs": node.stats.syncs,
+        "log_set_aside_bytes": node.stats.log_set_aside_bytes,
         "last_heartbeat_ms": node.last_heartbeat_ms,
     })
 }
@@ -291,6 +293,18 @@ fn status_text(status: &ClusterStatus) -> String {
     if let Some(line) = deletions_line(status) {
         out.push_str(&line);
         out.push('\n');
+    }
+    for node in status
+        .nodes
+        .iter()
+        .filter(|n| n.stats.log_set_aside_bytes > 0)
+    {
+        out.push_str(&format!(
+            "node {} set aside {} of its log at its last start (damage, not replayed; kept as \
+             ringkv.log.corrupt-* in its directory); its keys are repaired from other replicas\n",
+            node.id,
+            human_bytes(node.stats.log_set_aside_bytes)
+        ));
     }
     if status.collection.reads_wait {
         let ids: Vec<String> = status
@@ -593,6 +607,7 @@ mod tests {
                 log_bytes: 4096,
                 messages: 33,
                 syncs: 7,
+                log_set_aside_bytes: 0,
             },
             last_heartbeat_ms: heartbeat,
         }
@@ -755,7 +770,7 @@ mod tests {
             json!({
                 "id": 1, "addr": "127.0.0.1:7401", "state": "up", "pid": 1001,
                 "keys": 10, "bytes": 1536, "ops": 99, "messages": 33, "syncs": 7,
-                "last_heartbeat_ms": 300,
+                "log_set_aside_bytes": 0, "last_heartbeat_ms": 300,
             })
         );
         assert!(doc["nodes"][1]["pid"].is_null());
@@ -770,6 +785,25 @@ mod tests {
                 "kind": "re-replication", "keys_done": 120, "keys_total": 1000,
                 "bytes_done": 1048576, "bytes_total": 10485760, "eta_secs": null,
             })
+        );
+    }
+
+    #[test]
+    fn a_node_that_set_part_of_its_log_aside_is_named() {
+        let mut s = status(false, 0);
+        let text = |s: &ClusterStatus| {
+            String::from_utf8(render(&Outcome::Status(s.clone()), false)).unwrap()
+        };
+        assert!(!text(&s).contains("set aside"));
+        s.nodes[0].stats.log_set_aside_bytes = 2048;
+        let shown = text(&s);
+        assert!(
+            shown.contains("node 1 set aside 2.0 KiB of its log at its last start"),
+            "{shown}"
+        );
+        assert_eq!(
+            parse(&Outcome::Status(s))["nodes"][0]["log_set_aside_bytes"],
+            2048
         );
     }
 
@@ -915,6 +949,7 @@ mod tests {
                 "id",
                 "keys",
                 "last_heartbeat_ms",
+                "log_set_aside_bytes",
                 "messages",
                 "ops",
                 "pid",

@@ -17,7 +17,8 @@ use crate::types::{NodeId, NodeState, NodeStats, Version};
 /// `messages` and `syncs` of [`NodeStats`] and the `writes` of [`ClusterStatus`], which a
 /// build before them cannot decode: structs travel as arrays, and a longer one is refused;
 /// 4: the `reconciliations` of [`CollectionStatus`]; 5: the `reads_wait` of the collection
-/// status; 6: the cluster token of [`Request::Hello`], without which a peer role is refused).
+/// status; 6: the cluster token of [`Request::Hello`], without which a peer role is refused,
+/// and the `log_set_aside_bytes` of [`NodeStats`]).
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest key accepted. Keys are held in memory by the coordinator and every replica,

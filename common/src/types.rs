@@ -133,6 +133,11 @@ pub struct NodeStats {
     /// arrived while the one before it ran (group commit).
     #[serde(default)]
     pub syncs: u64,
+    /// Bytes of its log this node set aside at its last start: damage with records after it,
+    /// not replayed, kept in the preserved original (`ringkv.log.corrupt-*`). Its keys are
+    /// repaired from other replicas.
+    #[serde(default)]
+    pub log_set_aside_bytes: u64,
 }
 
 #[cfg(test)]

@@ -82,7 +82,12 @@ pub async fn run(
         keys = store.stats().keys,
         "log replayed"
     );
-    let node = Arc::new(Node::new(store, log).with_cluster_token(config.cluster_token.clone()));
+    let set_aside = report.corrupt_regions.iter().map(|(_, len)| len).sum();
+    let node = Arc::new(
+        Node::new(store, log)
+            .with_cluster_token(config.cluster_token.clone())
+            .with_log_set_aside(set_aside),
+    );
 
     let addr = listener.local_addr()?;
     let id = config

@@ -58,6 +58,8 @@ pub struct Node {
     log_failed: tokio_util::sync::CancellationToken,
     /// Required of a peer acting as the coordinator, if set.
     cluster_token: Option<String>,
+    /// Bytes of the log set aside when it was opened (see [`NodeStats::log_set_aside_bytes`]).
+    log_set_aside_bytes: u64,
 }
 
 impl Node {
@@ -71,7 +73,15 @@ impl Node {
             compacting: tokio::sync::Mutex::new(()),
             log_failed: tokio_util::sync::CancellationToken::new(),
             cluster_token: None,
+            log_set_aside_bytes: 0,
         }
+    }
+
+    /// Report `bytes` of the log set aside at open in every heartbeat's stats.
+    #[must_use]
+    pub fn with_log_set_aside(mut self, bytes: u64) -> Node {
+        self.log_set_aside_bytes = bytes;
+        self
     }
 
     /// Require `token` of every peer acting as the coordinator (`None`: require nothing).
@@ -93,6 +103,7 @@ impl Node {
         stats.messages = self.messages.load(Ordering::Relaxed);
         stats.log_bytes = self.log.size_bytes();
         stats.syncs = self.log.sync_count();
+        stats.log_set_aside_bytes = self.log_set_aside_bytes;
         stats
     }
 

@@ -264,6 +264,19 @@ fn bit_flip_in_the_middle_of_a_node_log_is_detected_and_repaired() {
 
     let _node = c.start_node(&node_dir, &[]);
     c.wait_state(3, "up", Duration::from_secs(10));
+    // Its heartbeats say how much of its log it set aside, and `status` names it.
+    ringkv_tests::wait_for(
+        "node 3 to report the log it set aside",
+        Duration::from_secs(30),
+        || {
+            let status = c.status();
+            let node = status["nodes"].as_array()?.iter().find(|n| n["id"] == 3)?;
+            (node["log_set_aside_bytes"].as_u64()? > 0).then_some(())
+        },
+    )
+    .unwrap();
+    let text = String::from_utf8(c.ringkv(&["status"]).stdout).unwrap();
+    assert!(text.contains("node 3 set aside"), "{text}");
     c.wait_settled(Duration::from_secs(60));
     for i in 0..200 {
         assert_eq!(

@@ -7,9 +7,11 @@
 //! ([`FILE`]) at its first start, hands it to the nodes it spawns in [`ENV`], and both sides
 //! refuse a peer role whose hello does not carry it. Clients need no token.
 
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+
+use crate::durable_file;
 
 /// The token's file in the coordinator's data directory (readable by its owner only).
 pub const FILE: &str = "cluster.token";
@@ -55,23 +57,8 @@ pub fn load_or_create(dir: &Path) -> io::Result<String> {
         Ok(token) => Ok(token),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let token = fresh()?;
-            // Written whole under a temporary name and renamed, so that a crash leaves either
-            // no token or the whole token.
-            let tmp = dir.join(format!("{FILE}.tmp"));
-            // A leftover from a crash is replaced, never reused with whatever mode it has.
-            match std::fs::remove_file(&tmp) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(format!("{token}\n").as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, dir.join(FILE))?;
-            std::fs::File::open(dir)?.sync_all()?;
+            // A crash leaves either no token or the whole token.
+            durable_file::replace(dir, FILE, format!("{token}\n").as_bytes(), 0o600)?;
             Ok(token)
         }
         Err(e) => Err(e),

@@ -14,6 +14,7 @@
 //! - [`signals`]: SIGTERM and ctrl-c as a shutdown token.
 //! - [`process`]: finding local processes by their command line.
 //! - [`dir_lock`]: the exclusive lock a process holds on its data directory.
+//! - [`durable_file`]: small files replaced whole and durably, and directory syncs.
 //! - [`runtime`]: the server binaries' async runtime and its worker count.
 //! - [`sync`]: locks that are taken even after a panic poisoned them.
 //! - [`file_range`]: a byte range of a file walked in pieces of bounded length.
@@ -24,6 +25,7 @@ pub mod cluster_token;
 pub mod codec;
 pub mod config;
 pub mod dir_lock;
+pub mod durable_file;
 pub mod error;
 pub mod file_range;
 pub mod id_hash;

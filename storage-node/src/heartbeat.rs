@@ -29,15 +29,10 @@ pub fn load_node_id(dir: &Path) -> Option<NodeId> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-/// Remember `id` in `dir` (write to a temp file, fsync, rename).
+/// Remember `id` in `dir`, replacing the file whole.
 pub fn store_node_id(dir: &Path, id: NodeId) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{NODE_ID_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{id}")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(NODE_ID_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    let text = format!("{id}\n");
+    ringkv_common::durable_file::replace(dir, NODE_ID_FILE, text.as_bytes(), 0o666)
 }
 
 /// What the heartbeat task needs to know.

@@ -38,6 +38,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use ringkv_common::durable_file::sync_dir;
 use ringkv_common::file_range::pieces;
 use ringkv_common::write_ahead;
 use serde::{Deserialize, Serialize};
@@ -628,10 +629,6 @@ fn move_tail_aside(dir: &Path, file: &mut File, valid: u64) -> io::Result<PathBu
     file.sync_all()?;
     sync_dir(dir)?;
     Ok(aside)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

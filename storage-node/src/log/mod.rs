@@ -28,7 +28,6 @@ pub mod recovery;
 pub mod writer;
 
 use std::io;
-use std::path::Path;
 
 pub use compaction::{CompactStats, CompactThreshold};
 pub use record::{EncodedRecord, Record};
@@ -72,16 +71,7 @@ pub enum LogError {
     Poisoned(String),
 }
 
-/// Fsyncs a directory, making a create, rename or unlink in it durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    // Directories can only be opened (and synced) like this on Unix; elsewhere renames are
-    // made durable by the file system itself or not at all, and there is nothing to call.
-    #[cfg(unix)]
-    std::fs::File::open(dir)?.sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
+pub(crate) use ringkv_common::durable_file::sync_dir;
 
 /// Evaluates failpoint `name`: a no-op unless the `failpoints` feature is on and the point is configured.
 ///

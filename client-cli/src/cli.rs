@@ -193,12 +193,22 @@ pub enum NodeCommand {
         long_about = "Decommission a node: copy its keys away, then stop it.\n\n\
                       Waits until the decommission finishes (for at least 10 minutes, or \
                       --timeout if longer), showing the keys and bytes copied so far: a \
-                      progress bar in a terminal, a plain line every second otherwise.",
-        after_help = "Example:\n  ringkv node remove 3"
+                      progress bar in a terminal, a plain line every second otherwise.\n\n\
+                      After an unclean stop of a coordinator running with --meta-fsync never, \
+                      reads wait until the nodes that may hold writes the metadata lost are \
+                      reconciled, and such a node cannot be removed: start it again instead. \
+                      If it is gone for good, --accept-loss removes it anyway.",
+        after_help = "Examples:\n  ringkv node remove 3\n  \
+                      ringkv node remove 4 --accept-loss   # gone for good; reads waited for it"
     )]
     Remove {
         /// The node's id, as `status` shows it (`3` or `n3`).
         id: NodeId,
+        /// Remove it even if reads wait for its reconciliation after an unclean stop:
+        /// acknowledged writes only it held are lost, and a read of such a key finds the
+        /// version before.
+        #[arg(long)]
+        accept_loss: bool,
     },
 
     /// Kill a spawned node's process at once (SIGKILL), for failure testing.
@@ -373,7 +383,18 @@ mod tests {
         let cli = Cli::try_parse_from(["ringkv", "node", "remove", "7"]).unwrap();
         assert_eq!(
             cli.command,
-            Some(Command::Node(NodeCommand::Remove { id: NodeId(7) }))
+            Some(Command::Node(NodeCommand::Remove {
+                id: NodeId(7),
+                accept_loss: false
+            }))
+        );
+        let cli = Cli::try_parse_from(["ringkv", "node", "remove", "7", "--accept-loss"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Some(Command::Node(NodeCommand::Remove {
+                id: NodeId(7),
+                accept_loss: true
+            }))
         );
         assert!(Cli::try_parse_from(["ringkv", "node", "pause", "x"]).is_err());
         assert!(Cli::try_parse_from(["ringkv", "node", "resume"]).is_err());

@@ -195,7 +195,10 @@ fn to_request(cmd: &Command, stdin_value: Option<Bytes>) -> Result<Request, Call
             )))
         }
         Command::Node(NodeCommand::Add) => Request::NodeAdd,
-        Command::Node(NodeCommand::Remove { id }) => Request::NodeRemove { node: *id },
+        Command::Node(NodeCommand::Remove { id, accept_loss }) => Request::NodeRemove {
+            node: *id,
+            accept_loss: *accept_loss,
+        },
         Command::Node(NodeCommand::Kill { id }) => Request::NodeSignal {
             node: *id,
             signal: NodeSignal::Kill,
@@ -256,7 +259,7 @@ fn to_outcome(cmd: &Command, request: &str, response: Response) -> Result<Outcom
         }
         (Command::Node(node_cmd), Response::Done) => {
             let (node, action) = match *node_cmd {
-                NodeCommand::Remove { id } => (id, NodeAction::Removed),
+                NodeCommand::Remove { id, .. } => (id, NodeAction::Removed),
                 NodeCommand::Kill { id } => (id, NodeAction::Killed),
                 NodeCommand::Pause { id } => (id, NodeAction::Paused),
                 NodeCommand::Resume { id } => (id, NodeAction::Resumed),

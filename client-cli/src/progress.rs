@@ -235,7 +235,7 @@ pub async fn execute(
     stdin_value: Option<Bytes>,
     mode: ProgressMode,
 ) -> Result<Outcome, CallError> {
-    let Command::Node(NodeCommand::Remove { id }) = cmd else {
+    let Command::Node(NodeCommand::Remove { id, .. }) = cmd else {
         return commands::execute(client, cmd, timeout, stdin_value).await;
     };
     let request = commands::execute(client, cmd, timeout.max(DECOMMISSION_TIMEOUT), None);

@@ -136,7 +136,16 @@ pub enum Request {
     /// Spawn one more storage node and migrate its share of keys to it.
     NodeAdd,
     /// Decommission a node: copy its keys away, then stop it.
-    NodeRemove { node: NodeId },
+    NodeRemove {
+        node: NodeId,
+        /// Remove it even though reads wait for its reconciliation after an unclean stop
+        /// (under `--meta-fsync never`): the operator accepts that writes only it held may
+        /// be lost, and a read may then find the version before one. Must stay the last
+        /// field: left out of the encoding when false, so a plain removal is what it always
+        /// was, and a missing last field decodes as false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        accept_loss: bool,
+    },
     /// Send a signal to a node the coordinator spawned (failure injection).
     NodeSignal { node: NodeId, signal: NodeSignal },
 
@@ -470,5 +479,30 @@ mod tests {
             std::mem::size_of::<Reply>()
         );
         assert!(std::mem::size_of::<Envelope<Reply>>() <= 72);
+    }
+
+    /// A plain removal is encoded as it was before `accept_loss` existed, so either build
+    /// decodes the other's; the flag round-trips when set.
+    #[test]
+    fn a_plain_removal_is_encoded_without_the_flag() {
+        /// The variant as it was (variants are encoded by name).
+        #[derive(Serialize)]
+        enum Before {
+            NodeRemove { node: NodeId },
+        }
+        let plain = Request::NodeRemove {
+            node: NodeId(3),
+            accept_loss: false,
+        };
+        let before = rmp_serde::to_vec(&Before::NodeRemove { node: NodeId(3) }).unwrap();
+        assert_eq!(rmp_serde::to_vec(&plain).unwrap(), before);
+        assert_eq!(rmp_serde::from_slice::<Request>(&before).unwrap(), plain);
+        let forced = Request::NodeRemove {
+            node: NodeId(3),
+            accept_loss: true,
+        };
+        let bytes = rmp_serde::to_vec(&forced).unwrap();
+        assert_ne!(bytes, before);
+        assert_eq!(rmp_serde::from_slice::<Request>(&bytes).unwrap(), forced);
     }
 }

@@ -567,7 +567,10 @@ mod tests {
                 token: None,
             },
             Request::Status,
-            Request::NodeRemove { node: NodeId(2) },
+            Request::NodeRemove {
+                node: NodeId(2),
+                accept_loss: false,
+            },
         ];
         for msg in requests {
             let e = Envelope { id: 9, msg };

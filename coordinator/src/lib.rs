@@ -207,12 +207,14 @@ pub async fn run(
     coord.ready.open();
     on_ready(addr);
 
-    // Resume decommissions a previous run did not finish.
+    // Resume decommissions a previous run did not finish. Never accepting a loss: one the
+    // reads now wait for (this start was unclean) waits for its reconciliation, or for the
+    // operator to ask again with --accept-loss.
     for id in coord.members.in_state(ringkv_common::NodeState::Leaving) {
         let this = coord.clone();
         coord.background(async move {
             info!(node = %id, "resuming decommission");
-            if let Err(e) = this.remove_node(id).await {
+            if let Err(e) = this.remove_node(id, false).await {
                 warn!(node = %id, error = %e, "decommission did not finish");
             }
         });

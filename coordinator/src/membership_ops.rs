@@ -188,7 +188,12 @@ impl Coordinator {
     }
 
     /// Decommission `id`: copy its keys away, then stop it. Returns once it is removed.
-    pub async fn remove_node(self: &Arc<Self>, id: NodeId) -> Reply {
+    ///
+    /// While reads wait for `id`'s reconciliation after an unclean stop (under `--meta-fsync
+    /// never`), it is refused unless `accept_loss`: removing the node lets reads go on
+    /// without the writes only it may hold. That is the way out when the nodes the reads
+    /// wait for are gone for good.
+    pub async fn remove_node(self: &Arc<Self>, id: NodeId, accept_loss: bool) -> Reply {
         let state = self
             .members
             .state(id)
@@ -196,17 +201,27 @@ impl Coordinator {
         if state == NodeState::Removed {
             return Ok(Response::Done);
         }
-        if self.reads.is_closed()
+        let reads_wait_for_it = self.reads.is_closed()
             && self
                 .members
                 .record(id)
-                .is_some_and(|r| r.owes_reconciliation)
-        {
+                .is_some_and(|r| r.owes_reconciliation);
+        if reads_wait_for_it && !accept_loss {
             // Removing it would let reads go on without the writes only it may hold.
             return Err(WireError::Unavailable(format!(
                 "node {id} may hold acknowledged writes the metadata has not learnt back since \
-                 an unclean stop, and reads wait for it: start it again so it can be reconciled"
+                 an unclean stop, and reads wait for it: start it again so it can be \
+                 reconciled, or, if it is gone for good, remove it with --accept-loss (writes \
+                 only it held are then lost)"
             )));
+        }
+        if reads_wait_for_it {
+            warn!(
+                node = %id,
+                "removing a node the reads wait for, as asked (--accept-loss): acknowledged \
+                 writes only it held since the unclean stop are lost, and a read of such a key \
+                 finds the version before"
+            );
         }
         let others_up = self
             .members
@@ -289,6 +304,8 @@ impl Coordinator {
                 .map_err(|e| WireError::Indeterminate(format!("cannot record removal: {e}")))?;
         }
         info!(node = %id, "node decommissioned");
+        // A removed node owes nothing: the reads may no longer wait for it.
+        self.refresh_read_gate();
         Ok(Response::Done)
     }
 

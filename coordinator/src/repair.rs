@@ -208,12 +208,18 @@ struct ReconcileStats {
 }
 
 impl Coordinator {
-    /// Whether `node` can serve as a copy source (up, or leaving but still running).
-    fn readable(&self, node: NodeId) -> bool {
-        matches!(
-            self.members.state(node),
-            Some(NodeState::Up | NodeState::Leaving)
-        )
+    /// Whether `node` can serve as a copy source: up, or leaving but still running (heard
+    /// from within the failure detector's `down_after`; the detector leaves a leaving node's
+    /// state alone, so a node that was down when its removal began, or died during it, stays
+    /// leaving).
+    pub(crate) fn readable(&self, node: NodeId) -> bool {
+        match self.members.state(node) {
+            Some(NodeState::Up) => true,
+            Some(NodeState::Leaving) => self
+                .members
+                .heard_from_within(node, self.config.detector.down_after),
+            _ => false,
+        }
     }
 
     /// Replicas of `meta` that are up or leaving.

@@ -559,7 +559,7 @@ impl Coordinator {
         } else {
             let mut found = None;
             for &node in &meta.replicas {
-                if targets.contains(&node) || !self.is_source(node) {
+                if targets.contains(&node) || !self.readable(node) {
                     continue;
                 }
                 let req = Request::Fetch { key: key.clone() };
@@ -607,14 +607,6 @@ impl Coordinator {
             Err(CopyError::Target("failpoint".into()))
         });
         Ok(results)
-    }
-
-    /// Whether `node` can serve as the source of a copy (up, or leaving but running).
-    fn is_source(&self, node: NodeId) -> bool {
-        matches!(
-            self.members.state(node),
-            Some(ringkv_common::NodeState::Up | ringkv_common::NodeState::Leaving)
-        )
     }
 }
 

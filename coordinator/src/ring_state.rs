@@ -283,6 +283,15 @@ impl Membership {
         self.read().nodes.get(&id).is_some_and(|e| e.registered)
     }
 
+    /// Whether `id` was heard from (a heartbeat or a registration) within `window`: a
+    /// leaving node keeps its state whether it runs or not, so this tells which.
+    pub fn heard_from_within(&self, id: NodeId, window: Duration) -> bool {
+        self.read()
+            .nodes
+            .get(&id)
+            .is_some_and(|e| Instant::now().saturating_duration_since(e.last_seen) < window)
+    }
+
     /// Whether `id` is up.
     pub fn is_up(&self, id: NodeId) -> bool {
         self.state(id) == Some(NodeState::Up)

@@ -63,7 +63,9 @@ impl Handler for Coordinator {
                 .map(|status| Response::Status(Box::new(status))),
             (_, Request::Check) => Box::pin(self.check()).await.map(Response::Checked),
             (_, Request::NodeAdd) => Box::pin(self.add_node()).await,
-            (_, Request::NodeRemove { node }) => Box::pin(self.remove_node(node)).await,
+            (_, Request::NodeRemove { node, accept_loss }) => {
+                Box::pin(self.remove_node(node, accept_loss)).await
+            }
             (_, Request::NodeSignal { node, signal }) => self.signal_node(node, signal),
             (_, other) => Err(WireError::BadRequest(format!(
                 "the coordinator does not answer {} from a {role:?} peer",

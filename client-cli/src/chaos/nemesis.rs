@@ -307,7 +307,10 @@ impl Nemesis {
                 }
             }
             (FaultKind::Leave, Some((id, _))) => {
-                let req = Request::NodeRemove { node: id };
+                let req = Request::NodeRemove {
+                    node: id,
+                    accept_loss: false,
+                };
                 match admin::request(&addr, req, LEAVE_TIMEOUT).await {
                     Ok(_) => rec.detail = format!("node {id} decommissioned"),
                     Err(e) => fail(&mut rec, format!("node remove {id}: {e}")),

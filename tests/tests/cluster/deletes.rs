@@ -326,6 +326,59 @@ fn a_node_the_reads_wait_for_cannot_be_removed() {
     assert_eq!(got["version"], lost.version);
 }
 
+/// When the nodes the reads wait for are gone for good (here two of the three holding a write
+/// the journal lost, killed while paused), reads would wait forever: a plain removal is
+/// refused and says how to accept the loss, `node remove --accept-loss` removes one anyway,
+/// and then fewer than the write quorum owe a reconciliation and reads are served again.
+/// The write is read back, learnt from its third holder, which came back.
+#[test]
+fn a_node_gone_for_good_that_the_reads_wait_for_is_removed_with_accept_loss() {
+    let lost = lose_a_write_with_its_replicas_paused(Vec::new());
+    let c = &lost.c;
+    let (gone, back) = (&lost.paused[..2], lost.paused[2]);
+    for pid in &lost.pids[..2] {
+        signal(*pid, Signal::SIGKILL);
+    }
+    signal(lost.pids[2], Signal::SIGCONT);
+    wait_for(
+        "the returning holder to be reconciled",
+        Duration::from_secs(30),
+        || (reconciliations_of(&c.status(), back, "complete") >= 1).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}\n{}", c.status(), c.log_tail()));
+    // Two nodes still owe a reconciliation, the write quorum: reads wait for them.
+    assert_read_waits(c, "kept");
+    c.json(&["node", "add"]);
+    c.json(&["node", "add"]);
+    wait_for("four nodes up", Duration::from_secs(30), || {
+        (node_addrs(&c.status()).len() >= 4).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
+
+    let first = gone[0].to_string();
+    let out = c.ringkv(&["--json", "node", "remove", &first]);
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!out.status.success(), "node {first} was removed: {answer}");
+    assert_eq!(answer["error"]["class"], "unavailable", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--accept-loss"), "{answer}");
+    assert_read_waits(c, "kept");
+
+    let answer = c.json(&["node", "remove", &first, "--accept-loss"]);
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(c.node_state(gone[0]).as_deref(), Some("removed"));
+    let status = c.status();
+    // One node owes a reconciliation now, fewer than the write quorum.
+    assert_eq!(status["collection"]["reads_wait"], false, "{status}");
+    assert_eq!(
+        status["collection"]["waiting_for"],
+        serde_json::json!([gone[1]])
+    );
+    let got = c.json(&["get", "kept"]);
+    assert_eq!(got["value"], "acknowledged", "{got}");
+    assert_eq!(got["version"], lost.version, "{got}");
+}
+
 /// A node whose reconciliation could not ask it about a key it reported (failpoint
 /// `reconcile-fetch-fails`: the Fetch under the key lock fails) is not reconciled: the floor
 /// keeps waiting for it, and the next coordinator, whose Fetches succeed, learns the write

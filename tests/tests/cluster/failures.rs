@@ -230,12 +230,7 @@ fn join_and_decommission_while_writing() {
     let pid1 = node_pid(&c.status(), 1).unwrap();
     c.json(&["node", "remove", "1"]);
     assert_eq!(c.node_state(1).as_deref(), Some("removed"));
-    wait_for("node 1 process to exit", Duration::from_secs(10), || {
-        (!std::path::Path::new(&format!("/proc/{pid1}/cmdline")).exists()
-            || std::fs::read(format!("/proc/{pid1}/cmdline")).is_ok_and(|c| c.is_empty()))
-        .then_some(())
-    })
-    .unwrap();
+    wait_exited(pid1, "node 1");
     let log = writer.finish(&rt);
     assert!(!log.acked.is_empty());
     let report = c.wait_settled(Duration::from_secs(90));
@@ -243,6 +238,39 @@ fn join_and_decommission_while_writing() {
     assert_acked_readable(&rt, &c.addr, &log);
     for i in (0..keys).step_by(37) {
         let k = format!("m{i}");
+        assert_eq!(c.json(&["get", &k])["value"], format!("v{i}"));
+        assert!(
+            !c.replicas(&k).contains(&1),
+            "{k} still on the removed node"
+        );
+    }
+}
+
+/// A node that stopped answering can still be decommissioned: here it is paused, so it is
+/// only suspect when its removal begins, and a leaving node keeps its state whatever its
+/// heartbeats say. Its copies are unlisted rather than forgotten on it (a forget it cannot
+/// answer would keep them listed, and the removal would never end), every key is copied to
+/// three live nodes, and the node is stopped.
+#[test]
+fn a_node_that_stopped_answering_is_decommissioned() {
+    let c = Cluster::start(4);
+    let keys = 60;
+    for i in 0..keys {
+        c.json(&["put", &format!("p{i}"), &format!("v{i}")]);
+    }
+    let pid1 = node_pid(&c.status(), 1).unwrap();
+    c.json(&["node", "pause", "1"]);
+    wait_for("node 1 to be suspect", Duration::from_secs(10), || {
+        (c.node_state(1).as_deref() != Some("up")).then_some(())
+    })
+    .unwrap();
+    c.json(&["node", "remove", "1"]);
+    assert_eq!(c.node_state(1).as_deref(), Some("removed"));
+    wait_exited(pid1, "node 1");
+    let report = c.wait_settled(Duration::from_secs(60));
+    assert_eq!(report["lost"], 0, "{report}");
+    for i in 0..keys {
+        let k = format!("p{i}");
         assert_eq!(c.json(&["get", &k])["value"], format!("v{i}"));
         assert!(
             !c.replicas(&k).contains(&1),
@@ -494,4 +522,19 @@ fn a_decommission_waits_for_a_write_in_flight_to_the_leaving_node() {
         .collect();
     assert_eq!(live.len(), 3, "{after}");
     assert!(!c.replicas("probe").contains(&leaving), "{after}");
+}
+
+/// Wait until process `pid` has exited (gone, or a zombie with an empty command line).
+fn wait_exited(pid: u32, what: &str) {
+    wait_for(
+        &format!("{what}'s process to exit"),
+        Duration::from_secs(10),
+        || {
+            let cmdline = format!("/proc/{pid}/cmdline");
+            (!std::path::Path::new(&cmdline).exists()
+                || std::fs::read(&cmdline).is_ok_and(|c| c.is_empty()))
+            .then_some(())
+        },
+    )
+    .unwrap();
 }

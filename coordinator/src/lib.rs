@@ -51,6 +51,9 @@ use crate::replication::WriteClock;
 use crate::ring_state::Membership;
 use crate::supervisor::Supervisor;
 
+/// How often a decommission resumed at start asks again while reads wait for the node.
+const RESUMED_DECOMMISSION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Run a coordinator on `listener` until `shutdown`. `on_ready` is called once clients are
 /// being served and the spawned nodes have registered (or the start-up timeout passed).
 pub async fn run(
@@ -214,8 +217,24 @@ pub async fn run(
         let this = coord.clone();
         coord.background(async move {
             info!(node = %id, "resuming decommission");
-            if let Err(e) = this.remove_node(id, false).await {
-                warn!(node = %id, error = %e, "decommission did not finish");
+            let mut told = false;
+            loop {
+                match this.remove_node(id, false).await {
+                    Ok(_) => break,
+                    Err(_) if this.reads_wait_for(id) => {
+                        if !std::mem::replace(&mut told, true) {
+                            info!(node = %id, "the decommission waits for the node's reconciliation");
+                        }
+                        tokio::select! {
+                            () = this.shutdown.cancelled() => break,
+                            () = tokio::time::sleep(RESUMED_DECOMMISSION_RETRY) => {}
+                        }
+                    }
+                    Err(e) => {
+                        warn!(node = %id, error = %e, "decommission did not finish");
+                        break;
+                    }
+                }
             }
         });
     }

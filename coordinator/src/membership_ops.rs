@@ -199,13 +199,17 @@ impl Coordinator {
             .state(id)
             .ok_or_else(|| WireError::NotFound(format!("node {id}")))?;
         if state == NodeState::Removed {
+            // A removal whose record could not be saved is retried here: the reads must not
+            // keep waiting for it either way.
+            self.refresh_read_gate();
             return Ok(Response::Done);
         }
-        let reads_wait_for_it = self.reads.is_closed()
-            && self
-                .members
-                .record(id)
-                .is_some_and(|r| r.owes_reconciliation);
+        let mut reads_wait_for_it = self.reads_wait_for(id);
+        if reads_wait_for_it && accept_loss && self.members.is_up(id) {
+            // It is running after all: learn back what it holds rather than give it up.
+            self.reconcile_node(id).await;
+            reads_wait_for_it = self.reads_wait_for(id);
+        }
         if reads_wait_for_it && !accept_loss {
             // Removing it would let reads go on without the writes only it may hold.
             return Err(WireError::Unavailable(format!(
@@ -265,15 +269,30 @@ impl Coordinator {
         self.queue_node_keys(id, JobKind::Migrate).await;
         loop {
             let this = self.clone();
-            let live: Vec<bytes::Bytes> = tokio::task::spawn_blocking(move || {
+            let (live, stranded) = tokio::task::spawn_blocking(move || {
                 let mut remaining = this.meta.keys_on_node(id);
                 remaining.retain(|k| this.meta.get(k).is_some_and(|m| !m.tombstone));
-                remaining
+                let stranded = if this.readable(id) {
+                    Vec::new()
+                } else {
+                    this.stranded(id, &remaining)
+                };
+                (remaining, stranded)
             })
             .await
             .map_err(|e| WireError::Internal(e.to_string()))?;
             if live.is_empty() {
                 break;
+            }
+            if let Some(first) = stranded.first() {
+                // No copy can be made until a node holding them answers again.
+                return Err(WireError::Unavailable(format!(
+                    "node {id} is not answering, and {} of its keys (first {}) have no other \
+                     replica that is up: bring back node {id} or another replica of them, \
+                     then run node remove again (node {id} stays leaving meanwhile)",
+                    stranded.len(),
+                    String::from_utf8_lossy(first)
+                )));
             }
             if self.repairs.is_empty() {
                 for key in live {
@@ -297,6 +316,8 @@ impl Coordinator {
             }
         }
         self.members.set_state(id, NodeState::Removed);
+        // A removed node owes nothing: the reads may no longer wait for it.
+        self.refresh_read_gate();
         if let Some(record) = self.members.record(id) {
             self.meta
                 .save_node(record)
@@ -304,9 +325,35 @@ impl Coordinator {
                 .map_err(|e| WireError::Indeterminate(format!("cannot record removal: {e}")))?;
         }
         info!(node = %id, "node decommissioned");
-        // A removed node owes nothing: the reads may no longer wait for it.
-        self.refresh_read_gate();
         Ok(Response::Done)
+    }
+
+    /// Whether reads wait for `id`'s reconciliation after an unclean stop (under
+    /// `--meta-fsync never`).
+    pub fn reads_wait_for(&self, id: NodeId) -> bool {
+        self.reads.is_closed()
+            && self
+                .members
+                .record(id)
+                .is_some_and(|r| r.owes_reconciliation)
+    }
+
+    /// The keys of `keys` (listed on the leaving node `id`, which is not answering) that no
+    /// other replica can be copied from now or soon: each other replica is down, removed or
+    /// leaving and silent. A suspect one may answer again in a moment.
+    fn stranded(&self, id: NodeId, keys: &[bytes::Bytes]) -> Vec<bytes::Bytes> {
+        let may_serve = |node: NodeId| {
+            node != id
+                && (self.readable(node) || self.members.state(node) == Some(NodeState::Suspect))
+        };
+        keys.iter()
+            .filter(|k| {
+                self.meta
+                    .get(k)
+                    .is_some_and(|m| !m.replicas.iter().any(|n| may_serve(*n)))
+            })
+            .cloned()
+            .collect()
     }
 
     /// Failure injection on a spawned node.

@@ -248,8 +248,23 @@ impl Cluster {
         self.ringkv_stdin(args, None)
     }
 
+    /// Run `ringkv --coordinator ADDR ARGS...`; fail the test if it runs longer than
+    /// `timeout` (for a command that would otherwise hang until its own, long, timeout).
+    pub fn ringkv_within(&self, args: &[&str], timeout: Duration) -> Output {
+        self.ringkv_stdin_within(args, None, timeout)
+    }
+
     /// Run `ringkv` with `stdin` as its standard input.
     pub fn ringkv_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        self.ringkv_stdin_within(args, stdin, RINGKV_DEADLINE)
+    }
+
+    fn ringkv_stdin_within(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Output {
         let mut child = Command::new(bin_dir().join("ringkv"))
             .arg("--coordinator")
             .arg(&self.addr)
@@ -267,7 +282,7 @@ impl Cluster {
             let mut pipe = child.stdin.take().expect("stdin");
             pipe.write_all(input).expect("write stdin");
         }
-        output_within(child, RINGKV_DEADLINE)
+        output_within(child, timeout)
     }
 
     /// Run `ringkv --json ARGS...`, require success, parse the JSON.

@@ -246,11 +246,11 @@ fn join_and_decommission_while_writing() {
     }
 }
 
-/// A node that stopped answering can still be decommissioned: here it is paused, so it is
-/// only suspect when its removal begins, and a leaving node keeps its state whatever its
-/// heartbeats say. Its copies are unlisted rather than forgotten on it (a forget it cannot
-/// answer would keep them listed, and the removal would never end), every key is copied to
-/// three live nodes, and the node is stopped.
+/// A node that stopped answering can still be decommissioned: here it is paused and removed
+/// at once, so it goes from up to leaving and is never judged down (a leaving node keeps its
+/// state whatever its heartbeats say). Its copies are unlisted rather than forgotten on it (a
+/// forget it cannot answer would keep them listed, and the removal would never end), every
+/// key is copied to three live nodes, and the node is stopped.
 #[test]
 fn a_node_that_stopped_answering_is_decommissioned() {
     let c = Cluster::start(4);
@@ -260,11 +260,13 @@ fn a_node_that_stopped_answering_is_decommissioned() {
     }
     let pid1 = node_pid(&c.status(), 1).unwrap();
     c.json(&["node", "pause", "1"]);
-    wait_for("node 1 to be suspect", Duration::from_secs(10), || {
-        (c.node_state(1).as_deref() != Some("up")).then_some(())
-    })
-    .unwrap();
-    c.json(&["node", "remove", "1"]);
+    let out = c.ringkv_within(&["--json", "node", "remove", "1"], Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        c.log_tail()
+    );
     assert_eq!(c.node_state(1).as_deref(), Some("removed"));
     wait_exited(pid1, "node 1");
     let report = c.wait_settled(Duration::from_secs(60));
@@ -277,6 +279,51 @@ fn a_node_that_stopped_answering_is_decommissioned() {
             "{k} still on the removed node"
         );
     }
+}
+
+/// Removing a node that is not answering, while some of its keys have no other replica up,
+/// cannot copy them anywhere: it is refused at once, naming how many keys and one of them,
+/// instead of waiting for the client to time out. The node stays leaving.
+#[test]
+fn removing_a_dead_node_whose_keys_have_no_other_live_replica_says_so() {
+    let c = Cluster::start(6);
+    c.json(&["put", "only-here", "v"]);
+    let holders = c.replicas("only-here");
+    assert_eq!(holders.len(), 3, "{holders:?}");
+    // All three at once: each stopped before any is killed, so that no copy is made
+    // from one while another is already gone.
+    let status = c.status();
+    let pids: Vec<u32> = holders
+        .iter()
+        .map(|id| node_pid(&status, *id).unwrap())
+        .collect();
+    for pid in &pids {
+        signal(*pid, Signal::SIGSTOP);
+    }
+    for pid in &pids {
+        signal(*pid, Signal::SIGKILL);
+    }
+    wait_for("its holders down", Duration::from_secs(10), || {
+        holders
+            .iter()
+            .all(|id| c.node_state(*id).as_deref() == Some("down"))
+            .then_some(())
+    })
+    .unwrap();
+    let first = holders[0].to_string();
+    let out = c.ringkv_within(
+        &["--json", "node", "remove", &first],
+        Duration::from_secs(60),
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!out.status.success(), "{answer}");
+    assert_eq!(answer["error"]["class"], "unavailable", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no other replica that is up") && message.contains("only-here"),
+        "{answer}"
+    );
+    assert_eq!(c.node_state(holders[0]).as_deref(), Some("leaving"));
 }
 
 /// A node on another machine listens on every interface and tells the coordinator the

@@ -43,6 +43,7 @@ pub fn slot(before: &[&str]) -> Slot {
         ["help", ..] => Slot::Nothing,
         ["node"] => Slot::Words(subcommand_names("node")),
         ["node", sub] if NODE_ID_COMMANDS.contains(sub) => Slot::NodeId,
+        ["node", "remove", _] => words(&["--accept-loss"]),
         ["wait"] => words(&["healthy", "state", "bg"]),
         ["wait", "state"] => Slot::NodeId,
         ["wait", "state", _] => words(STATES),
@@ -140,6 +141,8 @@ mod tests {
     fn node_ids_complete_where_ids_go() {
         assert_eq!(complete(&["node"], "k"), ["kill"]);
         assert_eq!(complete(&["node"], "re"), ["remove", "resume"]);
+        assert_eq!(complete(&["node", "remove", "4"], "--"), ["--accept-loss"]);
+        assert!(complete(&["node", "kill", "4"], "--").is_empty());
         assert_eq!(complete(&["node", "kill"], ""), ["1", "2", "10"]);
         assert_eq!(complete(&["node", "pause"], "1"), ["1", "10"]);
         assert_eq!(complete(&["wait", "state"], ""), ["1", "2", "10"]);

@@ -9,7 +9,7 @@ use ringkv_common::protocol::{NodeSignal, Reply, Response};
 use ringkv_common::{NodeId, NodeState, NodeStats, WireError};
 use tracing::{info, warn};
 
-use crate::metadata::NodeRecord;
+use crate::metadata::{KeyUpdate, NodeRecord};
 use crate::repair::JobKind;
 use crate::ring_state::Transition;
 use crate::state::Coordinator;
@@ -199,13 +199,19 @@ impl Coordinator {
             .state(id)
             .ok_or_else(|| WireError::NotFound(format!("node {id}")))?;
         if state == NodeState::Removed {
-            // A removal whose record could not be saved is retried here: the reads must not
-            // keep waiting for it either way.
+            // Asked again, perhaps after the removal's record failed to save: save it again,
+            // and the reads must not keep waiting for the node either way.
             self.refresh_read_gate();
+            if let Some(record) = self.members.record(id) {
+                self.meta
+                    .save_node(record)
+                    .await
+                    .map_err(|e| WireError::Indeterminate(format!("cannot record removal: {e}")))?;
+            }
             return Ok(Response::Done);
         }
         let mut reads_wait_for_it = self.reads_wait_for(id);
-        if reads_wait_for_it && accept_loss && self.members.is_up(id) {
+        if reads_wait_for_it && accept_loss && self.readable(id) {
             // It is running after all: learn back what it holds rather than give it up.
             self.reconcile_node(id).await;
             reads_wait_for_it = self.reads_wait_for(id);
@@ -285,14 +291,33 @@ impl Coordinator {
                 break;
             }
             if let Some(first) = stranded.first() {
-                // No copy can be made until a node holding them answers again.
-                return Err(WireError::Unavailable(format!(
-                    "node {id} is not answering, and {} of its keys (first {}) have no other \
-                     replica that is up: bring back node {id} or another replica of them, \
-                     then run node remove again (node {id} stays leaving meanwhile)",
-                    stranded.len(),
-                    String::from_utf8_lossy(first)
-                )));
+                if !accept_loss {
+                    // No copy can be made until a node holding them answers again.
+                    return Err(WireError::Unavailable(format!(
+                        "node {id} is not answering, and {} of its keys (first {}) have no \
+                         other replica that is up: bring back node {id} or another replica \
+                         of them and run node remove again, or give them up with \
+                         --accept-loss (node {id} stays leaving meanwhile)",
+                        stranded.len(),
+                        shown_key(first)
+                    )));
+                }
+                // Given up, as asked: unlisted from this node, they are left with the
+                // replicas that are down, if any (`check` counts a key with none as lost).
+                warn!(
+                    node = %id,
+                    keys = stranded.len(),
+                    first = %shown_key(first),
+                    "giving up keys no other replica that is up holds (--accept-loss)"
+                );
+                let updates = stranded
+                    .into_iter()
+                    .map(|key| (key, KeyUpdate::RemoveReplica { node: id }))
+                    .collect();
+                self.meta.update(updates).await.map_err(|e| {
+                    WireError::Indeterminate(format!("cannot unlist the keys given up: {e}"))
+                })?;
+                continue;
             }
             if self.repairs.is_empty() {
                 for key in live {
@@ -465,5 +490,16 @@ pub async fn run_detector(coord: Arc<Coordinator>) {
             }
             coord.on_transition(t);
         }
+    }
+}
+
+/// A key as an error message shows it: at most 64 bytes, lossily as text.
+fn shown_key(key: &[u8]) -> String {
+    const SHOWN: usize = 64;
+    let shown = String::from_utf8_lossy(key.get(..SHOWN).unwrap_or(key)).into_owned();
+    if key.len() > SHOWN {
+        format!("{shown}...")
+    } else {
+        shown
     }
 }

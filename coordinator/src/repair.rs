@@ -222,7 +222,7 @@ impl Coordinator {
         }
     }
 
-    /// Replicas of `meta` that are up or leaving.
+    /// Replicas of `meta` that can serve as copy sources ([`Self::readable`]).
     pub fn live_replicas(&self, meta: &KeyMeta) -> usize {
         meta.replicas.iter().filter(|n| self.readable(**n)).count()
     }
@@ -355,7 +355,7 @@ impl Coordinator {
                 .collect();
             let forgets = extras.iter().map(|&node| async move {
                 if !self.readable(node) {
-                    return Some(node); // Down: unlist; reconciliation drops it if it returns.
+                    return Some(node); // Down or silent: unlist; reconciliation drops it if it returns.
                 }
                 match self.forget_on(node, key, meta.version).await {
                     Ok(_) => Some(node),

@@ -256,12 +256,12 @@ pub async fn run_collector(coord: Arc<Coordinator>, every: Duration, grace: Dura
         let owing = coord.owing();
         if !owing.is_empty() {
             readings.clear();
-            // A node still owing while up did not answer for every key when it was
-            // reconciled: try again now and then (it is otherwise reconciled only when it
-            // returns or registers).
+            // A node still owing while running (up, or leaving and heard from) did not
+            // answer for every key when it was reconciled: try again now and then (it is
+            // otherwise reconciled only when it returns or registers).
             if last_retry.elapsed() >= RECONCILE_RETRY {
                 last_retry = Instant::now();
-                for node in owing.into_iter().filter(|n| coord.members.is_up(*n)) {
+                for node in owing.into_iter().filter(|n| coord.readable(*n)) {
                     let this = coord.clone();
                     coord.background(async move {
                         this.reconcile_node(node).await;

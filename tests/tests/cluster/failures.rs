@@ -282,8 +282,9 @@ fn a_node_that_stopped_answering_is_decommissioned() {
 }
 
 /// Removing a node that is not answering, while some of its keys have no other replica up,
-/// cannot copy them anywhere: it is refused at once, naming how many keys and one of them,
-/// instead of waiting for the client to time out. The node stays leaving.
+/// cannot copy them anywhere: it is refused, naming how many keys and one of them, instead
+/// of waiting for the client to time out, and the node stays leaving. With --accept-loss the
+/// keys are given up (unlisted from it) and the removal ends.
 #[test]
 fn removing_a_dead_node_whose_keys_have_no_other_live_replica_says_so() {
     let c = Cluster::start(6);
@@ -324,6 +325,23 @@ fn removing_a_dead_node_whose_keys_have_no_other_live_replica_says_so() {
         "{answer}"
     );
     assert_eq!(c.node_state(holders[0]).as_deref(), Some("leaving"));
+
+    let out = c.ringkv_within(
+        &["--json", "node", "remove", &first, "--accept-loss"],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        c.log_tail()
+    );
+    assert_eq!(c.node_state(holders[0]).as_deref(), Some("removed"));
+    assert!(
+        !c.replicas("only-here").contains(&holders[0]),
+        "{}",
+        c.json(&["locate", "only-here"])
+    );
 }
 
 /// A node on another machine listens on every interface and tells the coordinator the

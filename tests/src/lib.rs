@@ -309,6 +309,35 @@ impl Cluster {
         self.json(&["status"])
     }
 
+    /// Send `sig` to each of the nodes `ids` (their pids per `status`), every one stopped
+    /// with SIGSTOP first so that none serves a copy after another is gone; their pids.
+    pub fn signal_nodes_at_once(&self, ids: &[u64], sig: Signal) -> Vec<u32> {
+        let status = self.status();
+        let pids: Vec<u32> = ids
+            .iter()
+            .map(|id| node_pid(&status, *id).unwrap_or_else(|| panic!("no pid for node {id}")))
+            .collect();
+        for pid in &pids {
+            signal(*pid, Signal::SIGSTOP);
+        }
+        if sig != Signal::SIGSTOP {
+            for pid in &pids {
+                signal(*pid, sig);
+            }
+        }
+        pids
+    }
+
+    /// Wait until each of the nodes `ids` is in `state` per `status`.
+    pub fn wait_nodes_in_state(&self, ids: &[u64], state: &str, timeout: Duration) {
+        wait_for(&format!("nodes {ids:?} {state}"), timeout, || {
+            ids.iter()
+                .all(|id| self.node_state(*id).as_deref() == Some(state))
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", self.status(), self.log_tail()));
+    }
+
     /// The state of node `id` per `status`.
     pub fn node_state(&self, id: u64) -> Option<String> {
         self.status()["nodes"]

@@ -383,6 +383,76 @@ fn a_node_gone_for_good_that_the_reads_wait_for_is_removed_with_accept_loss() {
     assert_eq!(got["version"], lost.version, "{got}");
 }
 
+/// A decommission refused while the coordinator runs (the node is silent and a key's other
+/// replicas are down) leaves the node leaving; after an unclean restart under `--meta-fsync
+/// never` the coordinator resumes it, is refused again while reads wait for the silent nodes,
+/// and asks again until they are back and reconciled: the node is then removed with no
+/// further command, and the key is read back.
+#[test]
+fn a_resumed_decommission_waits_for_the_reconciliation_then_finishes() {
+    let mut c = Cluster::start_with(Options {
+        nodes: 0,
+        extra_args: ["--meta-fsync", "never"].map(String::from).to_vec(),
+        env: Vec::new(),
+    });
+    // Started by hand, so that they stay paused across the coordinator's restart.
+    let _nodes: Vec<NodeProcess> = (0..6)
+        .map(|i| c.start_node(&c.dir.path().join(format!("hand-{i}")), &[]))
+        .collect();
+    wait_for("six nodes up", Duration::from_secs(30), || {
+        (node_addrs(&c.status()).len() == 6).then_some(())
+    })
+    .unwrap();
+    c.json(&["put", "k", "v"]);
+    let holders = c.replicas("k");
+    assert_eq!(holders.len(), 3, "{holders:?}");
+    let pids = c.signal_nodes_at_once(&holders, Signal::SIGSTOP);
+    c.wait_nodes_in_state(&holders, "down", Duration::from_secs(30));
+    let leaving = holders[0].to_string();
+    let out = c.ringkv_within(
+        &["--json", "node", "remove", &leaving],
+        Duration::from_secs(60),
+    );
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(c.node_state(holders[0]).as_deref(), Some("leaving"));
+
+    c.kill_coordinator();
+    c.restart();
+    // Three nodes owe a reconciliation they cannot give while paused: reads wait, and so
+    // does the resumed decommission.
+    assert_read_waits(&c, "k");
+    wait_for(
+        "the resumed decommission to wait",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(c.dir.path().join("coordinator.log"))
+                .ok()?
+                .contains("the decommission waits for the node's reconciliation")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
+    assert_eq!(c.node_state(holders[0]).as_deref(), Some("leaving"));
+
+    for pid in &pids {
+        signal(*pid, Signal::SIGCONT);
+    }
+    wait_for(
+        "the decommission to finish",
+        Duration::from_secs(60),
+        || (c.node_state(holders[0]).as_deref() == Some("removed")).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}\n{}", c.status(), c.log_tail()));
+    let got = wait_for("k to be read", Duration::from_secs(30), || try_get(&c, "k"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail()));
+    assert_eq!(got["value"], "v", "{got}");
+    assert!(!c.replicas("k").contains(&holders[0]));
+}
+
 /// A node whose reconciliation could not ask it about a key it reported (failpoint
 /// `reconcile-fetch-fails`: the Fetch under the key lock fails) is not reconciled: the floor
 /// keeps waiting for it, and the next coordinator, whose Fetches succeed, learns the write

@@ -291,26 +291,9 @@ fn removing_a_dead_node_whose_keys_have_no_other_live_replica_says_so() {
     c.json(&["put", "only-here", "v"]);
     let holders = c.replicas("only-here");
     assert_eq!(holders.len(), 3, "{holders:?}");
-    // All three at once: each stopped before any is killed, so that no copy is made
-    // from one while another is already gone.
-    let status = c.status();
-    let pids: Vec<u32> = holders
-        .iter()
-        .map(|id| node_pid(&status, *id).unwrap())
-        .collect();
-    for pid in &pids {
-        signal(*pid, Signal::SIGSTOP);
-    }
-    for pid in &pids {
-        signal(*pid, Signal::SIGKILL);
-    }
-    wait_for("its holders down", Duration::from_secs(10), || {
-        holders
-            .iter()
-            .all(|id| c.node_state(*id).as_deref() == Some("down"))
-            .then_some(())
-    })
-    .unwrap();
+    // All three at once, so that no copy is made from one while another is already gone.
+    c.signal_nodes_at_once(&holders, Signal::SIGKILL);
+    c.wait_nodes_in_state(&holders, "down", Duration::from_secs(10));
     let first = holders[0].to_string();
     let out = c.ringkv_within(
         &["--json", "node", "remove", &first],

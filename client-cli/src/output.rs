@@ -84,6 +84,7 @@ pub fn to_json(outcome: &Outcome) -> Value {
             "version": location.version.0,
             "tombstone": location.tombstone,
             "replicas": location.replicas.iter().map(replica_json).collect::<Vec<_>>(),
+            "reads_wait": location.reads_wait,
         }),
         Outcome::Status(status) => status_json(status),
         Outcome::Nodes(status) => {
@@ -97,6 +98,7 @@ pub fn to_json(outcome: &Outcome) -> Value {
             "under_replicated": report.under_replicated,
             "lost": report.lost,
             "stale": report.stale,
+            "reads_wait": report.reads_wait,
         }),
     }
 }
@@ -190,6 +192,9 @@ fn human(outcome: &Outcome) -> String {
         ),
         Outcome::NodeAdded { node } => format!("OK: added node {node}\n"),
         Outcome::NodeChanged { node, action } => format!("OK: node {node} {}\n", action.as_str()),
+        Outcome::Checked(report) if report.reads_wait => {
+            format!("{}\n{READS_WAIT_NOTE}\n", check_summary(report))
+        }
         Outcome::Checked(report) => format!("{}\n", check_summary(report)),
     }
 }
@@ -206,8 +211,21 @@ fn new_table(header: &[&str], right_aligned: &[usize]) -> Table {
     table
 }
 
+/// Said under `locate` and `check` while reads wait after an unclean stop.
+const READS_WAIT_NOTE: &str = "note: reads wait until the nodes that may hold writes the \
+                               metadata lost since an unclean stop are reconciled (see \
+                               `status`); until then the metadata may lack a newer version";
+
 fn located_text(key: &str, location: &Location) -> String {
+    let note = if location.reads_wait {
+        format!("{READS_WAIT_NOTE}\n")
+    } else {
+        String::new()
+    };
     if location.version.0 == 0 {
+        if location.reads_wait {
+            return format!("key {key:?} is not in the metadata\n{note}");
+        }
         return format!("key {key:?} was never written\n");
     }
     let deleted = if location.tombstone { " (deleted)" } else { "" };
@@ -226,7 +244,7 @@ fn located_text(key: &str, location: &Location) -> String {
         ]);
     }
     format!(
-        "key {key:?} at version {}{deleted}, {} replicas\n{table}\n",
+        "key {key:?} at version {}{deleted}, {} replicas\n{table}\n{note}",
         location.version,
         location.replicas.len()
     )
@@ -721,6 +739,7 @@ mod tests {
                         version: None,
                     },
                 ],
+                reads_wait: false,
             },
         };
         assert_eq!(
@@ -733,11 +752,13 @@ mod tests {
                     {"node": 1, "addr": "a:1", "state": "up", "version": 5},
                     {"node": 2, "addr": "a:2", "state": "suspect", "version": null},
                 ],
+                "reads_wait": false,
             })
         );
         let text = String::from_utf8(render(&outcome, false)).unwrap();
         assert!(text.contains("version 5"), "{text}");
         assert!(text.contains("suspect"), "{text}");
+        assert!(!text.contains("reads wait"), "{text}");
     }
 
     #[test]
@@ -997,15 +1018,51 @@ mod tests {
             under_replicated: 1,
             lost: 1,
             stale: 1,
+            reads_wait: false,
         };
         assert_eq!(
             parse(&Outcome::Checked(report)),
-            json!({"keys": 10, "healthy": 7, "under_replicated": 1, "lost": 1, "stale": 1})
+            json!({"keys": 10, "healthy": 7, "under_replicated": 1, "lost": 1, "stale": 1,
+                   "reads_wait": false})
         );
         assert_eq!(
             render(&Outcome::Checked(report), false),
             b"UNHEALTHY: 7/10 keys healthy, 1 under-replicated, 1 lost, 1 stale\n"
         );
+    }
+
+    /// While reads wait after an unclean stop, `locate` and `check` say that the metadata
+    /// they show may lack newer versions, and a key the metadata lacks is not called never
+    /// written.
+    #[test]
+    fn locate_and_check_say_when_reads_wait() {
+        let missing = Outcome::Located {
+            key: "k".into(),
+            location: Location {
+                version: Version::ZERO,
+                tombstone: false,
+                replicas: Vec::new(),
+                reads_wait: true,
+            },
+        };
+        assert_eq!(parse(&missing)["reads_wait"], true);
+        let text = String::from_utf8(render(&missing, false)).unwrap();
+        assert!(
+            text.starts_with("key \"k\" is not in the metadata\n"),
+            "{text}"
+        );
+        assert!(text.contains("reads wait"), "{text}");
+        assert!(!text.contains("never written"), "{text}");
+        let report = CheckReport {
+            keys: 1,
+            healthy: 1,
+            reads_wait: true,
+            ..CheckReport::default()
+        };
+        assert_eq!(parse(&Outcome::Checked(report))["reads_wait"], true);
+        let text = String::from_utf8(render(&Outcome::Checked(report), false)).unwrap();
+        assert!(text.starts_with("healthy: 1/1 keys healthy"), "{text}");
+        assert!(text.contains("reads wait"), "{text}");
     }
 
     #[test]

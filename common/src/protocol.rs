@@ -330,6 +330,11 @@ pub struct Location {
     pub version: Version,
     pub tombstone: bool,
     pub replicas: Vec<ReplicaInfo>,
+    /// Reads wait after an unclean stop (under `--meta-fsync never`) for nodes not yet
+    /// reconciled, so the metadata may lack a newer version than it names. Must stay the
+    /// last field: left out of the encoding when false, and decoded as false when missing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reads_wait: bool,
 }
 
 /// One replica of a key, as `locate` shows it.
@@ -456,6 +461,11 @@ pub struct CheckReport {
     pub lost: u64,
     /// A listed replica is live but holds another version.
     pub stale: u64,
+    /// Reads wait after an unclean stop for nodes not yet reconciled: the counts compare
+    /// the replicas with a metadata that may lack newer versions. Must stay the last field
+    /// (see [`Location::reads_wait`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reads_wait: bool,
 }
 
 impl CheckReport {

@@ -137,6 +137,7 @@ impl Coordinator {
         if !examples.is_empty() {
             tracing::warn!(?examples, "check found lost or stale keys");
         }
+        report.reads_wait = self.reads.is_closed();
         Ok(report)
     }
 

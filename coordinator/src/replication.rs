@@ -542,6 +542,7 @@ impl Coordinator {
             version,
             tombstone,
             replicas,
+            reads_wait: self.reads.is_closed(),
         }))
     }
 

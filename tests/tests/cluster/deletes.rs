@@ -222,11 +222,16 @@ fn lose_a_write_with_its_replicas_paused(env: Vec<(String, String)>) -> LostWrit
     c.kill_coordinator();
     c.opts.env = env;
     c.restart();
+    let located = c.json(&["locate", "kept"]);
     assert_eq!(
-        c.json(&["locate", "kept"])["version"],
-        0,
+        located["version"], 0,
         "the journal lost the write: only the paused nodes hold it"
     );
+    // And locate says its view may lack it, as check does.
+    assert_eq!(located["reads_wait"], true, "{located}");
+    let checked = c.ringkv(&["--json", "check"]);
+    let checked: Value = serde_json::from_slice(&checked.stdout).unwrap();
+    assert_eq!(checked["reads_wait"], true, "{checked}");
     // Three of the four nodes owe a reconciliation, at least the write quorum (2): a read
     // could find the key missing, the write acknowledged, and must wait instead.
     assert_read_waits(&c, "kept");
@@ -276,6 +281,7 @@ impl LostWrite {
         );
         assert_eq!(status["collection"]["reads_wait"], false, "{status}");
         assert_eq!(c.json(&["get", "kept"])["value"], "acknowledged");
+        assert_eq!(c.json(&["locate", "kept"])["reads_wait"], false);
         assert_eq!(c.json(&["get", "k0"])["value"], Value::Null);
     }
 }

@@ -100,11 +100,10 @@ pub async fn run(
         config.launch.clone(),
         addr.to_string(),
         exit_tx,
-        cluster_token.clone(),
+        cluster_token,
     );
     let reads = RecoveryGate::new(meta.read_gate());
     let coord = Arc::new(Coordinator {
-        cluster_token,
         reads,
         config,
         meta,

@@ -199,15 +199,8 @@ impl Coordinator {
             .state(id)
             .ok_or_else(|| WireError::NotFound(format!("node {id}")))?;
         if state == NodeState::Removed {
-            // Asked again, perhaps after the removal's record failed to save: save it again,
-            // and the reads must not keep waiting for the node either way.
-            self.refresh_read_gate();
-            if let Some(record) = self.members.record(id) {
-                self.meta
-                    .save_node(record)
-                    .await
-                    .map_err(|e| WireError::Indeterminate(format!("cannot record removal: {e}")))?;
-            }
+            // Asked again, perhaps after the removal's record failed to save.
+            self.record_removed(id).await?;
             return Ok(Response::Done);
         }
         let mut reads_wait_for_it = self.reads_wait_for(id);
@@ -341,7 +334,14 @@ impl Coordinator {
             }
         }
         self.members.set_state(id, NodeState::Removed);
-        // A removed node owes nothing: the reads may no longer wait for it.
+        self.record_removed(id).await?;
+        info!(node = %id, "node decommissioned");
+        Ok(Response::Done)
+    }
+
+    /// `id` is marked removed: the reads no longer wait for it (a removed node owes nothing),
+    /// and its record is saved.
+    async fn record_removed(&self, id: NodeId) -> Result<(), WireError> {
         self.refresh_read_gate();
         if let Some(record) = self.members.record(id) {
             self.meta
@@ -349,8 +349,7 @@ impl Coordinator {
                 .await
                 .map_err(|e| WireError::Indeterminate(format!("cannot record removal: {e}")))?;
         }
-        info!(node = %id, "node decommissioned");
-        Ok(Response::Done)
+        Ok(())
     }
 
     /// Whether reads wait for `id`'s reconciliation after an unclean stop (under

@@ -283,6 +283,11 @@ impl Membership {
         self.read().nodes.get(&id).is_some_and(|e| e.registered)
     }
 
+    /// The cluster token this coordinator's nodes present, and which it presents to them.
+    pub fn cluster_token(&self) -> &str {
+        &self.cluster_token
+    }
+
     /// Whether `id` was heard from (a heartbeat or a registration) within `window`: a
     /// leaving node keeps its state whether it runs or not, so this tells which.
     pub fn heard_from_within(&self, id: NodeId, window: Duration) -> bool {

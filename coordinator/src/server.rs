@@ -13,7 +13,7 @@ impl Handler for Coordinator {
     /// Only the coordinator's own nodes may say they are nodes: registering puts a node in
     /// the ring, where writes are stored on it.
     fn admit(&self, role: Role, token: Option<&str>) -> Result<(), WireError> {
-        if role == Role::Node && !cluster_token::matches(&self.cluster_token, token) {
+        if role == Role::Node && !cluster_token::matches(self.members.cluster_token(), token) {
             return Err(WireError::BadRequest(format!(
                 "a node must present this cluster's token (the coordinator's {} file, in {} \
                  for a node started by hand), and this one did not",

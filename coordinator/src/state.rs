@@ -19,8 +19,6 @@ use crate::supervisor::Supervisor;
 
 /// Everything a running coordinator owns.
 pub struct Coordinator {
-    /// Required of every peer that says it is a node ([`ringkv_common::cluster_token`]).
-    pub cluster_token: String,
     pub config: CoordinatorConfig,
     pub meta: Metadata,
     pub members: Membership,

@@ -287,14 +287,20 @@ impl Cluster {
 
     /// Run `ringkv --json ARGS...`, require success, parse the JSON.
     pub fn json(&self, args: &[&str]) -> Value {
+        self.json_within(args, RINGKV_DEADLINE)
+    }
+
+    /// As [`json`](Self::json), failing the test if it runs longer than `timeout`.
+    pub fn json_within(&self, args: &[&str], timeout: Duration) -> Value {
         let mut full = vec!["--json"];
         full.extend_from_slice(args);
-        let out = self.ringkv(&full);
+        let out = self.ringkv_within(&full, timeout);
         assert!(
             out.status.success(),
-            "ringkv {args:?} failed: {}\n{}",
+            "ringkv {args:?} failed: {}\n{}\n{}",
             String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
+            String::from_utf8_lossy(&out.stdout),
+            self.log_tail()
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(

@@ -236,14 +236,7 @@ fn join_and_decommission_while_writing() {
     let report = c.wait_settled(Duration::from_secs(90));
     assert_eq!(report["lost"], 0);
     assert_acked_readable(&rt, &c.addr, &log);
-    for i in (0..keys).step_by(37) {
-        let k = format!("m{i}");
-        assert_eq!(c.json(&["get", &k])["value"], format!("v{i}"));
-        assert!(
-            !c.replicas(&k).contains(&1),
-            "{k} still on the removed node"
-        );
-    }
+    assert_read_back_off_node(&c, "m", (0..keys).step_by(37), 1);
 }
 
 /// A node that stopped answering can still be decommissioned: here it is paused and removed
@@ -260,25 +253,12 @@ fn a_node_that_stopped_answering_is_decommissioned() {
     }
     let pid1 = node_pid(&c.status(), 1).unwrap();
     c.json(&["node", "pause", "1"]);
-    let out = c.ringkv_within(&["--json", "node", "remove", "1"], Duration::from_secs(60));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        c.log_tail()
-    );
+    c.json_within(&["node", "remove", "1"], Duration::from_secs(60));
     assert_eq!(c.node_state(1).as_deref(), Some("removed"));
     wait_exited(pid1, "node 1");
     let report = c.wait_settled(Duration::from_secs(60));
     assert_eq!(report["lost"], 0, "{report}");
-    for i in 0..keys {
-        let k = format!("p{i}");
-        assert_eq!(c.json(&["get", &k])["value"], format!("v{i}"));
-        assert!(
-            !c.replicas(&k).contains(&1),
-            "{k} still on the removed node"
-        );
-    }
+    assert_read_back_off_node(&c, "p", 0..keys, 1);
 }
 
 /// Removing a node that is not answering, while some of its keys have no other replica up,
@@ -309,15 +289,9 @@ fn removing_a_dead_node_whose_keys_have_no_other_live_replica_says_so() {
     );
     assert_eq!(c.node_state(holders[0]).as_deref(), Some("leaving"));
 
-    let out = c.ringkv_within(
-        &["--json", "node", "remove", &first, "--accept-loss"],
+    c.json_within(
+        &["node", "remove", &first, "--accept-loss"],
         Duration::from_secs(60),
-    );
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        c.log_tail()
     );
     assert_eq!(c.node_state(holders[0]).as_deref(), Some("removed"));
     assert!(
@@ -570,6 +544,23 @@ fn a_decommission_waits_for_a_write_in_flight_to_the_leaving_node() {
         .collect();
     assert_eq!(live.len(), 3, "{after}");
     assert!(!c.replicas("probe").contains(&leaving), "{after}");
+}
+
+/// Each key `{prefix}{i}` reads back as `v{i}` and is no longer listed on `removed`.
+fn assert_read_back_off_node(
+    c: &Cluster,
+    prefix: &str,
+    keys: impl Iterator<Item = usize>,
+    removed: u64,
+) {
+    for i in keys {
+        let k = format!("{prefix}{i}");
+        assert_eq!(c.json(&["get", &k])["value"], format!("v{i}"));
+        assert!(
+            !c.replicas(&k).contains(&removed),
+            "{k} still on the removed node"
+        );
+    }
 }
 
 /// Wait until process `pid` has exited (gone, or a zombie with an empty command line).
